@@ -1,0 +1,39 @@
+# The front door. `make demo` and `make test` set everything up themselves (Python 3.11+).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := demo
+SHARD_SIZE ?= 1GiB
+NAME ?= aihub-71687
+
+.PHONY: venv demo test lint shards clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(BIN)/shardify synth $(DEMO)/data
+	$(BIN)/shardify convert $(DEMO)/data --out $(DEMO)/shards --shard-size 256KiB
+	$(BIN)/shardify verify $(DEMO)/shards
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+
+# make shards SRC=/data/103.배터리... OUT=/big/shards [NAME=aihub-71687] [SHARD_SIZE=1GiB]
+shards: $(STAMP)
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shards SRC=folder OUT=folder [NAME=$(NAME)]"; exit 2; }
+	$(BIN)/shardify convert $(SRC) --out $(OUT) --shard-size $(SHARD_SIZE) --manifest manifests/$(NAME).parquet
+
+clean:
+	rm -rf $(DEMO) .pytest_cache build

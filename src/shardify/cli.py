@@ -1,0 +1,163 @@
+"""The `shardify` command: parse arguments, run a stage, print a short summary, set the exit code.
+
+Every failure a user can cause ends in one line on stderr and a documented exit code, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from . import __version__
+from .convert import ConvertOptions, ConvertReport, UsageError, convert
+from .progress import human_bytes
+from .split import SPLITS, parse_ratios
+
+EXIT_OK = 0
+EXIT_REJECTS = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = """exit codes:
+  0    success (also when some inputs were rejected; see OUT/rejects.parquet)
+  1    inputs were rejected and --strict was given, or an I/O error stopped the run
+  2    usage error, or no input found
+  130  interrupted (Ctrl-C)"""
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """`1GiB`, `512MiB`, `500MB`, `1e6`-free plain bytes: binary with `i`, decimal without."""
+    match = SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GiB, 512MiB, 500MB)")
+    number, prefix, binary = match.groups()
+    power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
+    size = int(float(number) * (1024 if binary else 1000) ** power)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardify",
+        description="Turn zip downloads of image datasets into battery-grouped WebDataset "
+        "shards and a Parquet manifest, reading straight from the zips.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"shardify {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    conv = commands.add_parser(
+        "convert",
+        help="convert zips of images and label JSONs into shards + manifest",
+        description="Read images and labels straight from the zips, pair them by file name, "
+        "group them by battery, split train/val/test by battery and write WebDataset tar "
+        "shards, OUT/manifest.parquet, OUT/rejects.parquet and OUT/summary.json.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    conv.add_argument("sources", nargs="+", metavar="SOURCE",
+                      help="a folder (searched recursively for .zip files) or a zip file")
+    conv.add_argument("--out", required=True, type=Path, metavar="OUT",
+                      help="output folder: new, empty, or an earlier shardify output (replaced)")
+    conv.add_argument("--shard-size", type=parse_size, default=parse_size("1GiB"),
+                      metavar="SIZE", help="largest shard size, e.g. 1GiB (default), 512MiB")
+    conv.add_argument("--split", default="70/10/20", metavar="TRAIN/VAL/TEST",
+                      help="ratios of batteries per split (default 70/10/20; 80/0/20 works)")
+    conv.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    conv.add_argument("--strict", action="store_true",
+                      help="exit 1 if any input was rejected")
+    conv.add_argument("--manifest", type=Path, metavar="PATH",
+                      help="also write the manifest here (and PATH's .summary.json beside it), "
+                      "e.g. manifests/aihub-71687.parquet")
+    conv.add_argument("--quiet", action="store_true", help="no progress output")
+
+    synth = commands.add_parser(
+        "synth",
+        help="write a small AI-Hub-shaped sample dataset (for demos and tests)",
+        description="Write a small dataset with the battery set's folder layout, file names, "
+        "label JSON and quirks (CP949 names, a battery over two zips, a few bad inputs).",
+    )
+    synth.add_argument("dest", type=Path, metavar="DIR")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--scale", type=int, default=1, help="multiply batteries and images")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "convert":
+            return _convert(args, parser)
+        return _synth(args)
+    except UsageError as error:
+        print(f"shardify: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("shardify: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as error:
+        print(f"shardify: error: {error}", file=sys.stderr)
+        return EXIT_REJECTS
+
+
+def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        ratios = parse_ratios(args.split)
+    except ValueError as error:
+        parser.error(str(error))
+    options = ConvertOptions(
+        sources=args.sources, out=args.out, shard_size=args.shard_size, split=args.split,
+        ratios=ratios, seed=args.seed, manifest=args.manifest, strict=args.strict,
+        quiet=args.quiet,
+    )
+    report = convert(options)
+    print(format_report(report))
+    return EXIT_REJECTS if args.strict and report.rejects else EXIT_OK
+
+
+def format_report(report: ConvertReport) -> str:
+    """The end-of-run summary: per split, rejects by reason, bytes in and out, time."""
+    summary = report.summary
+    lines = [f"shardify: wrote {summary['samples']} samples to {report.out} "
+             f"in {report.seconds:.1f} s"]
+    lines.append(f"  {'split':<6} {'samples':>9} {'batteries':>9} {'shards':>6} {'bytes':>11}")
+    for split in SPLITS:
+        row = summary["splits"][split]
+        lines.append(f"  {split:<6} {row['samples']:>9} {row['batteries']:>9} "
+                     f"{len(row['shards']):>6} {human_bytes(row['bytes']):>11}")
+    rejects = summary["rejects"]
+    if rejects:
+        by_reason = ", ".join(f"{reason} {count}" for reason, count in rejects.items())
+        lines.append(f"  rejects: {sum(rejects.values())} ({by_reason}) "
+                     f"-> {report.out / 'rejects.parquet'}")
+    else:
+        lines.append("  rejects: none")
+    skipped = [f"{summary['ignored_members']} junk members (folders, __MACOSX, Thumbs.db, ...)"]
+    if summary["identical_duplicates"]:
+        skipped.append(f"{summary['identical_duplicates']} identical duplicate copies")
+    if summary["other_files"]:
+        skipped.append("other files: " + ", ".join(
+            f"{ext} {count}" for ext, count in summary["other_files"].items()))
+    lines.append("  skipped: " + "; ".join(skipped))
+    lines.append(f"  bytes in: {human_bytes(summary['bytes_in'])} from "
+                 f"{len(summary['archives'])} archives; bytes out: "
+                 f"{human_bytes(summary['bytes_out'])}")
+    return "\n".join(lines)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .synth import synthesize
+
+    result = synthesize(args.dest, seed=args.seed, scale=args.scale)
+    print(f"shardify: sample dataset written to {result.root}: {result.samples} image/label "
+          f"pairs, batteries {result.batteries}, planted rejects {result.rejects}")
+    return EXIT_OK

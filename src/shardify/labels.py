@@ -1,0 +1,116 @@
+"""Parse one AI Hub label JSON into the few fields the manifest and the split need.
+
+This is the only module that knows the battery dataset's label schema: which field is the class,
+which fields make the battery (the group), which are extra information. Another AI Hub dataset
+with the same "images zip + per-image JSON zip" shape needs a new `parse_label`, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+BOM = b"\xef\xbb\xbf"
+
+
+class BadLabel(ValueError):
+    """The label cannot be used; the message is the reject's detail."""
+
+
+@dataclass(frozen=True, slots=True)
+class LabelFields:
+    """What a sample needs from its label: the class, the battery, and descriptive extras."""
+
+    data_type: str
+    battery_id: int
+    is_normal: bool
+    type: str | None
+    form: str | None
+    swelling: bool | None
+    defect_types: tuple[str, ...]
+    width: int | None
+    height: int | None
+
+    @property
+    def label(self) -> int:
+        """The class written to `.cls`: 0 normal, 1 defect (swelling alone counts as defect)."""
+        return 0 if self.is_normal else 1
+
+    @property
+    def group(self) -> str:
+        """The battery: ids are numbered separately per modality, so the data_type is part of it."""
+        return f"{self.data_type}-{self.battery_id}"
+
+
+def strip_bom(raw: bytes) -> bytes:
+    return raw[len(BOM) :] if raw.startswith(BOM) else raw
+
+
+def parse_label(raw: bytes) -> LabelFields:
+    """Parse label bytes (BOM allowed); raise BadLabel saying what is missing or malformed."""
+    try:
+        document = orjson.loads(strip_bom(raw))
+    except orjson.JSONDecodeError as error:
+        raise BadLabel(f"not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise BadLabel("not a JSON object")
+    data_info = _section(document, "data_info")
+    image_info = _section(document, "image_info")
+    data_type = data_info.get("data_type")
+    if not isinstance(data_type, str) or not data_type.strip():
+        raise BadLabel("missing data_info.data_type")
+    battery_id = _battery_id(data_info.get("battery_ids"))
+    is_normal = image_info.get("is_normal")
+    if not isinstance(is_normal, bool):
+        raise BadLabel("missing image_info.is_normal" if is_normal is None
+                       else f"image_info.is_normal is not true/false: {is_normal!r}")
+    swelling = document.get("swelling")
+    return LabelFields(
+        data_type=data_type.strip().lower(),
+        battery_id=battery_id,
+        is_normal=is_normal,
+        type=_text(data_info.get("type")),
+        form=_text(data_info.get("form")),
+        swelling=swelling.get("swelling") if isinstance(swelling, dict) else None,
+        defect_types=_defect_types(document.get("defects")),
+        width=_int(image_info.get("width")),
+        height=_int(image_info.get("height")),
+    )
+
+
+def _section(document: dict[str, Any], name: str) -> dict[str, Any]:
+    section = document.get(name)
+    if not isinstance(section, dict):
+        raise BadLabel(f"missing {name}")
+    return section
+
+
+def _battery_id(value: Any) -> int:
+    if isinstance(value, bool):
+        raise BadLabel("data_info.battery_ids is not a number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, list) and len(value) == 1:
+        return _battery_id(value[0])
+    raise BadLabel("missing data_info.battery_ids" if value is None
+                   else f"data_info.battery_ids is not a battery number: {value!r}")
+
+
+def _defect_types(defects: Any) -> tuple[str, ...]:
+    """Distinct defect names in order of appearance, as written (report case-folds them)."""
+    if not isinstance(defects, list):
+        return ()
+    names = (d.get("name") for d in defects if isinstance(d, dict))
+    return tuple(dict.fromkeys(n.strip() for n in names if isinstance(n, str) and n.strip()))
+
+
+def _text(value: Any) -> str | None:
+    return value.strip() if isinstance(value, str) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

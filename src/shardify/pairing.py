@@ -1,0 +1,178 @@
+"""Pair images with labels by file stem; whatever does not pair becomes a reject with a reason.
+
+Pure planning over member records: the only I/O is the `read_label` callable passed in, so the
+rules can be tested with plain lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .labels import BadLabel, LabelFields, parse_label, strip_bom
+from .sources import Member, MemberError, is_junk
+
+IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+LABEL_EXTENSION = ".json"
+SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")
+UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """One input member that did not become (part of) a sample, and why."""
+
+    key: str
+    reason: str
+    source_archive: str
+    source_member: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A paired image and label, with the label fields parsed; payloads are not held."""
+
+    key: str
+    image: Member
+    label: Member
+    image_ext: str
+    label_size: int
+    fields: LabelFields
+
+
+@dataclass
+class Pairing:
+    """The outcome of pairing: samples, rejects, and counts of what was skipped on purpose."""
+
+    samples: list[Sample] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    ignored: int = 0
+    other_files: Counter[str] = field(default_factory=Counter)
+    identical_duplicates: int = 0
+
+
+def split_name(base_name: str) -> tuple[str, str]:
+    """(stem, lower-case extension with dot): pairing ignores extension case and folders."""
+    stem, dot, ext = base_name.rpartition(".")
+    return (stem, f".{ext.lower()}") if dot and stem else (base_name, "")
+
+
+def safe_key(stem: str) -> str:
+    """The stem if webdataset/wids can use it as a key, else a deterministic ASCII substitute.
+
+    Substitute: disallowed runs become `_`, cut to 60 characters, then `-` and the first 12 hex
+    digits of the SHA-1 of the UTF-8 stem, so distinct stems keep distinct keys.
+    """
+    if SAFE_KEY.fullmatch(stem):
+        return stem
+    readable = UNSAFE_RUN.sub("_", stem)[:60]
+    return f"{readable}-{hashlib.sha1(stem.encode()).hexdigest()[:12]}"
+
+
+def pair_members(
+    members: Iterable[Member], read_label: Callable[[Member], bytes]
+) -> Pairing:
+    """Classify members, drop junk, resolve duplicate stems, parse labels and pair by stem."""
+    result = Pairing()
+    images: dict[str, list[Member]] = defaultdict(list)
+    labels: dict[str, list[Member]] = defaultdict(list)
+    for member in members:
+        if is_junk(member.name):
+            result.ignored += 1
+            continue
+        stem, ext = split_name(member.base_name)
+        if ext in IMAGE_EXTENSIONS:
+            images[stem].append(member)
+        elif ext == LABEL_EXTENSION:
+            labels[stem].append(member)
+        else:
+            result.other_files[ext or "(no extension)"] += 1
+
+    candidates = []
+    for stem in sorted(images.keys() | labels.keys()):
+        candidate = _pair_stem(stem, images.get(stem, []), labels.get(stem, []), result)
+        if candidate:
+            candidates.append(candidate)
+    # Labels are read in archive order: sequential reads, whatever the stems' order.
+    for key, image, label in sorted(candidates, key=lambda c: _location(c[2])):
+        try:
+            raw = read_label(label)
+            fields = parse_label(raw)
+        except MemberError as error:
+            _reject(result, key, error.reason, [label, image], f"label: {error}")
+            continue
+        except BadLabel as error:
+            _reject(result, key, "bad-label", [label, image], str(error))
+            continue
+        ext = IMAGE_EXTENSIONS[split_name(image.base_name)[1]]
+        result.samples.append(Sample(key, image, label, ext, len(strip_bom(raw)), fields))
+    _reject_key_collisions(result)
+    return result
+
+
+def _location(member: Member) -> tuple[str, int]:
+    return member.archive.name, member.header_offset
+
+
+def _pair_stem(
+    stem: str, image_copies: list[Member], label_copies: list[Member], result: Pairing
+) -> tuple[str, Member, Member] | None:
+    """Resolve one stem to (key, image, label), or record why it cannot be a sample."""
+    key = safe_key(stem)
+    image = _one_copy(key, image_copies, "image", result)
+    label = _one_copy(key, label_copies, "label", result)
+    if image is False or label is False:
+        partners = [m for m in (image, label) if isinstance(m, Member)]
+        _reject(result, key, "duplicate", partners, "its partner has copies with different bytes")
+    elif label is None and isinstance(image, Member):
+        _reject(result, key, "orphan-image", [image], "no label with this stem")
+    elif image is None and isinstance(label, Member):
+        _reject(result, key, "orphan-label", [label], "no image with this stem")
+    elif isinstance(image, Member) and isinstance(label, Member):
+        return key, image, label
+    return None
+
+
+def _one_copy(
+    key: str, copies: list[Member], kind: str, result: Pairing
+) -> Member | bool | None:
+    """The copy to use; None if there is none; False if copies differ (all rejected here).
+
+    Copies are the same when size and CRC-32 from the central directory agree; the first copy
+    by (archive, member name) is kept so the choice is deterministic.
+    """
+    if not copies:
+        return None
+    copies = sorted(copies, key=lambda m: (m.archive.name, m.name))
+    if len({(m.file_size, m.crc32) for m in copies}) > 1:
+        where = ", ".join(f"{m.archive.name}:{m.name}" for m in copies)
+        _reject(result, key, "duplicate", copies, f"{len(copies)} {kind}s differ: {where}")
+        return False
+    result.identical_duplicates += len(copies) - 1
+    return copies[0]
+
+
+def _reject(
+    result: Pairing, key: str, reason: str, members: list[Member], detail: str
+) -> None:
+    for member in members:
+        result.rejects.append(Reject(key, reason, member.archive.name, member.name, detail))
+
+
+def _reject_key_collisions(result: Pairing) -> None:
+    """Two stems that map to one key would make a sample ambiguous: reject both."""
+    counts = Counter(sample.key for sample in result.samples)
+    if max(counts.values(), default=0) < 2:
+        return
+    kept = []
+    for sample in result.samples:
+        if counts[sample.key] > 1:
+            _reject(result, sample.key, "duplicate", [sample.image, sample.label],
+                    "another stem maps to the same key")
+        else:
+            kept.append(sample)
+    result.samples = kept

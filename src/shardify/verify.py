@@ -1,0 +1,154 @@
+"""Read a shardify output back and check it against its own manifest and summary.
+
+It uses `tarfile` (an independent reader, not the writer's code) and streams every shard once:
+structure, sample adjacency, manifest offsets, sizes and CRCs, class labels, battery leakage and
+the counts in summary.json.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+
+from .labels import BadLabel, parse_label
+from .pairing import SAFE_KEY
+from .split import SPLITS
+
+IMAGE_EXTS = frozenset({"jpg", "png"})
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
+class OutputMissing(Exception):
+    """OUT lacks the manifest or summary, so there is nothing to verify against."""
+
+
+def verify_output(out: Path) -> tuple[int, list[Problem]]:
+    """(samples checked, problems found) for the output folder `out`."""
+    manifest_path, summary_path = out / "manifest.parquet", out / "summary.json"
+    for path in (manifest_path, summary_path):
+        if not path.is_file():
+            raise OutputMissing(f"{path} not found: is {out} a shardify output?")
+    rows = pq.read_table(manifest_path).to_pylist()
+    summary = orjson.loads(summary_path.read_bytes())
+    expected = {row["shard"]: {} for row in rows}
+    for row in rows:
+        expected[row["shard"]][row["key"]] = row
+    problems = _check_shard_files(out, summary, expected)
+    for shard in sorted(expected):
+        if (out / shard).is_file():
+            problems += _check_shard(out / shard, shard, expected[shard])
+    problems += _check_leakage(rows)
+    problems += _check_counts(rows, summary)
+    return len(rows), problems
+
+
+def _check_shard_files(out: Path, summary: dict, expected: dict) -> list[Problem]:
+    listed = {name for split in SPLITS for name in summary["splits"][split]["shards"]}
+    present = {p.relative_to(out).as_posix() for split in SPLITS
+               for p in (out / split).glob("shard-*.tar")}
+    problems = [Problem(name, "shard file is missing") for name in sorted(listed - present)]
+    problems += [Problem(name, "extra shard file not in summary.json")
+                 for name in sorted(present - listed)]
+    problems += [Problem(name, "manifest names a shard that summary.json does not list")
+                 for name in sorted(set(expected) - listed)]
+    return problems
+
+
+def _check_shard(path: Path, shard: str, rows: dict[str, dict]) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    current_key: str | None = None
+    members: dict[str, bytes] = {}
+    first_offset = 0
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                if not info.isfile() or info.pax_headers or "/" in info.name:
+                    problems.append(Problem(f"{shard}:{key}", f"unexpected member {info.name!r}"))
+                    continue
+                if key != current_key:
+                    if current_key is not None:
+                        problems += _check_sample(shard, current_key, first_offset, members,
+                                                  rows.get(current_key))
+                    if key in seen:
+                        problems.append(Problem(f"{shard}:{key}", "members are not adjacent"))
+                    seen.add(key)
+                    current_key, members, first_offset = key, {}, info.offset
+                extracted = tar.extractfile(info)
+                members[ext] = extracted.read() if extracted else b""
+            if current_key is not None:
+                problems += _check_sample(shard, current_key, first_offset, members,
+                                          rows.get(current_key))
+    except (tarfile.TarError, OSError, EOFError) as error:
+        problems.append(Problem(shard, f"not a readable tar: {error}"))
+    problems += [Problem(f"{shard}:{key}", "in the manifest but not in the shard")
+                 for key in sorted(rows.keys() - seen)]
+    return problems
+
+
+def _check_sample(shard: str, key: str, offset: int, members: dict[str, bytes],
+                  row: dict | None) -> list[Problem]:
+    where = f"{shard}:{key}"
+    if row is None:
+        return [Problem(where, "sample in the shard is not in the manifest")]
+    problems = []
+    if not SAFE_KEY.fullmatch(key):
+        problems.append(Problem(where, "key breaks the key rules ([A-Za-z0-9_-]{1,80})"))
+    images = IMAGE_EXTS & members.keys()
+    if set(members) != {row["image_ext"], "json", "cls"} or len(images) != 1:
+        problems.append(Problem(where, f"members are {sorted(members)}, expected "
+                                f"{row['image_ext']}, json, cls"))
+        return problems
+    if offset != row["offset"]:
+        problems.append(Problem(where, f"found at offset {offset}, manifest says {row['offset']}"))
+    image = members[row["image_ext"]]
+    if len(image) != row["image_bytes"]:
+        problems.append(Problem(where, f"image is {len(image)} bytes, "
+                                f"manifest says {row['image_bytes']}"))
+    if zlib.crc32(image) != row["crc32"]:
+        problems.append(Problem(where, "image crc32 differs from the manifest"))
+    if members["cls"] != str(row["label"]).encode():
+        problems.append(Problem(where, f".cls is {members['cls']!r}, manifest label is "
+                                f"{row['label']}"))
+    try:
+        fields = parse_label(members["json"])
+        if fields.label != row["label"] or fields.group != row["group"]:
+            problems.append(Problem(where, "label JSON disagrees with the manifest "
+                                    "(is_normal or battery)"))
+    except BadLabel as error:
+        problems.append(Problem(where, f"label JSON unreadable: {error}"))
+    return problems
+
+
+def _check_leakage(rows: list[dict]) -> list[Problem]:
+    splits_of_group: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        splits_of_group[row["group"]].add(row["split"])
+    return [Problem(f"battery {group}", f"appears in several splits: {sorted(splits)}")
+            for group, splits in sorted(splits_of_group.items()) if len(splits) > 1]
+
+
+def _check_counts(rows: list[dict], summary: dict) -> list[Problem]:
+    problems = []
+    for split in SPLITS:
+        count = sum(row["split"] == split for row in rows)
+        expected = summary["splits"][split]["samples"]
+        if count != expected:
+            problems.append(Problem(f"split {split}", f"manifest has {count} samples, "
+                                    f"summary.json says {expected}"))
+    return problems

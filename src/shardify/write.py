@@ -1,0 +1,186 @@
+"""Turn one planned shard into a tar file: read members, check them, write plain USTAR.
+
+A shard is the unit of work (and later of parallelism and resume). It is written under a
+temporary name, flushed, then renamed, so a file named `shard-NNNNNN.tar` is always complete.
+Headers are USTAR only (no PAX), with fixed mtime, uid/gid 0 and mode 0444, so that GNU tar,
+webdataset and wids (which reads only the 100-byte name field) all read the same thing, and the
+same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .labels import strip_bom
+from .pairing import Reject, Sample
+from .sources import ArchiveReader, MemberError
+
+BLOCK = 512
+TAR_END_SIZE = 2 * BLOCK
+MTIME = 0
+JPEG_SOI = b"\xff\xd8"
+JPEG_EOI = b"\xff\xd9"
+JPEG_SOS = 0xDA
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IEND = b"IEND"
+CLASS_BYTES = {0: b"0", 1: b"1"}
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenSample:
+    """Where a sample landed: enough for a manifest row and for random access."""
+
+    sample: Sample
+    shard: str
+    offset: int
+    size: int
+    image_crc32: int
+
+
+@dataclass
+class ShardResult:
+    name: str
+    written: list[WrittenSample] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+
+def padded(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+def sample_tar_size(sample: Sample) -> int:
+    """Bytes a sample takes in a tar: three headers plus the padded image, label and class."""
+    return 3 * BLOCK + padded(sample.image.file_size) + padded(sample.label_size) + padded(1)
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """A USTAR header for a regular read-only file; raises ValueError if `name` does not fit."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o444
+    info.mtime = MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
+
+
+def image_problem(data: bytes, ext: str) -> str | None:
+    """Why the bytes are not a complete image of the named kind, or None if they look whole.
+
+    Cheap structural check: JPEG has SOI, a marker chain up to SOS and an EOI after it; PNG has
+    its signature and an IEND chunk. Decoding pixels would cost more than the whole conversion.
+    """
+    if ext == "png":
+        if not data.startswith(PNG_SIGNATURE):
+            return "not a PNG (no PNG signature)"
+        if data.rfind(PNG_IEND, len(PNG_SIGNATURE)) < 0:
+            return "PNG is cut off (no IEND chunk)"
+        return None
+    if not data.startswith(JPEG_SOI):
+        return "not a JPEG (no SOI marker)"
+    scan_start = _jpeg_scan_start(data)
+    if scan_start is None:
+        return "JPEG is cut off before its image data (no SOS marker)"
+    if data.rfind(JPEG_EOI, scan_start) < 0:
+        return "JPEG is cut off (no EOI marker after the image data)"
+    return None
+
+
+def _jpeg_scan_start(data: bytes) -> int | None:
+    """Offset just past the first SOS segment header, walking the marker segments from SOI."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == JPEG_SOS:
+            return pos + 2 + length
+        pos += 2 + length
+    return None
+
+
+def write_shard(shard_name: str, samples: tuple[Sample, ...], out_dir: Path,
+                reader: ArchiveReader) -> ShardResult:
+    """Write `out_dir/shard_name` atomically; samples whose members fail checks become rejects."""
+    result = ShardResult(shard_name)
+    final = out_dir / shard_name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(f".{final.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        offset = 0
+        for sample in samples:
+            payloads = _read_sample(sample, reader, result)
+            if payloads is None:
+                continue
+            image, label = payloads
+            chunks = _sample_chunks(sample, image, label)
+            size = os.writev(fd, chunks)
+            if size != sum(map(len, chunks)):
+                raise OSError(f"short write to {partial}")
+            result.written.append(
+                WrittenSample(sample, shard_name, offset, size, sample.image.crc32)
+            )
+            result.bytes_in += sample.image.compressed_size + sample.label.compressed_size
+            offset += size
+        os.write(fd, bytes(TAR_END_SIZE))
+        os.fsync(fd)
+        result.bytes_out = offset + TAR_END_SIZE
+    except BaseException:
+        os.close(fd)
+        partial.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(partial, final)
+    return result
+
+
+def _read_sample(
+    sample: Sample, reader: ArchiveReader, result: ShardResult
+) -> tuple[bytes, bytes] | None:
+    """Both payloads, checked (label without BOM); or None after recording the pair as rejected."""
+    try:
+        image = reader.read(sample.image)
+    except MemberError as error:
+        _reject_pair(sample, error.reason, f"image: {error}", result)
+        return None
+    problem = image_problem(image, sample.image_ext)
+    if problem:
+        _reject_pair(sample, "bad-image", problem, result)
+        return None
+    try:
+        label = reader.read(sample.label)
+    except MemberError as error:
+        _reject_pair(sample, error.reason, f"label: {error}", result)
+        return None
+    return image, strip_bom(label)
+
+
+def _sample_chunks(sample: Sample, image: bytes, label: bytes) -> list[bytes]:
+    """Header, payload and padding of the image, label and class members, in that order."""
+    chunks: list[bytes] = []
+    for ext, payload in (
+        (sample.image_ext, image),
+        ("json", label),
+        ("cls", CLASS_BYTES[sample.fields.label]),
+    ):
+        chunks.append(ustar_header(f"{sample.key}.{ext}", len(payload)))
+        chunks.append(payload)
+        chunks.append(bytes(padded(len(payload)) - len(payload)))
+    return chunks
+
+
+def _reject_pair(sample: Sample, reason: str, detail: str, result: ShardResult) -> None:
+    for member in (sample.image, sample.label):
+        result.rejects.append(
+            Reject(sample.key, reason, member.archive.name, member.name, detail)
+        )
