@@ -15,6 +15,7 @@ from . import __version__
 from .convert import ConvertOptions, ConvertReport, UsageError, convert
 from .progress import human_bytes
 from .split import SPLITS, parse_ratios
+from .verify import OutputMissing, verify_output
 
 EXIT_OK = 0
 EXIT_REJECTS = 1
@@ -23,7 +24,8 @@ EXIT_INTERRUPTED = 130
 
 EXIT_CODES = """exit codes:
   0    success (also when some inputs were rejected; see OUT/rejects.parquet)
-  1    inputs were rejected and --strict was given, or an I/O error stopped the run
+  1    inputs were rejected and --strict was given, verify found problems,
+       or an I/O error stopped the run
   2    usage error, or no input found
   130  interrupted (Ctrl-C)"""
 
@@ -79,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "e.g. manifests/aihub-71687.parquet")
     conv.add_argument("--quiet", action="store_true", help="no progress output")
 
+    check = commands.add_parser(
+        "verify",
+        help="check an output folder: shards, manifest, labels, battery leakage, counts",
+        description="Read every shard once with tarfile and check it against manifest.parquet "
+        "and summary.json: USTAR members, adjacency, offsets, sizes, CRCs, .cls vs JSON vs "
+        "manifest label, no battery in two splits, counts. Exit 0 if clean, 1 if not.",
+    )
+    check.add_argument("out", type=Path, metavar="OUT")
+
     synth = commands.add_parser(
         "synth",
         help="write a small AI-Hub-shaped sample dataset (for demos and tests)",
@@ -97,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return _convert(args, parser)
+        if args.command == "verify":
+            return _verify(args)
         return _synth(args)
     except UsageError as error:
         print(f"shardify: error: {error}", file=sys.stderr)
@@ -152,6 +165,20 @@ def format_report(report: ConvertReport) -> str:
                  f"{len(summary['archives'])} archives; bytes out: "
                  f"{human_bytes(summary['bytes_out'])}")
     return "\n".join(lines)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        checked, problems = verify_output(args.out)
+    except OutputMissing as error:
+        raise UsageError(str(error)) from None
+    if not problems:
+        print(f"verify: OK: {checked} samples in {args.out} match their manifest")
+        return EXIT_OK
+    print(f"verify: FAILED: {len(problems)} problems in {args.out} ({checked} manifest rows)")
+    for problem in problems:
+        print(problem)
+    return EXIT_REJECTS
 
 
 def _synth(args: argparse.Namespace) -> int:

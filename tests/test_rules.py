@@ -1,0 +1,201 @@
+"""The planning rules as pure functions: labels, keys, split, shard cutting, image checks, CLI."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+from PIL import Image
+
+from shardify.cli import main, parse_size
+from shardify.labels import BadLabel, LabelFields, parse_label
+from shardify.pairing import SAFE_KEY, Sample, safe_key
+from shardify.plan import plan_shards
+from shardify.sources import Archive, Member
+from shardify.split import assign_splits, parse_ratios
+from shardify.write import TAR_END_SIZE, image_problem, sample_tar_size
+
+LABEL = {
+    "data_info": {"data_type": "CT", "battery_ids": 101, "type": "cell", "form": "pouch"},
+    "swelling": {"swelling": False, "battery_outline": [1, 2, 3, 4]},
+    "defects": [{"id": 1, "name": "porosity", "points": [1, 2, 3]},
+                {"id": 2, "name": "resin overflow", "points": [1]},
+                {"id": 3, "name": "porosity", "points": []}],
+    "image_info": {"width": 4000, "height": 4000, "file_name": "x.jpg", "is_normal": False},
+}
+
+
+def test_parse_label_fields_and_bom() -> None:
+    fields = parse_label(b"\xef\xbb\xbf" + orjson.dumps(LABEL))
+    assert (fields.data_type, fields.battery_id, fields.group) == ("ct", 101, "ct-101")
+    assert (fields.label, fields.swelling) == (1, False)
+    assert fields.defect_types == ("porosity", "resin overflow")
+    assert (fields.width, fields.height, fields.type, fields.form) == (4000, 4000, "cell", "pouch")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (orjson.dumps({**LABEL, "data_info": {"battery_ids": 1}}), "data_info.data_type"),
+        (orjson.dumps({**LABEL, "data_info": {"data_type": "ct"}}), "data_info.battery_ids"),
+        (orjson.dumps({**LABEL, "image_info": {"width": 1}}), "image_info.is_normal"),
+        (orjson.dumps({**LABEL, "image_info": {"is_normal": "yes"}}), "image_info.is_normal"),
+    ],
+)
+def test_parse_label_rejects_with_reason(raw: bytes, message: str) -> None:
+    with pytest.raises(BadLabel, match=message):
+        parse_label(raw)
+
+
+def test_swelling_only_label_is_a_defect() -> None:
+    label = {**LABEL, "defects": None, "swelling": {"swelling": True}}
+    fields = parse_label(orjson.dumps(label))
+    assert (fields.label, fields.defect_types, fields.swelling) == (1, (), True)
+
+
+def test_safe_key() -> None:
+    assert safe_key("CT_cell_pouch_101_x_006") == "CT_cell_pouch_101_x_006"
+    for stem in ("RGB_배터리_0003_001", "a.b", "x" * 81, "with space"):
+        key = safe_key(stem)
+        assert SAFE_KEY.fullmatch(key) and key == safe_key(stem)
+    assert safe_key("a b") != safe_key("a_b") != safe_key("a.b")
+
+
+def test_parse_ratios_and_sizes() -> None:
+    assert parse_ratios("70/10/20") == pytest.approx((0.7, 0.1, 0.2))
+    assert parse_ratios("0.8/0/0.2") == pytest.approx((0.8, 0.0, 0.2))
+    for bad in ("70/30", "a/b/c", "0/0/0", "-1/1/1"):
+        with pytest.raises(ValueError):
+            parse_ratios(bad)
+    assert parse_size("1GiB") == 2**30
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("4096") == 4096
+
+
+def groups(n_defect: int, n_normal: int, data_type: str = "ct") -> list[tuple[str, str, bool]]:
+    return [(f"{data_type}-{i}", data_type, i < n_defect) for i in range(n_defect + n_normal)]
+
+
+def test_split_ratio_stratification_and_determinism() -> None:
+    batteries = groups(30, 70) + groups(10, 90, "rgb")
+    first = assign_splits(batteries, (0.7, 0.1, 0.2), seed=0)
+    assert first == assign_splits(list(reversed(batteries)), (0.7, 0.1, 0.2), seed=0)
+    assert first != assign_splits(batteries, (0.7, 0.1, 0.2), seed=1)
+    for data_type, n_defect in (("ct", 30), ("rgb", 10)):
+        mine = [g for g in batteries if g[1] == data_type]
+        counts = Counter(first[g] for g, _, _ in mine)
+        assert counts == {"train": 70, "val": 10, "test": 20}
+        defect = Counter(first[g] for g, _, d in mine if d)
+        expected = {"train": 0.7 * n_defect, "val": 0.1 * n_defect, "test": 0.2 * n_defect}
+        assert all(abs(defect[s] - expected[s]) <= 1 for s in expected)
+
+
+def test_split_small_and_empty() -> None:
+    small = assign_splits(groups(3, 5), (0.7, 0.1, 0.2), seed=0)
+    assert Counter(small.values()) in ({"train": 6, "val": 1, "test": 1},
+                                       {"train": 5, "val": 1, "test": 2})
+    no_val = assign_splits(groups(10, 40), (0.8, 0.0, 0.2), seed=0)
+    assert Counter(no_val.values()) == {"train": 40, "test": 10}
+
+
+ARCHIVE = Archive(Path("images.zip"), "images.zip")
+
+
+def sample(battery: int, index: int, image_size: int) -> Sample:
+    fields = LabelFields("ct", battery, True, "cell", "pouch", False, (), 8, 8)
+    key = f"CT_cell_pouch_{battery:03d}_x_{index:03d}"
+    image = Member(ARCHIVE, f"{key}.jpg", 0, image_size, image_size, 0, 0, 0, len(key) + 4)
+    label = Member(ARCHIVE, f"{key}.json", 0, 100, 100, 0, 0, 0, len(key) + 5)
+    return Sample(key, image, label, "jpg", 100, fields)
+
+
+def test_plan_keeps_batteries_whole_and_respects_the_limit() -> None:
+    one = sample_tar_size(sample(1, 0, 1000))
+    limit = TAR_END_SIZE + 5 * one
+    samples = [sample(b, i, 1000) for b, n in ((1, 3), (2, 3), (3, 13), (4, 2)) for i in range(n)]
+    samples.append(sample(5, 0, 50_000))
+    shards = plan_shards(reversed(samples), {f"ct-{b}": "train" for b in range(1, 6)}, limit)
+    contents = [[(s.fields.battery_id, s.key) for s in shard.samples] for shard in shards]
+    assert [key for shard in contents for key in shard] == sorted((s.fields.battery_id, s.key)
+                                                                  for s in samples)
+    batteries = [sorted({b for b, _ in shard}) for shard in contents]
+    # battery 2 does not fit beside 1, battery 3 (too big) fills shards, 4 fits after it
+    assert batteries == [[1], [2, 3], [3], [3], [3, 4], [5]]
+    for shard in shards[:-1]:
+        assert shard.expected_bytes <= limit
+    assert shards[-1].expected_bytes > limit and len(shards[-1].samples) == 1
+    assert [s.name for s in shards] == [f"train/shard-{i:06d}.tar" for i in range(6)]
+
+
+def jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(out, "JPEG")
+    return out.getvalue()
+
+
+def png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(out, "PNG")
+    return out.getvalue()
+
+
+def test_image_structure_check() -> None:
+    assert image_problem(jpeg(), "jpg") is None
+    assert image_problem(png(), "png") is None
+    assert "cut off" in image_problem(jpeg()[: len(jpeg()) // 2], "jpg")
+    assert "cut off" in image_problem(png()[:-12], "png")
+    assert "not a JPEG" in image_problem(png(), "jpg")
+    assert "not a PNG" in image_problem(b"<html>403</html>", "png")
+    assert "cut off" in image_problem(jpeg()[:20], "jpg")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["convert", "--out", "x"],
+        ["convert", "{missing}", "--out", "{out}"],
+        ["convert", "{empty}", "--out", "{out}"],
+        ["convert", "{empty}", "--out", "{out}", "--split", "70/30"],
+        ["convert", "{empty}", "--out", "{out}", "--shard-size", "huge"],
+        ["nonsense"],
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args: list[str], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "out": tmp_path / "o"}
+    argv = [a.format(**paths) for a in args]
+    with pytest.raises(SystemExit) as stop:
+        sys.exit(main(argv))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("shardify: error:") or err[-1].startswith("shardify")
+
+
+def test_out_folder_safety(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    assert main(["convert", str(source), "--out", str(foreign), "--quiet"]) == 2
+    assert main(["convert", str(source), "--out", str(source / "out"), "--quiet"]) == 2
+    assert (foreign / "keep.txt").read_text() == "mine"
+    assert not (source / "out").exists()
+    assert "not a shardify output" in capsys.readouterr().err
+
+
+def test_python_dash_m_and_help() -> None:
+    done = subprocess.run([sys.executable, "-m", "shardify", "convert", "--help"],
+                          capture_output=True, text=True, check=True)
+    for text in ("--shard-size", "--split", "--seed", "--strict", "--manifest", "exit codes"):
+        assert text in done.stdout
