@@ -199,3 +199,18 @@ def test_python_dash_m_and_help() -> None:
                           capture_output=True, text=True, check=True)
     for text in ("--shard-size", "--split", "--seed", "--strict", "--manifest", "exit codes"):
         assert text in done.stdout
+
+
+def test_zips_without_images_or_labels_exit_2(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    import zipfile
+
+    source = tmp_path / "src"
+    source.mkdir()
+    with zipfile.ZipFile(source / "notes.zip", "w") as zf:
+        zf.writestr("readme.txt", "nothing to convert")
+    (source / "broken.zip").write_text("<html>expired</html>")
+    assert main(["convert", str(source), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no images" in err and "1 unreadable" in err and "broken.zip" in err
+    assert not (tmp_path / "out").exists()

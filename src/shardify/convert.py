@@ -64,10 +64,14 @@ def convert(options: ConvertOptions) -> ConvertReport:
     members, rejects = _list_members(archives)
     with ArchiveReader() as reader:
         pairing = pair_members(members, reader.read)
+        if not pairing.images and not pairing.labels:
+            unreadable = f" ({len(rejects)} unreadable: {rejects[0].detail})" if rejects else ""
+            raise UsageError(f"no images (.jpg/.jpeg/.png) or labels (.json) in the "
+                             f"{len(archives)} zip archives found{unreadable}")
         rejects += pairing.rejects
         split_of_group = assign_splits(_groups(pairing), options.ratios, options.seed)
         shards = plan_shards(pairing.samples, split_of_group, options.shard_size)
-        _clear_previous_output(options.out)
+        _prepare_output_folder(options.out)
         results = _write_shards(shards, options, reader)
 
     written = [item for result in results for item in result.written]
@@ -133,12 +137,12 @@ def _check_output_folder(out: Path, sources: list[str]) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
         raise UsageError(f"--out {out} is not empty and is not a shardify output; "
                          "choose a new or empty folder")
+
+
+def _prepare_output_folder(out: Path) -> None:
+    """Mark OUT as shardify's and remove what an earlier run wrote there (only that)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("This folder is written by shardify; it may replace its files.\n")
-
-
-def _clear_previous_output(out: Path) -> None:
-    """Remove the files a previous run wrote (and only those), so no stale shard survives."""
     for name in OWN_FILES:
         (out / name).unlink(missing_ok=True)
     for split in SPLITS:

@@ -50,6 +50,8 @@ class Pairing:
 
     samples: list[Sample] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
+    images: int = 0
+    labels: int = 0
     ignored: int = 0
     other_files: Counter[str] = field(default_factory=Counter)
     identical_duplicates: int = 0
@@ -87,8 +89,10 @@ def pair_members(
         stem, ext = split_name(member.base_name)
         if ext in IMAGE_EXTENSIONS:
             images[stem].append(member)
+            result.images += 1
         elif ext == LABEL_EXTENSION:
             labels[stem].append(member)
+            result.labels += 1
         else:
             result.other_files[ext or "(no extension)"] += 1
 
