@@ -105,7 +105,7 @@ def test_split_small_and_empty() -> None:
     assert Counter(no_val.values()) == {"train": 40, "test": 10}
 
 
-ARCHIVE = Archive(Path("images.zip"), "images.zip")
+ARCHIVE = Archive("images.zip", "zip")
 
 
 def sample(battery: int, index: int, image_size: int) -> Sample:

@@ -11,9 +11,12 @@ import re
 import sys
 from pathlib import Path
 
+import orjson
+
 from . import __version__
 from .convert import ConvertOptions, ConvertReport, UsageError, convert
 from .progress import human_bytes
+from .scan import format_scan, scan
 from .split import SPLITS, parse_ratios
 from .verify import OutputMissing, verify_output
 
@@ -81,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
                       "e.g. manifests/aihub-71687.parquet")
     conv.add_argument("--quiet", action="store_true", help="no progress output")
 
+    survey = commands.add_parser(
+        "scan",
+        help="show what convert would find, without writing anything",
+        description="List the archives found (zip, pieces, tar member, volumes, nested), their "
+        "members, images/labels/pairs/orphans, batteries per data_type, compression methods, "
+        "problems and the estimated output size. Reads only central directories and labels.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    survey.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="folders, zips, .zip.partN pieces, .z01 volumes or download.tar")
+    survey.add_argument("--json", action="store_true", help="print the report as JSON")
+
     check = commands.add_parser(
         "verify",
         help="check an output folder: shards, manifest, labels, battery leakage, counts",
@@ -110,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args, parser)
         if args.command == "verify":
             return _verify(args)
+        if args.command == "scan":
+            return _scan(args)
         return _synth(args)
     except UsageError as error:
         print(f"shardify: error: {error}", file=sys.stderr)
@@ -165,6 +183,15 @@ def format_report(report: ConvertReport) -> str:
                  f"{len(summary['archives'])} archives; bytes out: "
                  f"{human_bytes(summary['bytes_out'])}")
     return "\n".join(lines)
+
+
+def _scan(args: argparse.Namespace) -> int:
+    report = scan(args.sources)
+    if args.json:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_scan(report))
+    return EXIT_OK
 
 
 def _verify(args: argparse.Namespace) -> int:

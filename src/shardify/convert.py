@@ -7,18 +7,19 @@ shard at a time. This module owns the output folder: what may be written there a
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
 from .manifest import manifest_table, rejects_table, write_json, write_parquet
-from .pairing import Pairing, Reject, pair_members
+from .pairing import Pairing, pair_members
 from .plan import PlannedShard, plan_shards
 from .progress import Progress
-from .sources import Archive, ArchiveError, ArchiveReader, Member, find_archives, read_members
+from .sources import SUPPORTED_METHODS, ArchiveReader, Reject, find_archives
 from .split import SPLITS, assign_splits
 from .write import ShardResult, write_shard
+from .zipindex import Index, index_archives
 
 MARKER = ".shardify-output"
 OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json")
@@ -53,22 +54,10 @@ class ConvertReport:
 
 def convert(options: ConvertOptions) -> ConvertReport:
     started = time.monotonic()
-    try:
-        archives = find_archives(options.sources)
-    except FileNotFoundError as error:
-        raise UsageError(str(error)) from None
-    if not archives:
-        raise UsageError(f"no zip archives found in: {' '.join(options.sources)}")
     _check_output_folder(options.out, options.sources)
-
-    members, rejects = _list_members(archives)
     with ArchiveReader() as reader:
-        pairing = pair_members(members, reader.read)
-        if not pairing.images and not pairing.labels:
-            unreadable = f" ({len(rejects)} unreadable: {rejects[0].detail})" if rejects else ""
-            raise UsageError(f"no images (.jpg/.jpeg/.png) or labels (.json) in the "
-                             f"{len(archives)} zip archives found{unreadable}")
-        rejects += pairing.rejects
+        index, pairing = survey(options.sources, reader)
+        rejects = index.rejects + pairing.rejects
         split_of_group = assign_splits(_groups(pairing), options.ratios, options.seed)
         shards = plan_shards(pairing.samples, split_of_group, options.shard_size)
         _prepare_output_folder(options.out)
@@ -77,7 +66,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
     written = [item for result in results for item in result.written]
     rejects += [reject for result in results for reject in result.rejects]
     manifest = manifest_table(written)
-    summary = _summary(options, archives, members, pairing, results, rejects)
+    summary = _summary(options, index, pairing, results, rejects)
     write_parquet(rejects_table(rejects), options.out / "rejects.parquet")
     write_parquet(manifest, options.out / "manifest.parquet")
     if options.manifest is not None:
@@ -87,15 +76,27 @@ def convert(options: ConvertOptions) -> ConvertReport:
     return ConvertReport(options.out, summary, rejects, time.monotonic() - started)
 
 
-def _list_members(archives: list[Archive]) -> tuple[list[Member], list[Reject]]:
-    members: list[Member] = []
-    rejects: list[Reject] = []
-    for archive in archives:
-        try:
-            members += read_members(archive)
-        except ArchiveError as error:
-            rejects.append(Reject("", "bad-archive", archive.name, "", str(error)))
-    return members, rejects
+def survey(sources: list[str], reader: ArchiveReader) -> tuple[Index, Pairing]:
+    """Find and list every archive, read the labels and pair: everything but the image bytes.
+
+    Raises UsageError when there is nothing to convert, saying what was found instead.
+    """
+    try:
+        discovery = find_archives(sources)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    if not discovery.archives and not discovery.rejects:
+        raise UsageError(f"no zip archives (.zip, .zip.partN, .z01, .tar) found in: "
+                         f"{' '.join(sources)}")
+    index = index_archives(discovery.archives, reader)
+    index.rejects[:0] = discovery.rejects
+    pairing = pair_members(index.members, reader.read)
+    if not pairing.images and not pairing.labels:
+        unreadable = (f" ({len(index.rejects)} unreadable: {index.rejects[0].detail})"
+                      if index.rejects else "")
+        raise UsageError(f"no images (.jpg/.jpeg/.png) or labels (.json) in the "
+                         f"{len(index.archives)} zip archives found{unreadable}")
+    return index, pairing
 
 
 def _groups(pairing: Pairing) -> list[tuple[str, str, bool]]:
@@ -157,8 +158,8 @@ def _prepare_output_folder(out: Path) -> None:
             folder.rmdir()
 
 
-def _summary(options: ConvertOptions, archives: list[Archive], members: list[Member],
-             pairing: Pairing, results: list[ShardResult], rejects: list[Reject]) -> dict:
+def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
+             results: list[ShardResult], rejects: list[Reject]) -> dict:
     """Per split counts and shard names, reject counts, and the options: no times, no hosts."""
     splits: dict[str, dict] = {}
     for split in SPLITS:
@@ -172,8 +173,6 @@ def _summary(options: ConvertOptions, archives: list[Archive], members: list[Mem
             "defect": sum(w.sample.fields.label == 1 for w in rows),
             "bytes": sum(r.bytes_out for r in mine),
         }
-    members_per_archive = Counter(m.archive.name for m in members)
-    archive_bytes = {a.name: a.path.stat().st_size for a in archives}
     return {
         "shardify": __version__,
         "options": {
@@ -190,10 +189,21 @@ def _summary(options: ConvertOptions, archives: list[Archive], members: list[Mem
         "ignored_members": pairing.ignored,
         "other_files": dict(sorted(pairing.other_files.items())),
         "identical_duplicates": pairing.identical_duplicates,
-        "archives": [
-            {"name": a.name, "bytes": archive_bytes[a.name], "members": members_per_archive[a.name]}
-            for a in archives
-        ],
-        "bytes_in": sum(archive_bytes.values()),
+        "archives": archive_table(index),
+        "bytes_in": sum(a.size for a in index.archives if a.parent is None
+                        and not a.kind.startswith("nested")),
         "bytes_out": sum(s["bytes"] for s in splits.values()),
     }
+
+
+def archive_table(index: Index) -> list[dict]:
+    """Per archive: kind, bytes, members, methods and notes (truncation, wrong order, ...)."""
+    members = Counter(m.archive.name for m in index.members)
+    methods: dict[str, Counter[str]] = defaultdict(Counter)
+    for member in index.members:
+        methods[member.archive.name][SUPPORTED_METHODS.get(member.method, str(member.method))] += 1
+    return [
+        {"name": a.name, "kind": a.kind, "bytes": a.size, "members": members[a.name],
+         "methods": dict(sorted(methods[a.name].items())), "notes": list(a.notes)}
+        for a in index.archives
+    ]

@@ -14,7 +14,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .pairing import Reject
+from .sources import Reject
 from .write import WrittenSample
 
 MANIFEST_SCHEMA = pa.schema(

@@ -13,23 +13,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .labels import BadLabel, LabelFields, parse_label, strip_bom
-from .sources import Member, MemberError, is_junk
+from .sources import Member, MemberError, Reject
+from .zipindex import is_junk
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 LABEL_EXTENSION = ".json"
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")
 UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    """One input member that did not become (part of) a sample, and why."""
-
-    key: str
-    reason: str
-    source_archive: str
-    source_member: str
-    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +119,13 @@ def _pair_stem(
     key = safe_key(stem)
     image = _one_copy(key, image_copies, "image", result)
     label = _one_copy(key, label_copies, "label", result)
+    present = [m for m in (image, label) if isinstance(m, Member)]
+    flawed = next((m for m in present if m.problem is not None), None)
     if image is False or label is False:
-        partners = [m for m in (image, label) if isinstance(m, Member)]
-        _reject(result, key, "duplicate", partners, "its partner has copies with different bytes")
+        _reject(result, key, "duplicate", present, "its partner has copies with different bytes")
+    elif flawed is not None and flawed.problem is not None:
+        reason, detail = flawed.problem
+        _reject(result, key, reason, present, f"{flawed.base_name}: {detail}")
     elif label is None and isinstance(image, Member):
         _reject(result, key, "orphan-image", [image], "no label with this stem")
     elif image is None and isinstance(label, Member):
@@ -153,8 +147,9 @@ def _one_copy(
         return None
     copies = sorted(copies, key=lambda m: (m.archive.name, m.name))
     if len({(m.file_size, m.crc32) for m in copies}) > 1:
-        where = ", ".join(f"{m.archive.name}:{m.name}" for m in copies)
-        _reject(result, key, "duplicate", copies, f"{len(copies)} {kind}s differ: {where}")
+        where = ", ".join(f"{m.archive.name.rsplit('/', 1)[-1]}:{m.name}" for m in copies)
+        _reject(result, key, "duplicate", copies,
+                f"{len(copies)} {kind}s with this stem have different bytes: {where}")
         return False
     result.identical_duplicates += len(copies) - 1
     return copies[0]

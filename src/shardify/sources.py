@@ -1,40 +1,34 @@
-"""Find the archives under the SOURCE arguments and list their members from the central directory.
+"""Find the archives under the SOURCE arguments, whatever shape the download has, and read them.
 
-The central directory is parsed here with `struct` instead of `zipfile.ZipFile`: it is an order of
-magnitude faster on archives with 100k+ members, gives the raw name bytes (needed to decode CP949
-names written without the UTF-8 flag) and yields plain records that worker processes can use
-without sharing an open `ZipFile`.
+An archive is a sequence of byte ranges (extents) in files on disk: a plain zip is one extent; the
+download tool's offset-named pieces, a multi-volume set or a zip inside `download.tar` are several
+extents or a slice of the tar; a stored zip inside a zip is a slice of its parent. Nothing is ever
+merged, unpacked or written next to the sources: every read is a `pread` on a read-only descriptor.
 """
 
 from __future__ import annotations
 
 import os
-import struct
-import unicodedata
+import re
+import tarfile
 import zlib
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-EOCD_SIG = b"PK\x05\x06"
-ZIP64_LOCATOR_SIG = b"PK\x06\x07"
-ZIP64_EOCD_SIG = b"PK\x06\x06"
-CENTRAL_SIG = b"PK\x01\x02"
-LOCAL_SIG = b"PK\x03\x04"
-
-EOCD = struct.Struct("<4s4H2LH")
-ZIP64_LOCATOR = struct.Struct("<4sLQL")
-ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
-CENTRAL = struct.Struct("<4s6H3L5H2L")
-LOCAL = struct.Struct("<4s5H3L2H")
+import inflate64
 
 METHOD_STORED = 0
 METHOD_DEFLATED = 8
+METHOD_DEFLATE64 = 9
+SUPPORTED_METHODS = {METHOD_STORED: "stored", METHOD_DEFLATED: "deflate",
+                     METHOD_DEFLATE64: "deflate64"}
+LOCAL_HEADER_SIZE = 30
 LOCAL_SLACK = 64  # room for a local extra field, so most members take a single pread
-FLAG_ENCRYPTED = 0x1
-FLAG_UTF8 = 0x800
-MAX_COMMENT = 0xFFFF
+MAX_NESTED_INFLATE = 512 * 2**20
 
-JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
+PIECE = re.compile(r"^(?P<zip>.+\.zip)\.part(?P<offset>\d+)$", re.IGNORECASE)
+VOLUME = re.compile(r"^(?P<stem>.+)\.z(?P<number>\d{2,})$", re.IGNORECASE)
 
 
 class ArchiveError(Exception):
@@ -50,16 +44,45 @@ class MemberError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Archive:
-    """One source archive: where it is on disk, and how the manifest names it."""
+class Extent:
+    """A byte range of a file on disk: `length` bytes from `offset` of `path`."""
 
     path: Path
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Archive:
+    """One zip to read, however it was delivered.
+
+    `name` is how the manifest names it: the zip's path relative to the SOURCE (or the tar) it was
+    found in, the same whether it came whole, as pieces or inside a tar. `extents` hold its bytes
+    in order; a deflated zip inside a zip has none and is inflated from `parent` when read.
+    `volume_starts` gives each volume's offset for multi-volume sets (zip offsets are per disk).
+    """
+
     name: str
+    kind: str
+    extents: tuple[Extent, ...] = ()
+    parent: Member | None = None
+    volume_starts: tuple[int, ...] = (0,)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        if self.parent is not None:
+            return self.parent.file_size
+        return sum(extent.length for extent in self.extents)
 
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """One file inside an archive, located well enough to read it with a single `pread`."""
+    """One file inside an archive, located well enough to read it with a single `pread`.
+
+    `problem` is (reject reason, detail) for a member already known to be unusable (zip bomb,
+    overlap, unsupported method, inside a broken archive); reading it raises that.
+    """
 
     archive: Archive
     name: str
@@ -70,151 +93,203 @@ class Member:
     method: int
     flags: int
     raw_name_len: int
+    problem: tuple[str, str] | None = None
 
     @property
     def base_name(self) -> str:
         return self.name.rsplit("/", 1)[-1]
 
 
-def find_archives(sources: list[str]) -> list[Archive]:
-    """Resolve SOURCE arguments to archives, each named relative to the argument it was found under.
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """One input that did not become (part of) a sample, and why."""
 
-    Relative names keep the manifest independent of where the dataset is mounted. Raises
-    FileNotFoundError for a SOURCE that does not exist.
+    key: str
+    reason: str
+    source_archive: str
+    source_member: str
+    detail: str
+
+
+@dataclass
+class Discovery:
+    """The archives found, and the inputs that could not be made into an archive at all."""
+
+    archives: list[Archive] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def find_archives(sources: list[str]) -> Discovery:
+    """Resolve SOURCE arguments (folders, zips, pieces, volumes, tars) to archives.
+
+    Raises FileNotFoundError for a SOURCE that does not exist.
     """
-    found: dict[Path, Archive] = {}
+    found = Discovery()
+    seen: set[Path] = set()
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            for candidate in sorted(path.rglob("*")):
-                if candidate.suffix.lower() == ".zip" and candidate.is_file():
-                    name = candidate.relative_to(path).as_posix()
-                    found.setdefault(candidate.resolve(), Archive(candidate, name))
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            root = path
         elif path.is_file():
-            found.setdefault(path.resolve(), Archive(path, path.name))
+            # A piece or volume named alone brings the rest of its set from the same folder.
+            files = sorted(p for p in path.parent.iterdir() if p.is_file()
+                           and _set_name(p.name) == _set_name(path.name))
+            root = path.parent
         else:
             raise FileNotFoundError(f"source not found: {source}")
-    return sorted(found.values(), key=lambda archive: archive.name)
+        fresh = [p for p in files if p.resolve() not in seen]
+        seen.update(p.resolve() for p in fresh)
+        files_by_name = {p.relative_to(root).as_posix(): Extent(p, 0, p.stat().st_size)
+                         for p in fresh}
+        _collect(files_by_name, "", found)
+    found.archives = _unique_names(found.archives)
+    return found
 
 
-def decode_name(raw: bytes, flags: int) -> str:
-    """Decode a name as AI Hub zips need: UTF-8 if flagged, else CP949, else CP437; NFC, `/`."""
-    encodings = ("utf-8", "cp949", "cp437") if flags & FLAG_UTF8 else ("cp949", "cp437")
-    for encoding in encodings:
-        try:
-            name = raw.decode(encoding)
-            break
-        except UnicodeDecodeError:
+def _unique_names(archives: list[Archive]) -> list[Archive]:
+    """Archives sorted by name; a name seen again (the same zip delivered twice) gets `#2`."""
+    ordered = sorted(archives, key=lambda a: (a.name, a.kind, str(a.extents[0].path),
+                                              a.extents[0].offset))
+    counts: dict[str, int] = defaultdict(int)
+    unique = []
+    for archive in ordered:
+        counts[archive.name] += 1
+        if counts[archive.name] > 1:
+            archive = Archive(f"{archive.name} #{counts[archive.name]}", archive.kind,
+                              archive.extents, archive.parent, archive.volume_starts,
+                              archive.notes)
+        unique.append(archive)
+    return unique
+
+
+def _set_name(name: str) -> str:
+    """The zip a file belongs to: `X.zip` for `X.zip`, `X.zip.part123`, `X.z01`."""
+    piece = PIECE.match(name)
+    if piece:
+        return piece["zip"]
+    volume = VOLUME.match(name)
+    if volume:
+        return f"{volume['stem']}.zip"
+    return name
+
+
+def _collect(files: dict[str, Extent], container: str, found: Discovery) -> None:
+    """Group files (on disk, or members of one tar) into archives: zips, pieces, volumes, tars."""
+    pieces: dict[str, list[tuple[int, str, Extent]]] = defaultdict(list)
+    volumes: dict[str, list[tuple[int, Extent]]] = defaultdict(list)
+    zips: dict[str, Extent] = {}
+    for name, extent in files.items():
+        lower = name.lower()
+        piece, volume = PIECE.match(name), VOLUME.match(name)
+        if piece:
+            pieces[piece["zip"]].append((int(piece["offset"]), name, extent))
+        elif volume:
+            volumes[f"{volume['stem']}.zip"].append((int(volume["number"]), extent))
+        elif lower.endswith(".zip"):
+            zips[name] = extent
+        elif lower.endswith(".tar") and not container:
+            _collect_tar(name, extent, found)
+    kind_prefix = f"{container}: " if container else ""
+    for zip_name, parts in pieces.items():
+        problem = _piece_problem(parts)
+        whole = zips.pop(zip_name, None)
+        if problem and whole is not None:
+            found.archives.append(Archive(zip_name, f"{kind_prefix}zip", (whole,), notes=(
+                f"pieces beside it are unusable ({problem}); read the merged zip",)))
             continue
-    return unicodedata.normalize("NFC", name.replace("\\", "/"))
+        notes = (f"pieces used; the merged {zip_name} beside them was not read",) if whole else ()
+        extents = tuple(extent for _, _, extent in sorted(parts, key=lambda p: p[0]))
+        archive = Archive(zip_name, f"{kind_prefix}pieces", extents, notes=notes)
+        if problem:
+            found.rejects.append(Reject("", "bad-archive", zip_name, "",
+                                        f"pieces of {zip_name}: {problem}; archive skipped"))
+        else:
+            found.archives.append(archive)
+    for zip_name, parts in volumes.items():
+        last = zips.pop(zip_name, None)
+        numbers = sorted(number for number, _ in parts)
+        if last is None or numbers != list(range(1, len(numbers) + 1)):
+            found.rejects.append(Reject("", "bad-archive", zip_name, "", _volume_problem(
+                zip_name, numbers, last is not None)))
+            continue
+        extents = (*(extent for _, extent in sorted(parts, key=lambda p: p[0])), last)
+        starts = tuple(sum(e.length for e in extents[:i]) for i in range(len(extents)))
+        found.archives.append(Archive(zip_name, f"{kind_prefix}volumes", extents,
+                                      volume_starts=starts))
+    for zip_name, extent in zips.items():
+        kind = f"{kind_prefix}zip" if container else "zip"
+        found.archives.append(Archive(zip_name, kind, (extent,)))
 
 
-def is_junk(name: str) -> bool:
-    """Directories and OS litter that are never samples and are ignored without a reject."""
-    if name.endswith("/"):
-        return True
-    base = name.rsplit("/", 1)[-1]
-    return (
-        "__MACOSX/" in f"/{name}"
-        or base.startswith("._")
-        or base.lower() in JUNK_NAMES
-    )
+def _piece_problem(parts: list[tuple[int, str, Extent]]) -> str | None:
+    """Why offset-named pieces do not make one contiguous file, or None if they do."""
+    by_offset: dict[int, list[tuple[str, Extent]]] = defaultdict(list)
+    for offset, name, extent in parts:
+        by_offset[offset].append((name, extent))
+    for offset, copies in sorted(by_offset.items()):
+        if len(copies) > 1:
+            names = ", ".join(name for name, _ in copies)
+            return f"duplicate piece for offset {offset}: {names}"
+    expected = 0
+    for offset, copies in sorted(by_offset.items()):
+        name, extent = copies[0]
+        if offset > expected:
+            return f"missing piece at offset {expected} (next piece {name} starts at {offset})"
+        if offset < expected:
+            return f"piece {name} at offset {offset} overlaps the piece before, which ends at " \
+                   f"{expected}"
+        expected = offset + extent.length
+    return None
 
 
-def read_members(archive: Archive) -> list[Member]:
-    """List every member of a zip from its central directory (Zip64 and prefixed zips included)."""
+def _volume_problem(zip_name: str, numbers: list[int], has_last: bool) -> str:
+    if not has_last:
+        return f"multi-volume set {zip_name}: the last volume {zip_name} is missing"
+    missing = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
+    return f"multi-volume set {zip_name}: missing volume(s) " + ", ".join(
+        f".z{n:02d}" for n in missing)
+
+
+def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
+    """The zips and pieces inside a tar (download.tar), as slices of it: never unpacked.
+
+    A tar may list one name twice (a piece set delivered twice): as when extracting, the last
+    copy counts.
+    """
     try:
-        with open(archive.path, "rb") as handle:
-            return _parse_central_directory(archive, handle.fileno())
-    except OSError as error:
-        raise ArchiveError(f"{archive.name}: cannot read: {error.strerror or error}") from error
+        with tarfile.open(extent.path, "r:") as tar:
+            entries = {
+                info.name: Extent(extent.path, info.offset_data, info.size)
+                for info in tar
+                if info.isfile()
+            }
+    except (tarfile.TarError, OSError) as error:
+        with open(extent.path, "rb") as handle:
+            start = handle.read(64)
+        found.rejects.append(Reject("", "bad-archive", name, "", _not_a_tar(name, start, error)))
+        return
+    _collect(entries, name, found)
 
 
-def _parse_central_directory(archive: Archive, fd: int) -> list[Member]:
-    size = os.fstat(fd).st_size
-    tail_start = max(0, size - EOCD.size - MAX_COMMENT)
-    tail = os.pread(fd, size - tail_start, tail_start)
-    eocd_at = tail.rfind(EOCD_SIG)
-    while eocd_at >= 0 and eocd_at + EOCD.size > len(tail):
-        eocd_at = tail.rfind(EOCD_SIG, 0, eocd_at)
-    if eocd_at < 0:
-        raise ArchiveError(f"{archive.name}: not a zip file (no end-of-central-directory record)")
-    _, _, _, _, count, cd_size, cd_offset, _ = EOCD.unpack_from(tail, eocd_at)
-    eocd_pos = tail_start + eocd_at
-    cd_end = eocd_pos
-    locator_pos = eocd_pos - ZIP64_LOCATOR.size
-    if locator_pos >= 0 and os.pread(fd, 4, locator_pos) == ZIP64_LOCATOR_SIG:
-        _, _, zip64_offset, _ = ZIP64_LOCATOR.unpack(os.pread(fd, ZIP64_LOCATOR.size, locator_pos))
-        record_pos = locator_pos - ZIP64_EOCD.size
-        record = os.pread(fd, ZIP64_EOCD.size, record_pos)
-        if len(record) != ZIP64_EOCD.size or record[:4] != ZIP64_EOCD_SIG:
-            record_pos = zip64_offset
-            record = os.pread(fd, ZIP64_EOCD.size, record_pos)
-        if len(record) != ZIP64_EOCD.size or record[:4] != ZIP64_EOCD_SIG:
-            raise ArchiveError(f"{archive.name}: broken Zip64 end-of-central-directory record")
-        count, cd_size, cd_offset = ZIP64_EOCD.unpack(record)[7:10]
-        cd_end = record_pos
-    # Bytes prepended to the zip (self-extractor stub, concatenation) shift every offset alike.
-    shift = cd_end - cd_size - cd_offset
-    cd_start = cd_offset + shift
-    if cd_start < 0 or shift < 0:
-        raise ArchiveError(f"{archive.name}: central directory lies outside the file")
-    directory = os.pread(fd, cd_size, cd_start)
-    if len(directory) != cd_size:
-        raise ArchiveError(f"{archive.name}: central directory is cut off")
-    return _parse_entries(archive, directory, count, shift)
-
-
-def _parse_entries(archive: Archive, directory: bytes, count: int, shift: int) -> list[Member]:
-    members: list[Member] = []
-    pos = 0
-    unpack_entry = CENTRAL.unpack_from
-    for _ in range(count):
-        if directory[pos : pos + 4] != CENTRAL_SIG:
-            raise ArchiveError(
-                f"{archive.name}: central directory entry {len(members)} is damaged"
-            )
-        (_, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len,
-         _, _, _, offset) = unpack_entry(directory, pos)
-        pos += CENTRAL.size
-        raw_name = directory[pos : pos + name_len]
-        extra = directory[pos + name_len : pos + name_len + extra_len]
-        pos += name_len + extra_len + comment_len
-        if 0xFFFFFFFF in (csize, usize, offset):
-            usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
-        members.append(
-            Member(archive, decode_name(raw_name, flags), offset + shift, csize, usize, crc,
-                   method, flags, name_len)
-        )
-    return members
-
-
-def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
-    """Take the 64-bit values from the Zip64 extra field for every 32-bit field that overflowed."""
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, length = struct.unpack_from("<2H", extra, pos)
-        if tag == 1:
-            values = iter(struct.unpack_from(f"<{length // 8}Q", extra, pos + 4))
-            if usize == 0xFFFFFFFF:
-                usize = next(values)
-            if csize == 0xFFFFFFFF:
-                csize = next(values)
-            if offset == 0xFFFFFFFF:
-                offset = next(values)
-            break
-        pos += 4 + length
-    return usize, csize, offset
+def _not_a_tar(name: str, start: bytes, error: Exception) -> str:
+    text = start.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"{")):
+        return (f"{name} is not a tar file but a web page or error message (starts with "
+                f"{start[:30]!r}): the download probably failed or its permission expired; "
+                "download it again")
+    return f"{name} is not a readable tar file: {error}"
 
 
 class ArchiveReader:
-    """Reads member bytes with one positioned read each, opening every archive once.
+    """Reads bytes of archives and members with positioned reads, opening every file once.
 
     Each process makes its own reader: file descriptors are never shared across fork.
     """
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._inflated: dict[str, bytes] = {}
 
     def __enter__(self) -> ArchiveReader:
         return self
@@ -223,27 +298,53 @@ class ArchiveReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._inflated.clear()
+
+    def pread(self, archive: Archive, size: int, offset: int) -> bytes:
+        """Up to `size` bytes at `offset` of the archive (fewer only at its end)."""
+        if archive.parent is not None:
+            return self._nested_bytes(archive)[offset : offset + size]
+        chunks = []
+        start = 0
+        for extent in archive.extents:
+            end = start + extent.length
+            if offset < end and size > 0:
+                skip = max(0, offset - start)
+                take = min(size, extent.length - skip)
+                chunk = os.pread(self._fd(extent.path), take, extent.offset + skip)
+                chunks.append(chunk)
+                size -= len(chunk)
+                offset += len(chunk)
+                if len(chunk) < take:
+                    break
+            start = end
+        return b"".join(chunks)
 
     def read(self, member: Member) -> bytes:
         """Return the member's uncompressed bytes, CRC-checked; raise MemberError if unusable."""
-        if member.flags & FLAG_ENCRYPTED:
-            raise MemberError("unsupported-method", "member is encrypted")
-        if member.method not in (METHOD_STORED, METHOD_DEFLATED):
-            raise MemberError("unsupported-method", f"compression method {member.method}")
-        fd = self._fd(member.archive)
-        want = LOCAL.size + member.raw_name_len + LOCAL_SLACK + member.compressed_size
-        chunk = os.pread(fd, want, member.header_offset)
-        if len(chunk) < LOCAL.size or chunk[:4] != LOCAL_SIG:
+        if member.problem is not None:
+            raise MemberError(*member.problem)
+        try:
+            return self._read(member)
+        except OSError as error:
+            raise MemberError("bad-crc", f"read error: {error}") from None
+
+    def _read(self, member: Member) -> bytes:
+        archive = member.archive
+        want = LOCAL_HEADER_SIZE + member.raw_name_len + LOCAL_SLACK + member.compressed_size
+        chunk = self.pread(archive, want, member.header_offset)
+        if len(chunk) < LOCAL_HEADER_SIZE or chunk[:4] != b"PK\x03\x04":
             raise MemberError("bad-crc", f"no local header at offset {member.header_offset}")
-        name_len, extra_len = LOCAL.unpack_from(chunk)[9:11]
-        start = LOCAL.size + name_len + extra_len
+        name_len = int.from_bytes(chunk[26:28], "little")
+        extra_len = int.from_bytes(chunk[28:30], "little")
+        start = LOCAL_HEADER_SIZE + name_len + extra_len
         raw = chunk[start : start + member.compressed_size]
         if len(raw) < member.compressed_size:
-            raw += os.pread(fd, member.compressed_size - len(raw),
-                            member.header_offset + start + len(raw))
+            raw += self.pread(archive, member.compressed_size - len(raw),
+                              member.header_offset + start + len(raw))
         if len(raw) != member.compressed_size:
-            raise MemberError("bad-crc", "member data is cut off")
-        data = _inflate(raw, member.file_size) if member.method == METHOD_DEFLATED else raw
+            raise MemberError("truncated", "member data is cut off")
+        data = inflate(raw, member.method, member.file_size)
         if len(data) != member.file_size:
             raise MemberError("bad-crc", f"size {len(data)} != {member.file_size} in directory")
         crc = zlib.crc32(data)
@@ -251,15 +352,30 @@ class ArchiveReader:
             raise MemberError("bad-crc", f"crc32 {crc:08x} != {member.crc32:08x} in directory")
         return data
 
-    def _fd(self, archive: Archive) -> int:
-        fd = self._fds.get(archive.path)
+    def _nested_bytes(self, archive: Archive) -> bytes:
+        """A deflated zip inside a zip is inflated once per process and kept (bounded size)."""
+        data = self._inflated.get(archive.name)
+        if data is None:
+            assert archive.parent is not None
+            data = self._inflated[archive.name] = self.read(archive.parent)
+        return data
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[archive.path] = os.open(archive.path, os.O_RDONLY)
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
 
-def _inflate(raw: bytes, size: int) -> bytes:
+def inflate(raw: bytes, method: int, size: int) -> bytes:
+    """Uncompress member data, never producing more than `size` + 1 bytes (bomb-safe)."""
+    if method == METHOD_STORED:
+        return raw
     try:
-        return zlib.decompress(raw, -15, max(size, 1))
-    except zlib.error as error:
+        if method == METHOD_DEFLATED:
+            return zlib.decompressobj(-15).decompress(raw, size + 1)
+        if method == METHOD_DEFLATE64:
+            return inflate64.Inflater().inflate(raw)
+    except (zlib.error, ValueError) as error:
         raise MemberError("bad-crc", f"inflate failed: {error}") from None
+    raise MemberError("unsupported-method", f"compression method {method}")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .labels import strip_bom
-from .pairing import Reject, Sample
-from .sources import ArchiveReader, MemberError
+from .pairing import Sample
+from .sources import ArchiveReader, MemberError, Reject
 
 BLOCK = 512
 TAR_END_SIZE = 2 * BLOCK
