@@ -179,6 +179,8 @@ def format_report(report: ConvertReport) -> str:
         skipped.append("other files: " + ", ".join(
             f"{ext} {count}" for ext, count in summary["other_files"].items()))
     lines.append("  skipped: " + "; ".join(skipped))
+    lines += [f"  note: {archive['name']}: {note}"
+              for archive in summary["archives"] for note in archive["notes"]]
     lines.append(f"  bytes in: {human_bytes(summary['bytes_in'])} from "
                  f"{len(summary['archives'])} archives; bytes out: "
                  f"{human_bytes(summary['bytes_out'])}")
