@@ -215,11 +215,16 @@ def test_strict_exits_1_on_rejects(dataset: SynthResult, tmp_path: Path) -> None
     assert run_convert(dataset.root, tmp_path / "out", "--strict") == 1
 
 
-def test_manifest_path_and_rerun_replaces_output(dataset: SynthResult, tmp_path: Path) -> None:
+def test_manifest_path_and_overwrite(dataset: SynthResult, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    """Other options into the same OUT are refused, unless --overwrite: then no stale shard."""
     out, manifest = tmp_path / "out", tmp_path / "manifests" / "demo.parquet"
     assert run_convert(dataset.root, out, "--shard-size", "16KiB") == 0
     many = set(out.rglob("shard-*.tar"))
-    assert run_convert(dataset.root, out, "--manifest", str(manifest)) == 0
+    assert run_convert(dataset.root, out) == 2
+    assert "shard_size 16384 -> 65536" in capsys.readouterr().err
+    assert set(out.rglob("shard-*.tar")) == many
+    assert run_convert(dataset.root, out, "--manifest", str(manifest), "--overwrite") == 0
     assert set(out.rglob("shard-*.tar")) < many
     assert manifest.read_bytes() == (out / "manifest.parquet").read_bytes()
     assert (tmp_path / "manifests" / "demo.summary.json").is_file()

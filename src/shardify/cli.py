@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from . import __version__
-from .convert import ConvertOptions, ConvertReport, UsageError, convert
+from .convert import ConvertOptions, ConvertReport, NotEnoughSpace, UsageError, convert
 from .progress import human_bytes
 from .scan import format_scan, scan
 from .split import SPLITS, parse_ratios
@@ -23,6 +23,7 @@ from .verify import OutputMissing, verify_output
 EXIT_OK = 0
 EXIT_REJECTS = 1
 EXIT_USAGE = 2
+EXIT_NO_SPACE = 3
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = """exit codes:
@@ -30,7 +31,10 @@ EXIT_CODES = """exit codes:
   1    inputs were rejected and --strict was given, verify found problems,
        or an I/O error stopped the run
   2    usage error, or no input found
-  130  interrupted (Ctrl-C)"""
+  3    not enough disk space for OUT (checked before writing, or disk full)
+  130  interrupted (Ctrl-C)
+An interrupted or failed convert keeps its complete shards: re-run the same
+command to resume."""
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -71,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("sources", nargs="+", metavar="SOURCE",
                       help="a folder (searched recursively for .zip files) or a zip file")
     conv.add_argument("--out", required=True, type=Path, metavar="OUT",
-                      help="output folder: new, empty, or an earlier shardify output (replaced)")
+                      help="output folder: new, empty, or an earlier shardify output of the "
+                      "same command (resumed: complete shards are kept)")
     conv.add_argument("--shard-size", type=parse_size, default=parse_size("1GiB"),
                       metavar="SIZE", help="largest shard size, e.g. 1GiB (default), 512MiB")
     conv.add_argument("--split", default="70/10/20", metavar="TRAIN/VAL/TEST",
@@ -82,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--manifest", type=Path, metavar="PATH",
                       help="also write the manifest here (and PATH's .summary.json beside it), "
                       "e.g. manifests/aihub-71687.parquet")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="discard an earlier, different conversion in OUT and start over")
+    conv.add_argument("--no-space-check", dest="space_check", action="store_false",
+                      help="write even if OUT's disk looks too small for the output")
     conv.add_argument("--quiet", action="store_true", help="no progress output")
 
     survey = commands.add_parser(
@@ -132,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"shardify: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except NotEnoughSpace as error:
+        print(f"shardify: error: {error}", file=sys.stderr)
+        return EXIT_NO_SPACE
     except KeyboardInterrupt:
-        print("shardify: interrupted", file=sys.stderr)
+        print("shardify: interrupted; complete shards are kept: re-run the same command to "
+              "resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as error:
         print(f"shardify: error: {error}", file=sys.stderr)
@@ -148,7 +161,7 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     options = ConvertOptions(
         sources=args.sources, out=args.out, shard_size=args.shard_size, split=args.split,
         ratios=ratios, seed=args.seed, manifest=args.manifest, strict=args.strict,
-        quiet=args.quiet,
+        quiet=args.quiet, overwrite=args.overwrite, space_check=args.space_check,
     )
     report = convert(options)
     print(format_report(report))
@@ -160,6 +173,9 @@ def format_report(report: ConvertReport) -> str:
     summary = report.summary
     lines = [f"shardify: wrote {summary['samples']} samples to {report.out} "
              f"in {report.seconds:.1f} s"]
+    if report.resumed_shards:
+        lines.append(f"  resumed: {report.resumed_shards} complete shards from an earlier run "
+                     "kept")
     lines.append(f"  {'split':<6} {'samples':>9} {'batteries':>9} {'shards':>6} {'bytes':>11}")
     for split in SPLITS:
         row = summary["splits"][split]

@@ -6,27 +6,45 @@ shard at a time. This module owns the output folder: what may be written there a
 
 from __future__ import annotations
 
+import errno
+import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+
 from . import __version__
 from .manifest import manifest_table, rejects_table, write_json, write_parquet
 from .pairing import Pairing, pair_members
 from .plan import PlannedShard, plan_shards
-from .progress import Progress
-from .sources import SUPPORTED_METHODS, ArchiveReader, Reject, find_archives
+from .progress import Progress, human_bytes
+from .resume import (
+    RunRecord,
+    append_journal,
+    is_shardify_output,
+    journaled_shards,
+    plan_fingerprint,
+    read_run,
+    reset_journal,
+    start_run,
+)
+from .sources import SUPPORTED_METHODS, ArchiveReader, Member, Reject, find_archives
 from .split import SPLITS, assign_splits
 from .write import ShardResult, write_shard
 from .zipindex import Index, index_archives
 
-MARKER = ".shardify-output"
 OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json")
+MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk check
 
 
 class UsageError(Exception):
     """A problem with the command line or the folders given; reported in one line, exit 2."""
+
+
+class NotEnoughSpace(Exception):
+    """OUT's disk cannot hold the output (checked before writing, or hit while writing): exit 3."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +58,12 @@ class ConvertOptions:
     manifest: Path | None = None
     strict: bool = False
     quiet: bool = False
+    overwrite: bool = False
+    space_check: bool = True
+
+    def shaping(self) -> dict:
+        """The options that decide the shards' bytes; a resumed run must use the same."""
+        return {"shard_size": self.shard_size, "split": list(self.ratios), "seed": self.seed}
 
 
 @dataclass
@@ -50,33 +74,54 @@ class ConvertReport:
     summary: dict
     rejects: list[Reject] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_shards: int = 0
 
 
 def convert(options: ConvertOptions) -> ConvertReport:
+    """Plan, then write the shards not already finished by an earlier run of the same plan."""
     started = time.monotonic()
-    _check_output_folder(options.out, options.sources)
+    out = options.out
+    _check_output_folder(out, options.sources)
     with ArchiveReader() as reader:
-        index, pairing = survey(options.sources, reader)
+        index, pairing = survey(options.sources, reader, quiet=options.quiet)
         rejects = index.rejects + pairing.rejects
         split_of_group = assign_splits(_groups(pairing), options.ratios, options.seed)
         shards = plan_shards(pairing.samples, split_of_group, options.shard_size)
-        _prepare_output_folder(options.out)
-        results = _write_shards(shards, options, reader)
+        run = RunRecord(plan_fingerprint(shards, options.shaping()), options.shaping())
+        finished = _reusable_shards(out, run, shards, options.overwrite)
+        todo = [shard for shard in shards if shard.name not in finished]
+        if options.space_check:
+            _check_space(out, todo, len(pairing.samples))
+        _prepare_output_folder(out, run, shards, finished)
+        results = _write_shards(shards, finished, options, reader)
 
     written = [item for result in results for item in result.written]
     rejects += [reject for result in results for reject in result.rejects]
-    manifest = manifest_table(written)
     summary = _summary(options, index, pairing, results, rejects)
+    try:
+        _write_index_files(options, manifest_table(written), rejects, summary)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise NotEnoughSpace(f"disk full on {out} while writing the manifest: all shards "
+                                 "are complete; free some space and re-run the same command"
+                                 ) from None
+        raise
+    return ConvertReport(out, summary, rejects, time.monotonic() - started, len(finished))
+
+
+def _write_index_files(options: ConvertOptions, manifest: pa.Table, rejects: list[Reject],
+                       summary: dict) -> None:
+    """Manifest, rejects and summary, each atomically; summary.json last, as the sign of done."""
     write_parquet(rejects_table(rejects), options.out / "rejects.parquet")
     write_parquet(manifest, options.out / "manifest.parquet")
     if options.manifest is not None:
         write_parquet(manifest, options.manifest)
         write_json(summary, options.manifest.with_suffix(".summary.json"))
     write_json(summary, options.out / "summary.json")
-    return ConvertReport(options.out, summary, rejects, time.monotonic() - started)
 
 
-def survey(sources: list[str], reader: ArchiveReader) -> tuple[Index, Pairing]:
+def survey(sources: list[str], reader: ArchiveReader, *,
+           quiet: bool = True) -> tuple[Index, Pairing]:
     """Find and list every archive, read the labels and pair: everything but the image bytes.
 
     Raises UsageError when there is nothing to convert, saying what was found instead.
@@ -90,7 +135,17 @@ def survey(sources: list[str], reader: ArchiveReader) -> tuple[Index, Pairing]:
                          f"{' '.join(sources)}")
     index = index_archives(discovery.archives, reader)
     index.rejects[:0] = discovery.rejects
-    pairing = pair_members(index.members, reader.read)
+    labels = sum(m.name.lower().endswith(".json") for m in index.members)
+    progress = Progress(labels, "labels", "reading labels", enabled=not quiet)
+
+    def read_label(member: Member) -> bytes:
+        progress.advance(1)
+        return reader.read(member)
+
+    try:
+        pairing = pair_members(index.members, read_label)
+    finally:
+        progress.close()
     if not pairing.images and not pairing.labels:
         unreadable = (f" ({len(index.rejects)} unreadable: {index.rejects[0].detail})"
                       if index.rejects else "")
@@ -110,19 +165,70 @@ def _groups(pairing: Pairing) -> list[tuple[str, str, bool]]:
     return [(group, data_type[group], has_defect[group]) for group in sorted(data_type)]
 
 
-def _write_shards(shards: list[PlannedShard], options: ConvertOptions,
-                  reader: ArchiveReader) -> list[ShardResult]:
-    total_bytes = sum(shard.expected_bytes for shard in shards)
-    total_samples = sum(len(shard.samples) for shard in shards)
-    progress = Progress(total_bytes, total_samples, enabled=not options.quiet)
+def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
+                  options: ConvertOptions, reader: ArchiveReader) -> list[ShardResult]:
+    """Write the unfinished shards in plan order, journaling each; results in plan order."""
+    progress = Progress(sum(s.expected_bytes for s in shards), "B", "writing shards",
+                        enabled=not options.quiet)
+    progress.advance(sum(s.expected_bytes for s in shards if s.name in finished))
     results: list[ShardResult] = []
     try:
         for shard in shards:
-            results.append(write_shard(shard.name, shard.samples, options.out, reader))
-            progress.advance(shard.expected_bytes, len(shard.samples))
+            result = finished.get(shard.name)
+            if result is None:
+                result = write_shard(shard.name, shard.samples, options.out, reader)
+                append_journal(options.out, result)
+                progress.advance(shard.expected_bytes)
+            results.append(result)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        done = {r.name for r in results}
+        needed = sum(s.expected_bytes for s in shards if s.name not in done)
+        raise NotEnoughSpace(
+            f"disk full on {options.out}: {len(done)} of {len(shards)} shards are complete and "
+            f"kept; about {human_bytes(needed)} more is needed "
+            f"({human_bytes(_free_bytes(options.out))} free). Free some space and re-run the "
+            "same command to resume") from None
     finally:
         progress.close()
     return results
+
+
+def _reusable_shards(out: Path, run: RunRecord, shards: list[PlannedShard],
+                     overwrite: bool) -> dict[str, ShardResult]:
+    """Finished shards of an earlier run of the same plan; refuse a different earlier run."""
+    previous = read_run(out)
+    if previous is None or overwrite:
+        return {}
+    if previous.fingerprint != run.fingerprint:
+        raise UsageError(f"{out} holds shards of another conversion ({_what_changed(previous, run)}"
+                         "); re-run with --overwrite to discard them, or choose another --out")
+    return journaled_shards(out, shards)
+
+
+def _what_changed(previous: RunRecord, run: RunRecord) -> str:
+    changed = [f"{key} {previous.options.get(key)} -> {value}"
+               for key, value in run.options.items() if previous.options.get(key) != value]
+    return ", ".join(changed) if changed else "the inputs differ: other archives or members"
+
+
+def _check_space(out: Path, todo: list[PlannedShard], samples: int) -> None:
+    """Stop before writing anything if OUT's filesystem cannot hold what is left to write."""
+    needed = sum(shard.expected_bytes for shard in todo) + samples * MANIFEST_ROW_BYTES
+    free = _free_bytes(out)
+    if needed > free:
+        raise NotEnoughSpace(f"not enough space on {out}: the output needs about "
+                             f"{human_bytes(needed)}, {human_bytes(free)} is free "
+                             "(--no-space-check to try anyway)")
+
+
+def _free_bytes(out: Path) -> int:
+    """Free bytes on the filesystem that holds (or will hold) OUT."""
+    existing = out.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
 
 
 def _check_output_folder(out: Path, sources: list[str]) -> None:
@@ -135,25 +241,31 @@ def _check_output_folder(out: Path, sources: list[str]) -> None:
                              "sources are only ever read")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+    if out.is_dir() and any(out.iterdir()) and not is_shardify_output(out):
         raise UsageError(f"--out {out} is not empty and is not a shardify output; "
                          "choose a new or empty folder")
 
 
-def _prepare_output_folder(out: Path) -> None:
-    """Mark OUT as shardify's and remove what an earlier run wrote there (only that)."""
+def _prepare_output_folder(out: Path, run: RunRecord, shards: list[PlannedShard],
+                           finished: dict[str, ShardResult]) -> None:
+    """Own OUT for this run: remove what shardify wrote there that this run will not keep.
+
+    Only shardify's own files are touched: shard files, their partial files, the index files.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("This folder is written by shardify; it may replace its files.\n")
+    if not finished:
+        reset_journal(out)
+    start_run(out, run)
     for name in OWN_FILES:
         (out / name).unlink(missing_ok=True)
+        (out / f".{name}.partial").unlink(missing_ok=True)
     for split in SPLITS:
         folder = out / split
         if not folder.is_dir():
             continue
-        for path in folder.glob("shard-*.tar"):
-            path.unlink()
-        for path in folder.glob(".shard-*.tar.partial"):
-            path.unlink()
+        for path in [*folder.glob("shard-*.tar"), *folder.glob(".shard-*.tar.partial")]:
+            if path.relative_to(out).as_posix() not in finished:
+                path.unlink()
         if not any(folder.iterdir()):
             folder.rmdir()
 

@@ -12,52 +12,51 @@ LOG_INTERVAL_S = 5.0
 
 
 def human_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    raise AssertionError("unreachable")
+    return f"{size:.1f} TiB"
 
 
 class Progress:
-    """Counts bytes and samples written; shows them the way the output stream can display."""
+    """Counts work done (bytes when `unit` is "B", else items) toward a known total.
 
-    def __init__(self, total_bytes: int, total_samples: int, *, enabled: bool,
+    On a terminal it is a tqdm bar with rate and ETA; otherwise (logs, CI, make) one plain line
+    every few seconds, so logs stay readable; disabled, it prints nothing.
+    """
+
+    def __init__(self, total: int, unit: str, description: str, *, enabled: bool,
                  stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.total_bytes = total_bytes
-        self.total_samples = total_samples
-        self.done_bytes = 0
-        self.done_samples = 0
-        self.started = time.monotonic()
-        self._last_line = self.started
-        self._bar: tqdm | None = None
+        self.total, self.unit, self.description = total, unit, description
+        self.done = 0
         self.enabled = enabled
+        self.started = self._last_line = time.monotonic()
+        self._bar: tqdm | None = None
         if enabled and self.stream.isatty():
-            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc="writing shards", file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(total=total, unit=unit, unit_scale=True,
+                             unit_divisor=1024 if unit == "B" else 1000, desc=description,
+                             file=self.stream, dynamic_ncols=True)
 
-    def advance(self, done_bytes: int, done_samples: int) -> None:
-        self.done_bytes += done_bytes
-        self.done_samples += done_samples
+    def advance(self, amount: int) -> None:
+        self.done += amount
         if self._bar is not None:
-            self._bar.update(done_bytes)
-            self._bar.set_postfix_str(f"{self.done_samples}/{self.total_samples} samples",
-                                      refresh=False)
+            self._bar.update(amount)
         elif self.enabled and time.monotonic() - self._last_line >= LOG_INTERVAL_S:
             self._last_line = time.monotonic()
             print(self.line(), file=self.stream, flush=True)
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = self.done_bytes / elapsed
-        share = self.done_bytes / self.total_bytes if self.total_bytes else 1.0
-        eta = (self.total_bytes - self.done_bytes) / rate if rate else float("inf")
-        return (
-            f"writing shards: {human_bytes(self.done_bytes)}/{human_bytes(self.total_bytes)} "
-            f"({share:.0%}), {self.done_samples}/{self.total_samples} samples, "
-            f"{human_bytes(rate)}/s, ETA {eta:.0f} s"
-        )
+        rate = self.done / elapsed
+        share = self.done / self.total if self.total else 1.0
+        eta = f"{(self.total - self.done) / rate:.0f} s" if rate else "?"
+        return (f"{self.description}: {self._amount(self.done)}/{self._amount(self.total)} "
+                f"({share:.0%}), {self._amount(rate)}/s, ETA {eta}")
+
+    def _amount(self, value: float) -> str:
+        return human_bytes(value) if self.unit == "B" else f"{value:.0f} {self.unit}"
 
     def close(self) -> None:
         if self._bar is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,11 +43,13 @@ class WrittenSample:
 
 @dataclass
 class ShardResult:
+    """A finished shard: its samples and rejects, size and CRC-32 (what resume checks)."""
+
     name: str
     written: list[WrittenSample] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     bytes_out: int = 0
-    bytes_in: int = 0
+    crc32: int = 0
 
 
 def padded(size: int) -> int:
@@ -117,31 +120,51 @@ def write_shard(shard_name: str, samples: tuple[Sample, ...], out_dir: Path,
     partial = final.with_name(f".{final.name}.partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        offset = 0
+        offset = crc = 0
         for sample in samples:
             payloads = _read_sample(sample, reader, result)
             if payloads is None:
                 continue
-            image, label = payloads
-            chunks = _sample_chunks(sample, image, label)
-            size = os.writev(fd, chunks)
-            if size != sum(map(len, chunks)):
-                raise OSError(f"short write to {partial}")
+            chunks = _sample_chunks(sample, *payloads)
+            size = _write_all(fd, chunks)
+            for chunk in chunks:
+                crc = zlib.crc32(chunk, crc)
             result.written.append(
                 WrittenSample(sample, shard_name, offset, size, sample.image.crc32)
             )
-            result.bytes_in += sample.image.compressed_size + sample.label.compressed_size
             offset += size
-        os.write(fd, bytes(TAR_END_SIZE))
+        end = bytes(TAR_END_SIZE)
+        _write_all(fd, [end])
         os.fsync(fd)
-        result.bytes_out = offset + TAR_END_SIZE
+        result.bytes_out, result.crc32 = offset + TAR_END_SIZE, zlib.crc32(end, crc)
     except BaseException:
         os.close(fd)
         partial.unlink(missing_ok=True)
         raise
     os.close(fd)
     os.replace(partial, final)
+    _fsync_dir(final.parent)
     return result
+
+
+def _write_all(fd: int, chunks: list[bytes]) -> int:
+    """writev until every byte is written (a regular file may take a large write in parts)."""
+    total = sum(map(len, chunks))
+    done = os.writev(fd, chunks)
+    if done < total:
+        rest = b"".join(chunks)[done:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+    return total
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: after a power cut the shard is there under its final name."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_sample(

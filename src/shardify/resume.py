@@ -1,0 +1,142 @@
+"""What makes a conversion restartable: the run's fingerprint and a journal of finished shards.
+
+`OUT/.shardify/run.json` holds the options and a fingerprint of the plan (every shard's samples and
+their source members). `OUT/.shardify/journal.jsonl` gets one line per shard once the shard has been
+renamed into place: its size, CRC-32 and the rows the manifest needs. A re-run with the same plan
+keeps every journaled shard whose size and CRC still match and redoes the rest; a different plan
+is refused, so two runs' shards never mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from .plan import PlannedShard
+from .sources import Member, Reject
+from .write import ShardResult, WrittenSample
+
+STATE_DIR = ".shardify"
+RUN_FILE = "run.json"
+JOURNAL_FILE = "journal.jsonl"
+READ_CHUNK = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The options and plan fingerprint of the run that owns an output folder."""
+
+    fingerprint: str
+    options: dict
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"fingerprint": self.fingerprint, "options": self.options},
+                            option=orjson.OPT_INDENT_2)
+
+
+def plan_fingerprint(shards: list[PlannedShard], options: dict) -> str:
+    """A hash of the options and of every planned sample with its source members' identity."""
+    digest = hashlib.sha256(orjson.dumps(options, option=orjson.OPT_SORT_KEYS))
+    for shard in shards:
+        digest.update(shard.name.encode())
+        for sample in shard.samples:
+            digest.update(orjson.dumps([sample.key, _identity(sample.image),
+                                        _identity(sample.label)]))
+    return digest.hexdigest()
+
+
+def _identity(member: Member) -> list:
+    return [member.archive.name, member.name, member.file_size, member.crc32]
+
+
+def read_run(out: Path) -> RunRecord | None:
+    path = out / STATE_DIR / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        document = orjson.loads(path.read_bytes())
+        return RunRecord(document["fingerprint"], document["options"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def start_run(out: Path, record: RunRecord) -> None:
+    """Record the run that owns OUT (atomically); an earlier journal stays valid for it."""
+    folder = out / STATE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{RUN_FILE}.partial"
+    partial.write_bytes(record.to_json())
+    os.replace(partial, folder / RUN_FILE)
+
+
+def is_shardify_output(out: Path) -> bool:
+    return (out / STATE_DIR).is_dir()
+
+
+def journaled_shards(out: Path, shards: list[PlannedShard]) -> dict[str, ShardResult]:
+    """Finished shards from the journal whose file still has the recorded size and CRC-32.
+
+    A torn last line (crash while appending) is ignored: that shard is simply redone.
+    """
+    path = out / STATE_DIR / JOURNAL_FILE
+    if not path.is_file():
+        return {}
+    planned = {shard.name: shard for shard in shards}
+    finished: dict[str, ShardResult] = {}
+    for line in path.read_bytes().splitlines():
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        shard = planned.get(entry.get("shard"))
+        if shard is None:
+            continue
+        shard_file = out / shard.name
+        if shard_file.is_file() and shard_file.stat().st_size == entry["bytes"] \
+                and file_crc32(shard_file) == entry["crc32"]:
+            finished[shard.name] = _result(shard, entry)
+    return finished
+
+
+def append_journal(out: Path, result: ShardResult) -> None:
+    """Record a finished shard, flushed to disk before the next shard counts as done."""
+    entry = {
+        "shard": result.name,
+        "bytes": result.bytes_out,
+        "crc32": result.crc32,
+        "samples": [[w.sample.key, w.offset, w.size, w.image_crc32] for w in result.written],
+        "rejects": [[r.key, r.reason, r.source_archive, r.source_member, r.detail]
+                    for r in result.rejects],
+    }
+    fd = os.open(out / STATE_DIR / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, orjson.dumps(entry) + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def reset_journal(out: Path) -> None:
+    (out / STATE_DIR / JOURNAL_FILE).unlink(missing_ok=True)
+
+
+def _result(shard: PlannedShard, entry: dict) -> ShardResult:
+    """Rebuild a shard's result from its journal line and the plan (samples by key)."""
+    by_key = {sample.key: sample for sample in shard.samples}
+    written = [WrittenSample(by_key[key], shard.name, offset, size, crc)
+               for key, offset, size, crc in entry["samples"]]
+    rejects = [Reject(*fields) for fields in entry["rejects"]]
+    return ShardResult(shard.name, written, rejects, entry["bytes"], entry["crc32"])
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(READ_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc

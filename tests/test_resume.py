@@ -1,0 +1,236 @@
+"""Crash safety: kill, Ctrl-C and full disks cost only the shards in flight; resume is exact.
+
+A conversion runs in a child process that kills itself (SIGKILL) at a chosen point, so the kill
+lands exactly there; the same command then resumes in-process and must produce the very bytes
+of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shardify import write
+from shardify.cli import main
+from shardify.synth import SynthResult, synthesize
+
+SHARD_SIZE = "32KiB"
+
+# Runs `shardify convert` with one function wrapped so that the process SIGKILLs itself on the
+# Nth call (before or after the real call): argv = module, function, N, when, convert args...
+CHILD = """
+import os, signal, sys, importlib
+module, name, nth, when = sys.argv[1:5]
+target = importlib.import_module(module)
+real = getattr(target, name)
+calls = 0
+def wrapped(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == int(nth) and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = real(*args, **kwargs)
+    if calls == int(nth) and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+setattr(target, name, wrapped)
+from shardify.cli import main
+sys.exit(main(sys.argv[5:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
+    return synthesize(tmp_path_factory.mktemp("src"))
+
+
+@pytest.fixture(scope="module")
+def clean_run(dataset: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "out"
+    assert convert_args(dataset, out) and main(convert_args(dataset, out)) == 0
+    return out
+
+
+def convert_args(dataset: SynthResult, out: Path, *extra: str) -> list[str]:
+    return ["convert", str(dataset.root), "--out", str(out), "--shard-size", SHARD_SIZE,
+            "--quiet", *extra]
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    """Every file a finished output holds, except shardify's private state."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and ".shardify" not in p.parts}
+
+
+def run_child_killed(dataset: SynthResult, out: Path, target: str, nth: int, when: str) -> int:
+    module, name = target.rsplit(".", 1)
+    done = subprocess.run([sys.executable, "-c", CHILD, module, name, str(nth), when,
+                           *convert_args(dataset, out)], capture_output=True, timeout=120)
+    return done.returncode
+
+
+@pytest.mark.parametrize(
+    ("target", "nth", "when"),
+    [
+        ("shardify.convert.write_shard", 1, "before"),     # before any shard
+        ("shardify.convert.append_journal", 3, "after"),   # after 3 shards are journaled
+        ("shardify.convert.append_journal", 4, "before"),  # shard 4 renamed, not journaled
+        ("shardify.write._write_all", 20, "before"),       # in the middle of a shard
+        ("shardify.manifest._publish", 2, "before"),       # manifest written, not renamed
+        ("shardify.manifest._publish", 2, "after"),        # manifest in place, summary not
+    ],
+)
+def test_sigkill_then_resume_gives_identical_output(dataset: SynthResult, clean_run: Path,
+                                                    tmp_path: Path, target: str, nth: int,
+                                                    when: str,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert run_child_killed(dataset, out, target, nth, when) == -signal.SIGKILL
+    assert not (out / "summary.json").exists()
+    complete_before = {p.name for p in out.rglob("shard-*.tar")}
+    assert main(convert_args(dataset, out)) == 0
+    assert output_files(out) == output_files(clean_run)
+    assert not list(out.rglob("*.partial"))
+    kept = capsys.readouterr().out
+    if target.endswith("append_journal") and when == "after":
+        assert f"resumed: {nth} complete shards" in kept
+    assert len(complete_before) <= len(list(out.rglob("shard-*.tar")))
+
+
+def test_full_disk_stops_cleanly_and_resumes(dataset: SynthResult, clean_run: Path,
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """ENOSPC at a write: exit 3, partial removed, complete shards kept, then an exact resume."""
+    out = tmp_path / "out"
+    real, calls = write._write_all, []
+
+    def fill_up(fd: int, chunks: list[bytes]) -> int:
+        calls.append(1)
+        if len(calls) == 25:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, chunks)
+
+    monkeypatch.setattr(write, "_write_all", fill_up)
+    assert main(convert_args(dataset, out)) == 3
+    err = capsys.readouterr().err
+    assert "disk full" in err and "more is needed" in err and "re-run the same command" in err
+    assert not list(out.rglob("*.partial"))
+    kept = sorted(out.rglob("shard-*.tar"))
+    assert kept and all(p.read_bytes() == (clean_run / p.relative_to(out)).read_bytes()
+                        for p in kept)
+    monkeypatch.setattr(write, "_write_all", real)
+    assert main(convert_args(dataset, out)) == 0
+    assert f"resumed: {len(kept)} complete shards" in capsys.readouterr().out
+    assert output_files(out) == output_files(clean_run)
+
+
+def test_changed_inputs_are_refused(dataset: SynthResult, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    source = tmp_path / "src"
+    copy = synthesize(source)
+    out = tmp_path / "out"
+    assert main(convert_args(copy, out, "--seed", "3")) == 0
+    assert main(convert_args(copy, out, "--seed", "4")) == 2
+    assert "seed 3 -> 4" in capsys.readouterr().err
+    victim = next(copy.root.rglob("VS_CT_Datasets_images.zip"))
+    victim.unlink()
+    assert main(convert_args(copy, out, "--seed", "3")) == 2
+    err = capsys.readouterr().err
+    assert "inputs differ" in err and "--overwrite" in err
+
+
+def test_only_own_files_are_removed(dataset: SynthResult, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(convert_args(dataset, out)) == 0
+    mine = out / "train" / "notes.txt"
+    mine.write_text("keep me")
+    assert main(convert_args(dataset, out, "--seed", "9", "--overwrite")) == 0
+    assert mine.read_text() == "keep me"
+
+
+def test_preflight_refuses_before_writing(dataset: SynthResult, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    from shardify import convert
+
+    monkeypatch.setattr(convert, "_free_bytes", lambda out: 10_000)
+    out = tmp_path / "out"
+    assert main(convert_args(dataset, out)) == 3
+    err = capsys.readouterr().err
+    assert "needs about" in err and "9.8 KiB is free" in err and "--no-space-check" in err
+    assert not out.exists()
+    assert main(convert_args(dataset, out, "--no-space-check")) == 0
+
+
+def test_real_small_disk(dataset: SynthResult, clean_run: Path, tmp_path: Path) -> None:
+    """On a real 400 KiB tmpfs: preflight refuses; forced, the disk fills; grown, it resumes."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (the ENOSPC injection test covers this)")
+    try:
+        out = mount / "out"
+        assert main(convert_args(dataset, out)) == 3
+        assert not out.exists()
+        assert main(convert_args(dataset, out, "--no-space-check")) == 3
+        assert not list(out.rglob("*.partial"))
+        subprocess.run(["mount", "-o", "remount,size=4m", str(mount)], check=True)
+        assert main(convert_args(dataset, out)) == 0
+        assert output_files(out) == output_files(clean_run)
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+CTRL_C_CHILD = """
+import sys, time
+from shardify import convert
+real = convert.write_shard
+def slow(*args, **kwargs):
+    time.sleep(0.2)
+    return real(*args, **kwargs)
+convert.write_shard = slow
+from shardify.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_fast_and_resumes(dataset: SynthResult, clean_run: Path,
+                                       tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD, *convert_args(dataset, out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(out.rglob("shard-*.tar")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 130 and time.monotonic() - sent < 2
+    assert b"re-run the same command to resume" in err and b"Traceback" not in err
+    assert not list(out.rglob("*.partial"))
+    assert main(convert_args(dataset, out)) == 0
+    assert output_files(out) == output_files(clean_run)
+
+
+def test_progress_lines_when_not_a_terminal(dataset: SynthResult, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture) -> None:
+    from shardify import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    args = [a for a in convert_args(dataset, tmp_path / "out") if a != "--quiet"]
+    assert main(args) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("writing shards: ") and "ETA" in line for line in lines)
+    assert any(line.startswith("reading labels: ") for line in lines)
+    assert main([*args[:3], str(tmp_path / "quiet"), *args[4:], "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
