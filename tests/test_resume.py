@@ -69,30 +69,33 @@ def output_files(out: Path) -> dict[str, bytes]:
             if p.is_file() and ".shardify" not in p.parts}
 
 
-def run_child_killed(dataset: SynthResult, out: Path, target: str, nth: int, when: str) -> int:
+def run_child_killed(dataset: SynthResult, out: Path, target: str, nth: int, when: str,
+                     workers: str) -> subprocess.CompletedProcess:
     module, name = target.rsplit(".", 1)
-    done = subprocess.run([sys.executable, "-c", CHILD, module, name, str(nth), when,
-                           *convert_args(dataset, out)], capture_output=True, timeout=120)
-    return done.returncode
+    return subprocess.run([sys.executable, "-c", CHILD, module, name, str(nth), when,
+                           *convert_args(dataset, out, "--workers", workers)],
+                          capture_output=True, timeout=120)
 
 
 @pytest.mark.parametrize(
-    ("target", "nth", "when"),
+    ("target", "nth", "when", "workers"),
     [
-        ("shardify.convert.write_shard", 1, "before"),     # before any shard
-        ("shardify.convert.append_journal", 3, "after"),   # after 3 shards are journaled
-        ("shardify.convert.append_journal", 4, "before"),  # shard 4 renamed, not journaled
-        ("shardify.write._write_all", 20, "before"),       # in the middle of a shard
-        ("shardify.manifest._publish", 2, "before"),       # manifest written, not renamed
-        ("shardify.manifest._publish", 2, "after"),        # manifest in place, summary not
+        ("shardify.write.write_shard", 1, "before", "1"),       # before any shard
+        ("shardify.convert.append_journal", 3, "after", "1"),   # 3 shards journaled
+        ("shardify.convert.append_journal", 3, "after", "2"),   # the same, 2 workers busy
+        ("shardify.convert.append_journal", 4, "before", "2"),  # shard 4 renamed, not journaled
+        ("shardify.write._write_all", 20, "before", "1"),       # in the middle of a shard
+        ("shardify.manifest._publish", 2, "before", "2"),       # manifest written, not renamed
+        ("shardify.manifest._publish", 2, "after", "2"),        # manifest in place, summary not
     ],
 )
 def test_sigkill_then_resume_gives_identical_output(dataset: SynthResult, clean_run: Path,
                                                     tmp_path: Path, target: str, nth: int,
-                                                    when: str,
+                                                    when: str, workers: str,
                                                     capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    assert run_child_killed(dataset, out, target, nth, when) == -signal.SIGKILL
+    assert run_child_killed(dataset, out, target, nth, when, workers).returncode == \
+        -signal.SIGKILL
     assert not (out / "summary.json").exists()
     complete_before = {p.name for p in out.rglob("shard-*.tar")}
     assert main(convert_args(dataset, out)) == 0
@@ -118,7 +121,7 @@ def test_full_disk_stops_cleanly_and_resumes(dataset: SynthResult, clean_run: Pa
         return real(fd, chunks)
 
     monkeypatch.setattr(write, "_write_all", fill_up)
-    assert main(convert_args(dataset, out)) == 3
+    assert main(convert_args(dataset, out, "--workers", "1")) == 3
     err = capsys.readouterr().err
     assert "disk full" in err and "more is needed" in err and "re-run the same command" in err
     assert not list(out.rglob("*.partial"))
@@ -190,14 +193,27 @@ def test_real_small_disk(dataset: SynthResult, clean_run: Path, tmp_path: Path) 
         subprocess.run(["umount", str(mount)], check=False)
 
 
+def test_killed_worker_stops_the_run_and_resume_is_exact(dataset: SynthResult,
+                                                         clean_run: Path,
+                                                         tmp_path: Path) -> None:
+    """A worker SIGKILLed mid-shard (as by the OOM killer): a clear error, exit 1, no hang."""
+    out = tmp_path / "out"
+    done = run_child_killed(dataset, out, "shardify.write._write_all", 30, "before", "2")
+    assert done.returncode == 1
+    assert b"worker process died" in done.stderr and b"Traceback" not in done.stderr
+    assert not list(out.rglob("*.partial"))
+    assert main(convert_args(dataset, out)) == 0
+    assert output_files(out) == output_files(clean_run)
+
+
 CTRL_C_CHILD = """
 import sys, time
-from shardify import convert
-real = convert.write_shard
+from shardify import write
+real = write.write_shard
 def slow(*args, **kwargs):
     time.sleep(0.2)
     return real(*args, **kwargs)
-convert.write_shard = slow
+write.write_shard = slow
 from shardify.cli import main
 sys.exit(main(sys.argv[1:]))
 """

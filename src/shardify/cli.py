@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -14,7 +15,14 @@ from pathlib import Path
 import orjson
 
 from . import __version__
-from .convert import ConvertOptions, ConvertReport, NotEnoughSpace, UsageError, convert
+from .convert import (
+    ConvertOptions,
+    ConvertReport,
+    NotEnoughSpace,
+    RunFailed,
+    UsageError,
+    convert,
+)
 from .progress import human_bytes
 from .scan import format_scan, scan
 from .split import SPLITS, parse_ratios
@@ -52,6 +60,12 @@ def parse_size(text: str) -> int:
     return size
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1: {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardify",
@@ -87,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--manifest", type=Path, metavar="PATH",
                       help="also write the manifest here (and PATH's .summary.json beside it), "
                       "e.g. manifests/aihub-71687.parquet")
+    conv.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+                      metavar="N", help="processes writing shards (default: all cores, "
+                      f"{os.cpu_count()} here)")
     conv.add_argument("--overwrite", action="store_true",
                       help="discard an earlier, different conversion in OUT and start over")
     conv.add_argument("--no-space-check", dest="space_check", action="store_false",
@@ -141,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"shardify: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except RunFailed as error:
+        print(f"shardify: error: {error}", file=sys.stderr)
+        return EXIT_REJECTS
     except NotEnoughSpace as error:
         print(f"shardify: error: {error}", file=sys.stderr)
         return EXIT_NO_SPACE
@@ -162,6 +182,7 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         sources=args.sources, out=args.out, shard_size=args.shard_size, split=args.split,
         ratios=ratios, seed=args.seed, manifest=args.manifest, strict=args.strict,
         quiet=args.quiet, overwrite=args.overwrite, space_check=args.space_check,
+        workers=args.workers,
     )
     report = convert(options)
     print(format_report(report))

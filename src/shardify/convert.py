@@ -10,6 +10,7 @@ import errno
 import shutil
 import time
 from collections import Counter, defaultdict
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .resume import (
 )
 from .sources import SUPPORTED_METHODS, ArchiveReader, Member, Reject, find_archives
 from .split import SPLITS, assign_splits
-from .write import ShardResult, write_shard
+from .write import ShardResult, write_shards
 from .zipindex import Index, index_archives
 
 OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json")
@@ -41,6 +42,10 @@ MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk 
 
 class UsageError(Exception):
     """A problem with the command line or the folders given; reported in one line, exit 2."""
+
+
+class RunFailed(Exception):
+    """The run stopped on an error outside the inputs (a worker died); complete shards are kept."""
 
 
 class NotEnoughSpace(Exception):
@@ -60,6 +65,7 @@ class ConvertOptions:
     quiet: bool = False
     overwrite: bool = False
     space_check: bool = True
+    workers: int = 1
 
     def shaping(self) -> dict:
         """The options that decide the shards' bytes; a resumed run must use the same."""
@@ -93,7 +99,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
         if options.space_check:
             _check_space(out, todo, len(pairing.samples))
         _prepare_output_folder(out, run, shards, finished)
-        results = _write_shards(shards, finished, options, reader)
+        results = _write_shards(shards, finished, options)
 
     written = [item for result in results for item in result.written]
     rejects += [reject for result in results for reject in result.rejects]
@@ -166,33 +172,34 @@ def _groups(pairing: Pairing) -> list[tuple[str, str, bool]]:
 
 
 def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
-                  options: ConvertOptions, reader: ArchiveReader) -> list[ShardResult]:
-    """Write the unfinished shards in plan order, journaling each; results in plan order."""
-    progress = Progress(sum(s.expected_bytes for s in shards), "B", "writing shards",
-                        enabled=not options.quiet)
-    progress.advance(sum(s.expected_bytes for s in shards if s.name in finished))
-    results: list[ShardResult] = []
+                  options: ConvertOptions) -> list[ShardResult]:
+    """Write the unfinished shards (in parallel), journaling each; results in plan order."""
+    expected = {shard.name: shard.expected_bytes for shard in shards}
+    progress = Progress(sum(expected.values()), "B", "writing shards", enabled=not options.quiet)
+    progress.advance(sum(expected[name] for name in finished))
+    results = dict(finished)
+    jobs = [(shard.name, shard.samples) for shard in shards if shard.name not in finished]
     try:
-        for shard in shards:
-            result = finished.get(shard.name)
-            if result is None:
-                result = write_shard(shard.name, shard.samples, options.out, reader)
-                append_journal(options.out, result)
-                progress.advance(shard.expected_bytes)
-            results.append(result)
+        for result in write_shards(jobs, options.out, options.workers):
+            append_journal(options.out, result)
+            results[result.name] = result
+            progress.advance(expected[result.name])
+    except BrokenProcessPool:
+        raise RunFailed(f"a worker process died (killed, or out of memory?); {len(results)} of "
+                        f"{len(shards)} shards are complete and kept: re-run the same command "
+                        "to resume") from None
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
-        done = {r.name for r in results}
-        needed = sum(s.expected_bytes for s in shards if s.name not in done)
+        needed = sum(size for name, size in expected.items() if name not in results)
         raise NotEnoughSpace(
-            f"disk full on {options.out}: {len(done)} of {len(shards)} shards are complete and "
-            f"kept; about {human_bytes(needed)} more is needed "
+            f"disk full on {options.out}: {len(results)} of {len(shards)} shards are complete "
+            f"and kept; about {human_bytes(needed)} more is needed "
             f"({human_bytes(_free_bytes(options.out))} free). Free some space and re-run the "
             "same command to resume") from None
     finally:
         progress.close()
-    return results
+    return [results[shard.name] for shard in shards]
 
 
 def _reusable_shards(out: Path, run: RunRecord, shards: list[PlannedShard],

@@ -9,6 +9,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 LOG_INTERVAL_S = 5.0
+tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked while a bar is open
 
 
 def human_bytes(size: float) -> str:

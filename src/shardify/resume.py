@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import deflate
 import orjson
 
 from .plan import PlannedShard
-from .sources import Member, Reject
-from .write import ShardResult, WrittenSample
+from .sources import Member
+from .write import ShardResult, compact, expand
 
 STATE_DIR = ".shardify"
 RUN_FILE = "run.json"
@@ -99,23 +99,15 @@ def journaled_shards(out: Path, shards: list[PlannedShard]) -> dict[str, ShardRe
         shard_file = out / shard.name
         if shard_file.is_file() and shard_file.stat().st_size == entry["bytes"] \
                 and file_crc32(shard_file) == entry["crc32"]:
-            finished[shard.name] = _result(shard, entry)
+            finished[shard.name] = expand(shard.samples, entry)
     return finished
 
 
 def append_journal(out: Path, result: ShardResult) -> None:
     """Record a finished shard, flushed to disk before the next shard counts as done."""
-    entry = {
-        "shard": result.name,
-        "bytes": result.bytes_out,
-        "crc32": result.crc32,
-        "samples": [[w.sample.key, w.offset, w.size, w.image_crc32] for w in result.written],
-        "rejects": [[r.key, r.reason, r.source_archive, r.source_member, r.detail]
-                    for r in result.rejects],
-    }
     fd = os.open(out / STATE_DIR / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, orjson.dumps(entry) + b"\n")
+        os.write(fd, orjson.dumps(compact(result)) + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -125,18 +117,9 @@ def reset_journal(out: Path) -> None:
     (out / STATE_DIR / JOURNAL_FILE).unlink(missing_ok=True)
 
 
-def _result(shard: PlannedShard, entry: dict) -> ShardResult:
-    """Rebuild a shard's result from its journal line and the plan (samples by key)."""
-    by_key = {sample.key: sample for sample in shard.samples}
-    written = [WrittenSample(by_key[key], shard.name, offset, size, crc)
-               for key, offset, size, crc in entry["samples"]]
-    rejects = [Reject(*fields) for fields in entry["rejects"]]
-    return ShardResult(shard.name, written, rejects, entry["bytes"], entry["crc32"])
-
-
 def file_crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as handle:
         while chunk := handle.read(READ_CHUNK):
-            crc = zlib.crc32(chunk, crc)
+            crc = deflate.crc32(chunk, crc)
     return crc

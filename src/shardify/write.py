@@ -9,11 +9,18 @@ same inputs give the same bytes.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
+import signal
+import sys
 import tarfile
-import zlib
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import deflate
 
 from .labels import strip_bom
 from .pairing import Sample
@@ -28,6 +35,7 @@ JPEG_SOS = 0xDA
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_IEND = b"IEND"
 CLASS_BYTES = {0: b"0", 1: b"1"}
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +60,28 @@ class ShardResult:
     crc32: int = 0
 
 
+def compact(result: ShardResult) -> dict:
+    """A finished shard as plain JSON-able data: what workers send back and the journal keeps."""
+    return {
+        "shard": result.name,
+        "bytes": result.bytes_out,
+        "crc32": result.crc32,
+        "samples": [[w.sample.key, w.offset, w.size, w.image_crc32] for w in result.written],
+        "rejects": [[r.key, r.reason, r.source_archive, r.source_member, r.detail]
+                    for r in result.rejects],
+    }
+
+
+def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
+    """The ShardResult of `compact`, with samples taken back from the plan by key."""
+    by_key = {sample.key: sample for sample in samples}
+    name = entry["shard"]
+    written = [WrittenSample(by_key[key], name, offset, size, crc)
+               for key, offset, size, crc in entry["samples"]]
+    rejects = [Reject(*fields) for fields in entry["rejects"]]
+    return ShardResult(name, written, rejects, entry["bytes"], entry["crc32"])
+
+
 def padded(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK * BLOCK
 
@@ -61,15 +91,41 @@ def sample_tar_size(sample: Sample) -> int:
     return 3 * BLOCK + padded(sample.image.file_size) + padded(sample.label_size) + padded(1)
 
 
+def _header_template() -> tuple[bytes, int]:
+    """tarfile's own USTAR header for our fixed fields, with name, size and checksum blanked.
+
+    Returns the template and the checksum of its fixed part. Patching three fields is ~10x
+    faster than `TarInfo.tobuf` (25 us per member), which matters at 1.2M members.
+    """
+    info = tarfile.TarInfo("")
+    info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o444, MTIME, 0, 0, "", ""
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict"))
+    header[NAME_FIELD] = bytes(100)
+    header[SIZE_FIELD] = bytes(12)
+    header[CHECKSUM_FIELD] = b" " * 8
+    return bytes(header), sum(header)
+
+
+NAME_FIELD, SIZE_FIELD, CHECKSUM_FIELD = slice(0, 100), slice(124, 136), slice(148, 156)
+HEADER_TEMPLATE, HEADER_SUM = _header_template()
+MAX_MEMBER_SIZE = 8**11 - 1
+
+
 def ustar_header(name: str, size: int) -> bytes:
-    """A USTAR header for a regular read-only file; raises ValueError if `name` does not fit."""
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode = 0o444
-    info.mtime = MTIME
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
+    """A USTAR header for a read-only regular file, byte for byte what `tarfile` writes.
+
+    Raises ValueError if the name is not ASCII or too long, or the size needs more than USTAR.
+    """
+    raw_name = name.encode("ascii")
+    if len(raw_name) > 99 or size > MAX_MEMBER_SIZE:
+        raise ValueError(f"{name!r} ({size} bytes) does not fit a USTAR header")
+    size_field = b"%011o\0" % size
+    checksum = HEADER_SUM + sum(raw_name) + sum(size_field)
+    header = bytearray(HEADER_TEMPLATE)
+    header[: len(raw_name)] = raw_name
+    header[SIZE_FIELD] = size_field
+    header[CHECKSUM_FIELD] = b"%06o\0 " % checksum
+    return bytes(header)
 
 
 def image_problem(data: bytes, ext: str) -> str | None:
@@ -111,6 +167,57 @@ def _jpeg_scan_start(data: bytes) -> int | None:
     return None
 
 
+Job = tuple[str, tuple[Sample, ...]]
+_JOBS: list[Job] = []  # the plan, handed to forked workers by inheritance, not by pickling
+_WORKER_READER: ArchiveReader | None = None
+
+
+def write_shards(jobs: list[Job], out_dir: Path, workers: int) -> Iterator[ShardResult]:
+    """Write every (shard name, samples) job, yielding each result as its shard is finished.
+
+    With several workers each forked process writes whole shards with its own file descriptors.
+    However this generator ends (done, error, Ctrl-C, a worker killed), no worker outlives it
+    and no partial file is left behind.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        with ArchiveReader() as reader:
+            for name, samples in jobs:
+                yield write_shard(name, samples, out_dir, reader)
+        return
+    global _JOBS
+    _JOBS = jobs
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), multiprocessing.get_context("fork"),
+                               initializer=_worker_setup)
+    try:
+        futures = [pool.submit(_write_job, index, out_dir) for index in range(len(jobs))]
+        for future in as_completed(futures):
+            index, entry = future.result()
+            yield expand(jobs[index][1], entry)
+    finally:
+        for child in multiprocessing.active_children():
+            child.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        _JOBS = []
+        for name, _ in jobs:
+            final = out_dir / name
+            final.with_name(f".{final.name}.partial").unlink(missing_ok=True)
+
+
+def _worker_setup() -> None:
+    """Workers leave Ctrl-C to the main process, and die with it if it is killed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _write_job(index: int, out_dir: Path) -> tuple[int, dict]:
+    global _WORKER_READER
+    if _WORKER_READER is None:
+        _WORKER_READER = ArchiveReader()
+    name, samples = _JOBS[index]
+    return index, compact(write_shard(name, samples, out_dir, _WORKER_READER))
+
+
 def write_shard(shard_name: str, samples: tuple[Sample, ...], out_dir: Path,
                 reader: ArchiveReader) -> ShardResult:
     """Write `out_dir/shard_name` atomically; samples whose members fail checks become rejects."""
@@ -128,7 +235,7 @@ def write_shard(shard_name: str, samples: tuple[Sample, ...], out_dir: Path,
             chunks = _sample_chunks(sample, *payloads)
             size = _write_all(fd, chunks)
             for chunk in chunks:
-                crc = zlib.crc32(chunk, crc)
+                crc = deflate.crc32(chunk, crc)
             result.written.append(
                 WrittenSample(sample, shard_name, offset, size, sample.image.crc32)
             )
@@ -136,7 +243,7 @@ def write_shard(shard_name: str, samples: tuple[Sample, ...], out_dir: Path,
         end = bytes(TAR_END_SIZE)
         _write_all(fd, [end])
         os.fsync(fd)
-        result.bytes_out, result.crc32 = offset + TAR_END_SIZE, zlib.crc32(end, crc)
+        result.bytes_out, result.crc32 = offset + TAR_END_SIZE, deflate.crc32(end, crc)
     except BaseException:
         os.close(fd)
         partial.unlink(missing_ok=True)
