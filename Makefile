@@ -7,7 +7,7 @@ DEMO := demo
 SHARD_SIZE ?= 1GiB
 NAME ?= aihub-71687
 
-.PHONY: venv demo test lint shards clean
+.PHONY: venv demo test lint shards bench clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
+
+# Generates ~2.3 GB of inputs into .bench/ once (about a minute), then ~5 minutes of runs.
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/bench.py --cache .bench
 
 # make shards SRC=/data/103.배터리... OUT=/big/shards [NAME=aihub-71687] [SHARD_SIZE=1GiB]
 shards: $(STAMP)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import re
 import tarfile
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import deflate
 import inflate64
 
 METHOD_STORED = 0
@@ -26,6 +26,8 @@ SUPPORTED_METHODS = {METHOD_STORED: "stored", METHOD_DEFLATED: "deflate",
 LOCAL_HEADER_SIZE = 30
 LOCAL_SLACK = 64  # room for a local extra field, so most members take a single pread
 MAX_NESTED_INFLATE = 512 * 2**20
+MAX_OPEN_FILES = 64  # descriptors an ArchiveReader keeps open at once
+INFLATE64_CHUNK = 1024  # input per step: Deflate64 output past a lying size stays < ~30 MB
 
 PIECE = re.compile(r"^(?P<zip>.+\.zip)\.part(?P<offset>\d+)$", re.IGNORECASE)
 VOLUME = re.compile(r"^(?P<stem>.+)\.z(?P<number>\d{2,})$", re.IGNORECASE)
@@ -194,6 +196,11 @@ def _collect(files: dict[str, Extent], container: str, found: Discovery) -> None
     for zip_name, parts in pieces.items():
         problem = _piece_problem(parts)
         whole = zips.pop(zip_name, None)
+        total = sum(extent.length for _, _, extent in parts)
+        if whole is not None and problem is None and whole.length > total:
+            # A missing last piece leaves no gap to see; the complete merge beside them shows it.
+            problem = (f"they hold {total} bytes, the merged zip {whole.length}: the last "
+                       "piece(s) are missing")
         if problem and whole is not None:
             found.archives.append(Archive(zip_name, f"{kind_prefix}zip", (whole,), notes=(
                 f"pieces beside it are unusable ({problem}); read the merged zip",)))
@@ -255,21 +262,48 @@ def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
     """The zips and pieces inside a tar (download.tar), as slices of it: never unpacked.
 
     A tar may list one name twice (a piece set delivered twice): as when extracting, the last
-    copy counts.
+    copy counts, unless it is cut shorter than an earlier one. A tar cut off (a download
+    interrupted, or still arriving) gives what it holds: the members before the cut, the one cut
+    short as far as it goes (read as a truncated zip, or a gap in a piece set), and a
+    `truncated` row for the tar.
     """
+    entries: dict[str, Extent] = {}
+    cut = None
     try:
         with tarfile.open(extent.path, "r:") as tar:
-            entries = {
-                info.name: Extent(extent.path, info.offset_data, info.size)
-                for info in tar
-                if info.isfile()
-            }
+            for info in tar:
+                if not info.isfile():
+                    continue
+                present = max(0, min(info.size, extent.length - info.offset_data))
+                if present < info.size:
+                    cut = f"member {info.name} has {present} of its {info.size} bytes"
+                earlier = entries.get(info.name)
+                if earlier is None or present >= earlier.length:
+                    entries[info.name] = Extent(extent.path, info.offset_data, present)
+            if cut is None and not _tar_end_found(extent, tar.offset):
+                cut = (f"no end-of-archive blocks after its last member; "
+                       f"{extent.length - tar.offset} bytes follow it")
     except (tarfile.TarError, OSError) as error:
-        with open(extent.path, "rb") as handle:
-            start = handle.read(64)
-        found.rejects.append(Reject("", "bad-archive", name, "", _not_a_tar(name, start, error)))
-        return
+        if not entries:
+            with open(extent.path, "rb") as handle:
+                start = handle.read(64)
+            found.rejects.append(Reject("", "bad-archive", name, "",
+                                        _not_a_tar(name, start, error)))
+            return
+        cut = f"{error} after {len(entries)} members"
+    if cut is not None:
+        found.rejects.append(Reject("", "truncated", name, "", (
+            f"{name} is cut off ({cut}): the zips and pieces before the cut are read; "
+            "download it again for the rest")))
     _collect(entries, name, found)
+
+
+def _tar_end_found(extent: Extent, end: int) -> bool:
+    """Whether two zero blocks (the end-of-archive marker) follow the last member at `end`."""
+    with open(extent.path, "rb") as handle:
+        handle.seek(end)
+        marker = handle.read(1024)
+    return len(marker) == 1024 and not any(marker)
 
 
 def _not_a_tar(name: str, start: bytes, error: Exception) -> str:
@@ -282,7 +316,7 @@ def _not_a_tar(name: str, start: bytes, error: Exception) -> str:
 
 
 class ArchiveReader:
-    """Reads bytes of archives and members with positioned reads, opening every file once.
+    """Reads bytes of archives and members with positioned reads on cached descriptors.
 
     Each process makes its own reader: file descriptors are never shared across fork.
     """
@@ -347,7 +381,7 @@ class ArchiveReader:
         data = inflate(raw, member.method, member.file_size)
         if len(data) != member.file_size:
             raise MemberError("bad-crc", f"size {len(data)} != {member.file_size} in directory")
-        crc = zlib.crc32(data)
+        crc = deflate.crc32(data)
         if crc != member.crc32:
             raise MemberError("bad-crc", f"crc32 {crc:08x} != {member.crc32:08x} in directory")
         return data
@@ -361,21 +395,46 @@ class ArchiveReader:
         return data
 
     def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
+        """An open descriptor for `path`; the least recently used is closed past MAX_OPEN_FILES.
+
+        A zip in small pieces can be thousands of files: keeping all open would hit the limit.
+        """
+        fd = self._fds.pop(path, None)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            if len(self._fds) >= MAX_OPEN_FILES:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = os.open(path, os.O_RDONLY)
+        self._fds[path] = fd  # (re)inserted last: dict order is the recency order
         return fd
 
 
 def inflate(raw: bytes, method: int, size: int) -> bytes:
-    """Uncompress member data, never producing more than `size` + 1 bytes (bomb-safe)."""
+    """Uncompress member data into exactly `size` bytes, never more (bomb-safe).
+
+    libdeflate (`deflate`) inflates about twice as fast as zlib here and needs the size up front,
+    which the central directory gives; data that inflates to another size is an error.
+    """
     if method == METHOD_STORED:
         return raw
     try:
         if method == METHOD_DEFLATED:
-            return zlib.decompressobj(-15).decompress(raw, size + 1)
+            return deflate.deflate_decompress(raw, size) if size else b""
         if method == METHOD_DEFLATE64:
-            return inflate64.Inflater().inflate(raw)
-    except (zlib.error, ValueError) as error:
-        raise MemberError("bad-crc", f"inflate failed: {error}") from None
+            return _inflate64(raw, size)
+    except (deflate.DeflateError, ValueError) as error:
+        raise MemberError("bad-crc", f"inflate failed: {error or 'corrupt or wrong size'}"
+                          ) from None
     raise MemberError("unsupported-method", f"compression method {method}")
+
+
+def _inflate64(raw: bytes, size: int) -> bytes:
+    """Deflate64 has no output limit: feed small input chunks, stop once past `size` bytes."""
+    inflater = inflate64.Inflater()
+    out: list[bytes] = []
+    produced = 0
+    for start in range(0, len(raw), INFLATE64_CHUNK):
+        out.append(inflater.inflate(raw[start : start + INFLATE64_CHUNK]))
+        produced += len(out[-1])
+        if produced > size or inflater.eof:
+            break
+    return b"".join(out)

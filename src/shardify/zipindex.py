@@ -58,6 +58,10 @@ INFLATE_CHUNK = 2**20
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
 
 
+class MissingVolume(ArchiveError):
+    """A multi-volume set with fewer volumes than its last volume says: no recovery possible."""
+
+
 @dataclass
 class Index:
     """Every member of every archive (nested zips included), and what could not be listed."""
@@ -118,6 +122,8 @@ def _nested(member: Member, reader: ArchiveReader) -> Archive:
     name = f"{member.archive.name}/{member.name}"
     if member.method != METHOD_STORED:
         return Archive(name, "nested zip (deflated)", parent=member)
+    if member.archive.parent is not None:  # inside an inflated zip: no file extents to slice
+        return Archive(name, "nested zip", parent=member)
     header = reader.pread(member.archive, LOCAL.size, member.header_offset)
     if header[:4] != LOCAL_SIG:
         return Archive(name, "nested zip", parent=member)
@@ -144,6 +150,8 @@ def list_members(archive: Archive, reader: ArchiveReader) -> tuple[Archive, list
         if not _local_headers_found(archive, members, reader):
             raise ArchiveError(f"{archive.name}: local headers are not where the central "
                                "directory says")
+    except MissingVolume:
+        raise
     except ArchiveError as error:
         reordered = _string_order_merge(archive, reader)
         if reordered is not None:
@@ -163,7 +171,7 @@ def _central_directory(archive: Archive, reader: ArchiveReader) -> list[Member]:
         eocd_at = tail.rfind(EOCD_SIG, 0, eocd_at)
     if eocd_at < 0:
         raise ArchiveError(f"{archive.name}: not a zip file (no end-of-central-directory record)")
-    _, _, cd_disk, _, count, cd_size, cd_offset, _ = EOCD.unpack_from(tail, eocd_at)
+    _, this_disk, cd_disk, _, count, cd_size, cd_offset, _ = EOCD.unpack_from(tail, eocd_at)
     eocd_pos = tail_start + eocd_at
     cd_end = eocd_pos
     locator_pos = eocd_pos - ZIP64_LOCATOR.size
@@ -177,9 +185,15 @@ def _central_directory(archive: Archive, reader: ArchiveReader) -> list[Member]:
             record = reader.pread(archive, ZIP64_EOCD.size, record_pos)
         if len(record) != ZIP64_EOCD.size or record[:4] != ZIP64_EOCD_SIG:
             raise ArchiveError(f"{archive.name}: broken Zip64 end-of-central-directory record")
-        cd_disk, _, count, cd_size, cd_offset = ZIP64_EOCD.unpack(record)[5:10]
+        this_disk, cd_disk, _, count, cd_size, cd_offset = ZIP64_EOCD.unpack(record)[4:10]
         cd_end = record_pos
     volume_starts = archive.volume_starts
+    if len(volume_starts) > 1 and this_disk + 1 != len(volume_starts):
+        # Volumes .z01.. are checked to be contiguous when found, so the missing ones follow them.
+        missing = ", ".join(f".z{n:02d}" for n in range(len(volume_starts), this_disk + 1))
+        raise MissingVolume(f"multi-volume set {archive.name}: its last volume says the set has "
+                            f"{this_disk + 1} volumes, but {len(volume_starts)} were found; "
+                            f"missing volume(s) {missing or '(unknown)'}")
     if cd_disk >= len(volume_starts):
         raise ArchiveError(f"{archive.name}: central directory is on volume {cd_disk + 1}, "
                            f"but only {len(volume_starts)} volumes were found")
@@ -399,8 +413,9 @@ def _member_problem(member: Member, archive_size: int) -> tuple[str, str] | None
         return "unsupported-method", "member is encrypted"
     if member.method not in SUPPORTED_METHODS:
         return "unsupported-method", f"compression method {member.method} is not supported"
-    if member.file_size > MAX_MEMBER_BYTES:
-        return "bomb", f"declares {member.file_size} bytes uncompressed (limit {MAX_MEMBER_BYTES})"
+    if member.file_size > MAX_MEMBER_BYTES or member.compressed_size > MAX_MEMBER_BYTES:
+        size = max(member.file_size, member.compressed_size)
+        return "bomb", f"declares {size} bytes (limit {MAX_MEMBER_BYTES})"
     if (member.method != METHOD_STORED and member.file_size > BOMB_MIN_BYTES
             and member.file_size > BOMB_RATIO * max(member.compressed_size, 1)):
         ratio = member.file_size / max(member.compressed_size, 1)

@@ -1,0 +1,152 @@
+"""`make bench`: shardify against a plain baseline script and the machine's floor, same data, same run.
+
+Prints wall time, MB/s of image bytes and peak memory summed over every process of the run
+(RSS, and PSS which counts pages shared by forked workers once), then the ratios the targets are
+stated in. Inputs are generated once into .bench/ (see dataset.py). Results go to
+.bench/results.json too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import dataset  # noqa: E402
+
+SHARDIFY = [sys.executable, "-m", "shardify"]
+SAMPLE_S = 0.02
+
+
+def measure(command: list[str]) -> dict:
+    """Run a command; wall time and peak RSS/PSS summed over it and all its children."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = {"rss": 0, "pss": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(process.pid)
+        while not stop.is_set():
+            rss = pss = 0
+            try:
+                for proc in [root, *root.children(recursive=True)]:
+                    info = proc.memory_full_info()
+                    rss, pss = rss + info.rss, pss + info.pss
+            except psutil.Error:
+                pass
+            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+            stop.wait(SAMPLE_S)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, err = process.communicate()
+    stop.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}): {err.decode()}")
+    return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak["rss"] / 2**20,
+            "peak_pss_mb": peak["pss"] / 2**20}
+
+
+def image_bytes(source: Path) -> int:
+    import zipfile
+
+    total = 0
+    for path in source.rglob("*.zip"):
+        with zipfile.ZipFile(path) as archive:
+            total += sum(i.file_size for i in archive.infolist()
+                         if i.filename.lower().endswith((".jpg", ".jpeg", ".png")))
+    return total
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def row(name: str, result: dict, megabytes: float | None = None) -> str:
+    rate = f"{megabytes / result['seconds']:8.0f} MB/s" if megabytes else " " * 13
+    return (f"  {name:<34} {result['seconds']:8.2f} s {rate}   peak RSS "
+            f"{result['peak_rss_mb']:7.0f} MB   PSS {result['peak_pss_mb']:7.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cache", type=Path, default=Path(".bench"))
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    cache, workers = args.cache.resolve(), str(args.workers)
+    print(f"generating inputs in {cache} (once) ...", flush=True)
+    dataset.make_big(cache / "big", ct_batteries=7, rgb_batteries=8)
+    dataset.make_tiny(cache / "tiny")
+    out = cache / "out"
+    big, half = cache / "big", cache / "big" / "half1"
+    megabytes = image_bytes(big) / 1e6
+    results: dict[str, dict] = {}
+
+    print(f"\nAI-Hub-shaped set: {megabytes:.0f} MB of images, {workers} workers", flush=True)
+    results["floor"] = measure([sys.executable, str(HERE / "floor.py"), str(big),
+                                str(fresh(out)), workers])
+    print(row("floor (read+inflate+crc -> tar)", results["floor"], megabytes), flush=True)
+    results["convert"] = measure([*SHARDIFY, "convert", str(big), "--out", str(fresh(out)),
+                                  "--workers", workers, "--quiet"])
+    print(row("shardify convert", results["convert"], megabytes), flush=True)
+    results["baseline"] = measure([sys.executable, str(HERE / "baseline.py"), str(big),
+                                   str(fresh(out))])
+    print(row("baseline (zipfile -> ShardWriter)", results["baseline"], megabytes), flush=True)
+    results["convert_1gb"] = measure([*SHARDIFY, "convert", str(half), "--out",
+                                      str(fresh(out)), "--workers", workers, "--quiet"])
+    print(row("shardify convert, half the input", results["convert_1gb"],
+              image_bytes(half) / 1e6), flush=True)
+
+    tiny = cache / "tiny"
+    print("\n~400k pairs (800k members), tiny payloads", flush=True)
+    results["scan_200k_images"] = measure([*SHARDIFY, "scan", str(tiny / "TS_CT_images_1.zip"),
+                                           "--json"])
+    print(row("shardify scan, 200k-member zip", results["scan_200k_images"]), flush=True)
+    results["tiny_convert"] = measure([*SHARDIFY, "convert", str(tiny), "--out",
+                                       str(fresh(out)), "--workers", workers, "--quiet"])
+    print(row("shardify convert", results["tiny_convert"]), flush=True)
+    results["tiny_baseline"] = measure([sys.executable, str(HERE / "baseline.py"), str(tiny),
+                                        str(fresh(out))])
+    print(row("baseline (zipfile -> ShardWriter)", results["tiny_baseline"]), flush=True)
+    fresh(out)
+
+    ratios = {
+        "convert/floor": results["convert"]["seconds"] / results["floor"]["seconds"],
+        "convert/baseline": results["convert"]["seconds"] / results["baseline"]["seconds"],
+        "peak RSS 2 GB / 1 GB input": results["convert"]["peak_rss_mb"]
+        / results["convert_1gb"]["peak_rss_mb"],
+        "tiny convert/baseline": results["tiny_convert"]["seconds"]
+        / results["tiny_baseline"]["seconds"],
+    }
+    targets = {"convert/floor": 1.25, "convert/baseline": 0.35, "tiny convert/baseline": 0.5}
+    print("\nratios (target)")
+    for name, value in ratios.items():
+        target = f"<= {targets[name]}" if name in targets else "flat ~1.0"
+        verdict = "" if name not in targets else ("  ok" if value <= targets[name] else "  MISSED")
+        print(f"  {name:<30} {value:6.2f}  ({target}){verdict}")
+    limits = [("convert peak RSS (MB)", results["convert"]["peak_rss_mb"], 300),
+              ("tiny convert peak RSS (MB)", results["tiny_convert"]["peak_rss_mb"], 1024),
+              ("scan 200k-member zip (s)", results["scan_200k_images"]["seconds"], 1.0)]
+    for name, value, limit in limits:
+        print(f"  {name:<30} {value:6.2f}  (<= {limit})" + ("  ok" if value <= limit
+                                                           else "  MISSED"))
+    (cache / "results.json").write_bytes(orjson.dumps({"results": results, "ratios": ratios},
+                                                      option=orjson.OPT_INDENT_2))
+
+
+if __name__ == "__main__":
+    main()

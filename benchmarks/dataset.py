@@ -1,0 +1,124 @@
+"""Benchmark inputs, generated once and cached: AI-Hub-shaped zips with real JPEG/PNG payloads.
+
+- `big`: two halves of about 1 GB each (CT JPEGs in deflated zips, RGB PNGs in stored zips, labels
+  in their own deflated zips), so memory can be compared at 1 GB and 2 GB of input.
+- `tiny`: ~400k image/label pairs (800k members) with tiny payloads, the real dataset's member
+  count, where per-sample overhead and the in-memory index dominate. Each zip holds 200k members.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import orjson
+from PIL import Image
+
+CT_SIZE = 1536
+RGB_SIZE = (1280, 720)
+POOL = 24
+CT_PER_BATTERY = 60
+RGB_PER_BATTERY = 30
+TINY_PAIRS = 400_000
+TINY_PER_ZIP = 200_000
+TINY_PER_BATTERY = 500
+
+
+def label(data_type: str, battery: int, stem: str, defect: bool, rng: np.random.Generator) -> bytes:
+    """A label shaped like the real ones, with a battery outline polygon of realistic length."""
+    outline = rng.integers(0, 4000, 200).tolist()
+    return orjson.dumps({
+        "data_info": {"data_type": data_type, "battery_ids": battery, "application": "EV",
+                      "type": "cell", "form": "pouch", "date": "2023.10.18", "place": "AEONUS",
+                      "distance": None, "degree": None, "roi": [1152, 4000]},
+        "swelling": {"swelling": False, "battery_outline": outline},
+        "defects": [{"id": 1, "name": "porosity", "points": outline[:40]}] if defect else None,
+        "image_info": {"width": 4000, "height": 4000, "file_name": f"{stem}.jpg", "id": 1,
+                       "is_normal": not defect},
+    })
+
+
+def _ct_pool(rng: np.random.Generator) -> list[bytes]:
+    images = []
+    yy, xx = np.mgrid[:CT_SIZE, :CT_SIZE]
+    disc = ((yy - CT_SIZE / 2) ** 2 + (xx - CT_SIZE / 2) ** 2 < (CT_SIZE * 0.4) ** 2) * 120.0
+    for _ in range(POOL):
+        noise = rng.normal(60, 25, (CT_SIZE, CT_SIZE))
+        pixels = np.clip(disc + noise, 0, 255).astype(np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "JPEG", quality=90)
+        images.append(out.getvalue())
+    return images
+
+
+def _rgb_pool(rng: np.random.Generator) -> list[bytes]:
+    images = []
+    width, height = RGB_SIZE
+    for _ in range(POOL):
+        base = np.linspace(40, 200, width, dtype=np.float32)[None, :, None]
+        pixels = np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "PNG", compress_level=1)
+        images.append(out.getvalue())
+    return images
+
+
+def make_big(root: Path, halves: int = 2, ct_batteries: int = 7, rgb_batteries: int = 12) -> None:
+    """Write `halves` folders of about 1 GB each (skipped when already there)."""
+    rng = np.random.default_rng(0)
+    ct_pool, rgb_pool = _ct_pool(rng), _rgb_pool(rng)
+    for half in range(halves):
+        folder = root / f"half{half + 1}"
+        if (folder / "done").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        ct_ids = range(100 * (half + 1), 100 * (half + 1) + ct_batteries)
+        rgb_ids = range(1000 * (half + 1), 1000 * (half + 1) + rgb_batteries)
+        with zipfile.ZipFile(folder / "TS_CT_images.zip", "w", zipfile.ZIP_DEFLATED) as images, \
+                zipfile.ZipFile(folder / "TL_CT_label.zip", "w", zipfile.ZIP_DEFLATED) as labels:
+            for battery in ct_ids:
+                for n in range(CT_PER_BATTERY):
+                    stem = f"CT_cell_pouch_{battery:03d}_x_{n:03d}"
+                    images.writestr(f"CT/{stem}.jpg", ct_pool[(battery + n) % POOL])
+                    labels.writestr(f"CT/{stem}.json",
+                                    label("ct", battery, stem, battery % 3 == 0 and n % 4 == 0,
+                                          rng))
+        with zipfile.ZipFile(folder / "TS_RGB_images.zip", "w", zipfile.ZIP_STORED) as images, \
+                zipfile.ZipFile(folder / "TL_RGB_label.zip", "w", zipfile.ZIP_DEFLATED) as labels:
+            for battery in rgb_ids:
+                for n in range(RGB_PER_BATTERY):
+                    stem = f"RGB_cell_pouch_{battery:04d}_{n:03d}"
+                    images.writestr(f"RGB/{stem}.png", rgb_pool[(battery + n) % POOL])
+                    labels.writestr(f"RGB/{stem}.json",
+                                    label("rgb", battery, stem, battery % 4 == 0 and n % 5 == 0,
+                                          rng))
+        (folder / "done").touch()
+
+
+def make_tiny(root: Path) -> None:
+    """~400k pairs with tiny real JPEGs, in zips of 200k members (skipped when already there)."""
+    if (root / "done").exists():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(out, "JPEG")
+    jpeg = out.getvalue()
+    for part in range(TINY_PAIRS // TINY_PER_ZIP):
+        with zipfile.ZipFile(root / f"TS_CT_images_{part + 1}.zip", "w") as images, \
+                zipfile.ZipFile(root / f"TL_CT_label_{part + 1}.zip", "w",
+                                zipfile.ZIP_DEFLATED) as labels:
+            for index in range(part * TINY_PER_ZIP, (part + 1) * TINY_PER_ZIP):
+                battery, n = divmod(index, TINY_PER_BATTERY)
+                stem = f"CT_cell_pouch_{battery:03d}_x_{n:03d}"
+                images.writestr(f"CT/{stem}.jpg", jpeg)
+                labels.writestr(f"CT/{stem}.json", orjson.dumps({
+                    "data_info": {"data_type": "ct", "battery_ids": battery, "type": "cell",
+                                  "form": "pouch"},
+                    "swelling": {"swelling": False}, "defects": None,
+                    "image_info": {"width": 8, "height": 8, "file_name": f"{stem}.jpg",
+                                   "is_normal": n % 7 != 0},
+                }))
+    (root / "done").touch()
