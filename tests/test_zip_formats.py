@@ -297,7 +297,6 @@ def test_member_name_encodings(tmp_path: Path) -> None:
     assert [again.row(name)["key"] for name in sources] == keys
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: unflagged UTF-8 names are decoded as CP949/CP437")
 def test_utf8_names_without_utf8_flag(tmp_path: Path) -> None:
     """macOS Archive Utility and Info-ZIP `zip` on Linux write UTF-8 names (NFD on macOS) without
     flag bit 11; such an image should pair with its CP949-named label and show its real name."""
@@ -471,3 +470,45 @@ def test_extension_case(tmp_path: Path) -> None:
         key = name.rsplit(".", 1)[0]
         assert_sample(output, key, image, label, ext)
         assert output.row(f"img/{name}")["image_ext"] == ext
+
+
+def test_unusable_directory_with_whole_data_loses_nothing(tmp_path: Path) -> None:
+    """`zip -fz -` writes a Zip64 end record that readers cannot use; the members are all there,
+    so they are rebuilt from their local headers and nothing is reported lost."""
+    stems = ["CT_cell_pouch_101_x_001", "CT_cell_pouch_101_x_002"]
+    stage, source = tmp_path / "stage", tmp_path / "source"
+    stage.mkdir()
+    source.mkdir()
+    images = [image_entry(f"{stem}.jpg") for stem in stems]
+    (source / "images.zip").write_bytes(
+        run_zip_tool(stage, write_files(stage, images), "-fz"))
+    write_zip(source / "labels.zip", [label_entry(f"{stem}.json") for stem in stems])
+    with pytest.raises((zipfile.BadZipFile, OSError)), \
+            zipfile.ZipFile(source / "images.zip") as archive:
+        archive.testzip()
+    output = convert(tmp_path / "out", source)
+    assert output.rejects == []
+    for stem, image in zip(stems, images, strict=True):
+        assert output.samples[stem]["jpg"] == image.data
+    [notes] = [a["notes"] for a in output.summary["archives"] if a["name"] == "images.zip"]
+    assert "nothing lost" in " ".join(notes)
+
+
+def test_large_compressed_inner_zip_is_refused(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deflated zip inside a zip over the in-memory limit becomes a reject, not a memory spike."""
+    from shardify import zipindex
+
+    stem = "CT_cell_pouch_101_x_001"
+    inner = tmp_path / "inner.zip"
+    write_zip(inner, [label_entry(f"{stem}.json")])
+    source = tmp_path / "source"
+    source.mkdir()
+    write_zip(source / "images.zip", [image_entry(f"{stem}.jpg")])
+    write_zip(source / "labels.zip", [ZipEntry("inner.zip", inner.read_bytes(), ZIP_DEFLATED)])
+    monkeypatch.setattr(zipindex, "MAX_NESTED_INFLATE", 10)
+    output = convert(tmp_path / "out", source)
+    reasons = {(r["reason"], r["source_member"]) for r in output.rejects}
+    assert ("bad-archive", "inner.zip") in reasons and ("orphan-image", f"{stem}.jpg") in reasons
+    assert "larger than" in next(r["detail"] for r in output.rejects if r["source_member"]
+                                 == "inner.zip")

@@ -82,7 +82,8 @@ def format_scan(report: dict) -> str:
         details = report["problem_details"]
         for problem in details[:SHOWN_PROBLEMS]:
             where = "/".join(p for p in (problem["archive"], problem["member"]) if p)
-            lines.append(f"  {problem['reason']}: {where}: {problem['detail']}")
+            detail = problem["detail"].removeprefix(f"{problem['archive']}: ")
+            lines.append(f"  {problem['reason']}: {where}: {detail}")
         if len(details) > SHOWN_PROBLEMS:
             lines.append(f"  ... and {len(details) - SHOWN_PROBLEMS} more (--json lists all)")
     else:

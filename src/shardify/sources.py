@@ -387,11 +387,18 @@ class ArchiveReader:
         return data
 
     def _nested_bytes(self, archive: Archive) -> bytes:
-        """A deflated zip inside a zip is inflated once per process and kept (bounded size)."""
-        data = self._inflated.get(archive.name)
+        """A deflated zip inside a zip is inflated once and kept while it is in use.
+
+        The cache holds at most MAX_NESTED_INFLATE bytes: the least recently used goes first.
+        """
+        data = self._inflated.pop(archive.name, None)
         if data is None:
             assert archive.parent is not None
-            data = self._inflated[archive.name] = self.read(archive.parent)
+            data = self.read(archive.parent)
+            while self._inflated and sum(map(len, self._inflated.values())) + len(data) \
+                    > MAX_NESTED_INFLATE:
+                del self._inflated[next(iter(self._inflated))]
+        self._inflated[archive.name] = data
         return data
 
     def _fd(self, path: Path) -> int:

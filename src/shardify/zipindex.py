@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from .sources import (
     LOCAL_HEADER_SIZE,
+    MAX_NESTED_INFLATE,
     METHOD_DEFLATED,
     METHOD_STORED,
     SUPPORTED_METHODS,
@@ -71,16 +72,44 @@ class Index:
     rejects: list[Reject] = field(default_factory=list)
 
 
-def decode_name(raw: bytes, flags: int) -> str:
-    """Decode a name as AI Hub zips need: UTF-8 if flagged, else CP949, else CP437; NFC, `/`."""
-    encodings = ("utf-8", "cp949", "cp437") if flags & FLAG_UTF8 else ("cp949", "cp437")
-    for encoding in encodings:
+def decode_name(raw: bytes, flags: int, extra: bytes = b"") -> str:
+    """Decode a member name; NFC-normalised, `\\` read as `/`.
+
+    UTF-8 when flagged; else the Info-ZIP Unicode Path extra field if it matches; else UTF-8 when
+    the bytes are valid UTF-8 (Linux and macOS tools write UTF-8 without the flag); else CP949
+    (Korean Windows tools); else CP437. Valid UTF-8 is rarely valid CP949 Korean, and vice versa.
+    """
+    if raw.isascii():
+        name = raw.decode("ascii")
+        return name.replace("\\", "/") if "\\" in name else name
+    name = None
+    if not flags & FLAG_UTF8:
+        name = _unicode_path(raw, extra)
+    for encoding in ("utf-8", "cp949", "cp437"):
+        if name is not None:
+            break
         try:
             name = raw.decode(encoding)
-            break
         except UnicodeDecodeError:
             continue
+    assert name is not None  # cp437 decodes any bytes
     return unicodedata.normalize("NFC", name.replace("\\", "/"))
+
+
+def _unicode_path(raw: bytes, extra: bytes) -> str | None:
+    """The UTF-8 name of an Info-ZIP Unicode Path extra field (0x7075), if valid for `raw`."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<2H", extra, pos)
+        body = extra[pos + 4 : pos + 4 + length]
+        if tag == 0x7075 and len(body) > 5 and body[0] == 1 \
+                and int.from_bytes(body[1:5], "little") == zlib.crc32(raw):
+            try:
+                return body[5:].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        pos += 4 + length
+    return None
 
 
 def is_junk(name: str) -> bool:
@@ -106,11 +135,16 @@ def index_archives(archives: list[Archive], reader: ArchiveReader) -> Index:
         for member in members:
             if not member.name.lower().endswith(".zip") or is_junk(member.name):
                 index.members.append(member)
-            elif member.problem is None and depth < MAX_NESTING:
+            elif member.problem is None and depth < MAX_NESTING and (
+                    member.method == METHOD_STORED or member.file_size <= MAX_NESTED_INFLATE):
                 queue.append((_nested(member, reader), depth + 1))
             else:
-                reason, detail = member.problem or ("bad-archive", f"zip nested more than "
-                                                    f"{MAX_NESTING} levels deep")
+                reason, detail = member.problem or (
+                    ("bad-archive", f"zip nested more than {MAX_NESTING} levels deep")
+                    if depth >= MAX_NESTING else
+                    ("bad-archive", f"compressed zip inside a zip is larger than "
+                     f"{MAX_NESTED_INFLATE >> 20} MiB and would be inflated in memory: unzip the "
+                     "outer zip once, or store the inner one"))
                 index.rejects.append(Reject("", reason, archive.name, member.name, detail))
         if any(note.startswith("truncated") for note in archive.notes):
             index.rejects.append(Reject("", "truncated", archive.name, "", archive.notes[-1]))
@@ -227,7 +261,8 @@ def _entries(archive: Archive, directory: bytes, count: int, shift: int) -> list
             usize, csize, offset, disk = _zip64_extra(extra, usize, csize, offset, disk)
         if disk >= len(starts):
             raise ArchiveError(f"{archive.name}: member on volume {disk + 1} of {len(starts)}")
-        members.append(Member(archive, decode_name(raw_name, flags), starts[disk] + offset + shift,
+        members.append(Member(archive, decode_name(raw_name, flags, extra),
+                              starts[disk] + offset + shift,
                               csize, usize, crc, method, flags, name_len))
     return members
 
@@ -325,7 +360,7 @@ def _recover(archive: Archive, reader: ArchiveReader,
         if 0xFFFFFFFF in (csize, usize):
             usize, csize, _, _ = _zip64_extra(extra, usize, csize, 0, 0)
         data_start = pos + LOCAL.size + name_len + extra_len
-        name = decode_name(raw_name, flags)
+        name = decode_name(raw_name, flags, extra)
         end = data_start + csize
         if flags & FLAG_DESCRIPTOR:
             found = _delimit(archive, reader, data_start, method)
@@ -343,9 +378,18 @@ def _recover(archive: Archive, reader: ArchiveReader,
         members.append(Member(archive, name, pos, csize, usize, crc, method, flags, name_len))
         pos = end
     last = members[-1].name if members else "none"
-    note = (f"truncated: {why}; recovered {len(members)} complete members from local headers "
-            f"(last: {last}); {size - pos} bytes after it lost")
-    recovered = replace(archive, kind=f"{archive.kind} (truncated)", notes=(*archive.notes, note))
+    tail = reader.pread(archive, EOCD.size + MAX_COMMENT, max(0, size - EOCD.size - MAX_COMMENT))
+    if cut is None and reader.pread(archive, 4, pos) == CENTRAL_SIG and EOCD_SIG in tail:
+        # Whole data and a whole (if unusable) directory: nothing was cut (`zip -fz -` output).
+        note = (f"central directory unusable ({why}); all {len(members)} members recovered "
+                "from their local headers, nothing lost")
+        kind = f"{archive.kind} (directory rebuilt)"
+    else:
+        note = (f"truncated: {why}; recovered {len(members)} complete members from local "
+                f"headers (last: {last}); the archive ends {size - pos} bytes after it: later "
+                "members and the central directory are missing")
+        kind = f"{archive.kind} (truncated)"
+    recovered = replace(archive, kind=kind, notes=(*archive.notes, note))
     members = [replace(m, archive=recovered) for m in members]
     if cut is not None:
         members.append(replace(cut, archive=recovered))
