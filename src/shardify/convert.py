@@ -10,6 +10,7 @@ import errno
 import shutil
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from .resume import (
 )
 from .sources import SUPPORTED_METHODS, ArchiveReader, Member, Reject, find_archives
 from .split import SPLITS, assign_splits
-from .write import ShardResult, write_shards
+from .write import ShardResult, expand, worker_pool, write_shards
 from .zipindex import Index, index_archives
 
 OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json")
@@ -88,18 +89,21 @@ def convert(options: ConvertOptions) -> ConvertReport:
     started = time.monotonic()
     out = options.out
     _check_output_folder(out, options.sources)
-    with ArchiveReader() as reader:
-        index, pairing = survey(options.sources, reader, quiet=options.quiet)
-        rejects = index.rejects + pairing.rejects
-        split_of_group = assign_splits(_groups(pairing), options.ratios, options.seed)
-        shards = plan_shards(pairing.samples, split_of_group, options.shard_size)
-        run = RunRecord(plan_fingerprint(shards, options.shaping()), options.shaping())
-        finished = _reusable_shards(out, run, shards, options.overwrite)
-        todo = [shard for shard in shards if shard.name not in finished]
-        if options.space_check:
-            _check_space(out, todo, len(pairing.samples))
-        _prepare_output_folder(out, run, shards, finished)
-        results = _write_shards(shards, finished, options)
+    try:
+        with worker_pool(options.workers) as pool, ArchiveReader() as reader:
+            index, pairing = survey(options.sources, reader, quiet=options.quiet)
+            rejects = index.rejects + pairing.rejects
+            split_of_group = assign_splits(_groups(pairing), options.ratios, options.seed)
+            shards = plan_shards(pairing.samples, split_of_group, options.shard_size)
+            run = RunRecord(plan_fingerprint(shards, options.shaping()), options.shaping())
+            finished = _reusable_shards(out, run, shards, options.overwrite)
+            todo = [shard for shard in shards if shard.name not in finished]
+            if options.space_check:
+                _check_space(out, todo, len(pairing.samples))
+            _prepare_output_folder(out, run, shards, finished)
+            results = _write_shards(shards, finished, options, pool)
+    finally:
+        _remove_partial_shards(out)  # after the workers are gone: none can be writing
 
     written = [item for result in results for item in result.written]
     rejects += [reject for result in results for reject in result.rejects]
@@ -172,17 +176,20 @@ def _groups(pairing: Pairing) -> list[tuple[str, str, bool]]:
 
 
 def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
-                  options: ConvertOptions) -> list[ShardResult]:
+                  options: ConvertOptions, pool: ProcessPoolExecutor | None
+                  ) -> list[ShardResult]:
     """Write the unfinished shards (in parallel), journaling each; results in plan order."""
     expected = {shard.name: shard.expected_bytes for shard in shards}
     progress = Progress(sum(expected.values()), "B", "writing shards", enabled=not options.quiet)
     progress.advance(sum(expected[name] for name in finished))
     results = dict(finished)
-    jobs = [(shard.name, shard.samples) for shard in shards if shard.name not in finished]
+    # Largest first: the last shards to finish are small, so workers end together.
+    jobs = [(shard.name, shard.samples) for shard in sorted(
+        shards, key=lambda s: -s.expected_bytes) if shard.name not in finished]
     try:
-        for result in write_shards(jobs, options.out, options.workers):
-            append_journal(options.out, result)
-            results[result.name] = result
+        for samples, entry in write_shards(jobs, options.out, pool):
+            append_journal(options.out, entry)
+            result = results[entry["shard"]] = expand(samples, entry)
             progress.advance(expected[result.name])
     except BrokenProcessPool:
         raise RunFailed(f"a worker process died (killed, or out of memory?); {len(results)} of "
@@ -251,6 +258,12 @@ def _check_output_folder(out: Path, sources: list[str]) -> None:
     if out.is_dir() and any(out.iterdir()) and not is_shardify_output(out):
         raise UsageError(f"--out {out} is not empty and is not a shardify output; "
                          "choose a new or empty folder")
+
+
+def _remove_partial_shards(out: Path) -> None:
+    for split in SPLITS:
+        for path in (out / split).glob(".shard-*.tar.partial"):
+            path.unlink(missing_ok=True)
 
 
 def _prepare_output_folder(out: Path, run: RunRecord, shards: list[PlannedShard],

@@ -7,8 +7,7 @@ with the same "images zip + per-image JSON zip" shape needs a new `parse_label`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -19,8 +18,7 @@ class BadLabel(ValueError):
     """The label cannot be used; the message is the reject's detail."""
 
 
-@dataclass(frozen=True, slots=True)
-class LabelFields:
+class LabelFields(NamedTuple):
     """What a sample needs from its label: the class, the battery, and descriptive extras."""
 
     data_type: str

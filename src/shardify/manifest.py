@@ -50,40 +50,40 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
-def manifest_table(written: Iterable[WrittenSample]) -> pa.Table:
-    """One row per written sample, in shard order."""
-    rows = []
-    for item in written:
-        sample, fields = item.sample, item.sample.fields
-        rows.append(
-            {
-                "key": sample.key,
-                "split": item.shard.split("/", 1)[0],
-                "shard": item.shard,
-                "offset": item.offset,
-                "sample_bytes": item.size,
-                "group": fields.group,
-                "battery_id": fields.battery_id,
-                "data_type": fields.data_type,
-                "type": fields.type,
-                "form": fields.form,
-                "label": fields.label,
-                "is_normal": fields.is_normal,
-                "swelling": fields.swelling,
-                "defect_types": list(fields.defect_types),
-                "width": fields.width,
-                "height": fields.height,
-                "image_ext": sample.image_ext,
-                "image_bytes": sample.image.file_size,
-                "crc32": item.image_crc32,
-                "label_bytes": sample.label_size,
-                "source_archive": sample.image.archive.name,
-                "source_member": sample.image.name,
-                "label_archive": sample.label.archive.name,
-                "label_member": sample.label.name,
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+def manifest_table(written: list[WrittenSample]) -> pa.Table:
+    """One row per written sample, in shard order, built column by column.
+
+    Columns, not one dict per row: at 400k samples row dicts alone would take ~500 MB.
+    """
+    samples = [item.sample for item in written]
+    fields = [sample.fields for sample in samples]
+    columns = {
+        "key": [s.key for s in samples],
+        "split": [item.shard.split("/", 1)[0] for item in written],
+        "shard": [item.shard for item in written],
+        "offset": [item.offset for item in written],
+        "sample_bytes": [item.size for item in written],
+        "group": [f.group for f in fields],
+        "battery_id": [f.battery_id for f in fields],
+        "data_type": [f.data_type for f in fields],
+        "type": [f.type for f in fields],
+        "form": [f.form for f in fields],
+        "label": [f.label for f in fields],
+        "is_normal": [f.is_normal for f in fields],
+        "swelling": [f.swelling for f in fields],
+        "defect_types": [list(f.defect_types) for f in fields],
+        "width": [f.width for f in fields],
+        "height": [f.height for f in fields],
+        "image_ext": [s.image_ext for s in samples],
+        "image_bytes": [s.image.file_size for s in samples],
+        "crc32": [item.image_crc32 for item in written],
+        "label_bytes": [s.label_size for s in samples],
+        "source_archive": [s.image.archive.name for s in samples],
+        "source_member": [s.image.name for s in samples],
+        "label_archive": [s.label.archive.name for s in samples],
+        "label_member": [s.label.name for s in samples],
+    }
+    return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
 
 
 def rejects_table(rejects: Iterable[Reject]) -> pa.Table:

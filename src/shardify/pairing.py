@@ -11,6 +11,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .labels import BadLabel, LabelFields, parse_label, strip_bom
 from .sources import Member, MemberError, Reject
@@ -22,8 +23,7 @@ SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")
 UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
     """A paired image and label, with the label fields parsed; payloads are not held."""
 
     key: str
@@ -143,8 +143,8 @@ def _one_copy(
     Copies are the same when size and CRC-32 from the central directory agree; the first copy
     by (archive, member name) is kept so the choice is deterministic.
     """
-    if not copies:
-        return None
+    if len(copies) < 2:
+        return copies[0] if copies else None
     copies = sorted(copies, key=lambda m: (m.archive.name, m.name))
     if len({(m.file_size, m.crc32) for m in copies}) > 1:
         where = ", ".join(f"{m.archive.name.rsplit('/', 1)[-1]}:{m.name}" for m in copies)

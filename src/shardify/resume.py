@@ -19,7 +19,7 @@ import orjson
 
 from .plan import PlannedShard
 from .sources import Member
-from .write import ShardResult, compact, expand
+from .write import ShardResult, expand
 
 STATE_DIR = ".shardify"
 RUN_FILE = "run.json"
@@ -103,11 +103,11 @@ def journaled_shards(out: Path, shards: list[PlannedShard]) -> dict[str, ShardRe
     return finished
 
 
-def append_journal(out: Path, result: ShardResult) -> None:
-    """Record a finished shard, flushed to disk before the next shard counts as done."""
+def append_journal(out: Path, entry: dict) -> None:
+    """Record a finished shard's entry, flushed to disk before the shard counts as done."""
     fd = os.open(out / STATE_DIR / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, orjson.dumps(compact(result)) + b"\n")
+        os.write(fd, orjson.dumps(entry) + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)

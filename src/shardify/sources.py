@@ -14,6 +14,7 @@ import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import deflate
 import inflate64
@@ -25,6 +26,7 @@ SUPPORTED_METHODS = {METHOD_STORED: "stored", METHOD_DEFLATED: "deflate",
                      METHOD_DEFLATE64: "deflate64"}
 LOCAL_HEADER_SIZE = 30
 LOCAL_SLACK = 64  # room for a local extra field, so most members take a single pread
+INLINE_READ = 64 * 2**10
 MAX_NESTED_INFLATE = 512 * 2**20
 MAX_OPEN_FILES = 64  # descriptors an ArchiveReader keeps open at once
 INFLATE64_CHUNK = 1024  # input per step: Deflate64 output past a lying size stays < ~30 MB
@@ -78,8 +80,7 @@ class Archive:
         return sum(extent.length for extent in self.extents)
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
+class Member(NamedTuple):
     """One file inside an archive, located well enough to read it with a single `pread`.
 
     `problem` is (reject reason, detail) for a member already known to be unusable (zip bomb,
@@ -102,8 +103,7 @@ class Member:
         return self.name.rsplit("/", 1)[-1]
 
 
-@dataclass(frozen=True, slots=True)
-class Reject:
+class Reject(NamedTuple):
     """One input that did not become (part of) a sample, and why."""
 
     key: str
@@ -365,7 +365,10 @@ class ArchiveReader:
 
     def _read(self, member: Member) -> bytes:
         archive = member.archive
-        want = LOCAL_HEADER_SIZE + member.raw_name_len + LOCAL_SLACK + member.compressed_size
+        # Small members come with their header in one read; large ones are read on their own,
+        # so the payload is not copied out of a bigger buffer.
+        inline = member.compressed_size if member.compressed_size <= INLINE_READ else 0
+        want = LOCAL_HEADER_SIZE + member.raw_name_len + LOCAL_SLACK + inline
         chunk = self.pread(archive, want, member.header_offset)
         if len(chunk) < LOCAL_HEADER_SIZE or chunk[:4] != b"PK\x03\x04":
             raise MemberError("bad-crc", f"no local header at offset {member.header_offset}")

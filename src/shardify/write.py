@@ -10,6 +10,7 @@ same inputs give the same bytes.
 from __future__ import annotations
 
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -17,14 +18,17 @@ import sys
 import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import deflate
+import numpy as np
 
 from .labels import strip_bom
 from .pairing import Sample
-from .sources import ArchiveReader, MemberError, Reject
+from .sources import Archive, ArchiveReader, Member, MemberError, Reject
 
 BLOCK = 512
 TAR_END_SIZE = 2 * BLOCK
@@ -38,8 +42,7 @@ CLASS_BYTES = {0: b"0", 1: b"1"}
 PR_SET_PDEATHSIG = 1
 
 
-@dataclass(frozen=True, slots=True)
-class WrittenSample:
+class WrittenSample(NamedTuple):
     """Where a sample landed: enough for a manifest row and for random access."""
 
     sample: Sample
@@ -60,25 +63,58 @@ class ShardResult:
     crc32: int = 0
 
 
-def compact(result: ShardResult) -> dict:
-    """A finished shard as plain JSON-able data: what workers send back and the journal keeps."""
-    return {
-        "shard": result.name,
-        "bytes": result.bytes_out,
-        "crc32": result.crc32,
-        "samples": [[w.sample.key, w.offset, w.size, w.image_crc32] for w in result.written],
-        "rejects": [[r.key, r.reason, r.source_archive, r.source_member, r.detail]
-                    for r in result.rejects],
-    }
+LOCATION = np.dtype([("archive", "i4"), ("offset", "i8"), ("compressed", "i8"), ("size", "i8"),
+                     ("crc", "u4"), ("method", "u2"), ("flags", "u2"), ("name_len", "u2")])
+
+
+class ShardJob(NamedTuple):
+    """One shard to write, as plain compact data: what a worker process is sent.
+
+    Member locations are numpy records (a few dozen bytes per sample, pickled in one piece), so
+    a worker holds far less than the plan's objects would take. Members already known to be
+    unusable carry their problem in `problems`, keyed by (sample index, 0 image / 1 label).
+    """
+
+    name: str
+    keys: list[str]
+    image_exts: list[str]
+    classes: bytes
+    images: np.ndarray
+    labels: np.ndarray
+    problems: dict[tuple[int, int], tuple[str, str]]
+    archives: tuple[Archive, ...]
+
+
+def shard_job(name: str, samples: tuple[Sample, ...]) -> ShardJob:
+    archives = tuple(dict.fromkeys(m.archive for s in samples for m in (s.image, s.label)))
+    number = {archive: i for i, archive in enumerate(archives)}
+    problems = {(i, role): member.problem for i, s in enumerate(samples)
+                for role, member in enumerate((s.image, s.label)) if member.problem}
+
+    def locations(members: list[Member]) -> np.ndarray:
+        return np.array([(number[m.archive], m.header_offset, m.compressed_size, m.file_size,
+                          m.crc32, m.method, m.flags, m.raw_name_len) for m in members],
+                        dtype=LOCATION)
+
+    return ShardJob(name, [s.key for s in samples], [s.image_ext for s in samples],
+                    bytes(48 + s.fields.label for s in samples),
+                    locations([s.image for s in samples]), locations([s.label for s in samples]),
+                    problems, archives)
 
 
 def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
-    """The ShardResult of `compact`, with samples taken back from the plan by key."""
+    """The ShardResult of a shard's entry (from a worker, or the journal), with the plan's samples.
+
+    Entries name samples by key and rejects by sample index; the names of the rejected members
+    come from the plan, so workers never need them.
+    """
     by_key = {sample.key: sample for sample in samples}
     name = entry["shard"]
     written = [WrittenSample(by_key[key], name, offset, size, crc)
                for key, offset, size, crc in entry["samples"]]
-    rejects = [Reject(*fields) for fields in entry["rejects"]]
+    rejects = [Reject(samples[i].key, reason, member.archive.name, member.name, detail)
+               for i, reason, detail in entry["rejects"]
+               for member in (samples[i].image, samples[i].label)]
     return ShardResult(name, written, rejects, entry["bytes"], entry["crc32"])
 
 
@@ -168,82 +204,95 @@ def _jpeg_scan_start(data: bytes) -> int | None:
 
 
 Job = tuple[str, tuple[Sample, ...]]
-_JOBS: list[Job] = []  # the plan, handed to forked workers by inheritance, not by pickling
 _WORKER_READER: ArchiveReader | None = None
 
 
-def write_shards(jobs: list[Job], out_dir: Path, workers: int) -> Iterator[ShardResult]:
-    """Write every (shard name, samples) job, yielding each result as its shard is finished.
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Worker processes for writing shards, forked now, while this process is still small.
 
-    With several workers each forked process writes whole shards with its own file descriptors.
-    However this generator ends (done, error, Ctrl-C, a worker killed), no worker outlives it
-    and no partial file is left behind.
+    Forking after planning would map the whole plan into every worker (counted again in each
+    one's RSS); forked first, a worker holds only the shards it is sent. None for one worker.
+    However the block ends (done, error, Ctrl-C, a worker killed), no worker outlives it.
     """
-    if workers <= 1 or len(jobs) <= 1:
-        with ArchiveReader() as reader:
-            for name, samples in jobs:
-                yield write_shard(name, samples, out_dir, reader)
+    if workers <= 1:
+        yield None
         return
-    global _JOBS
-    _JOBS = jobs
-    pool = ProcessPoolExecutor(min(workers, len(jobs)), multiprocessing.get_context("fork"),
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"),
                                initializer=_worker_setup)
     try:
-        futures = [pool.submit(_write_job, index, out_dir) for index in range(len(jobs))]
-        for future in as_completed(futures):
-            index, entry = future.result()
-            yield expand(jobs[index][1], entry)
+        pool.submit(int).result()  # with fork, the first task starts every worker at once
+        yield pool
     finally:
+        # Stop the workers first; the pool then fails what was left, and shuts down at once.
         for child in multiprocessing.active_children():
             child.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
-        _JOBS = []
-        for name, _ in jobs:
-            final = out_dir / name
-            final.with_name(f".{final.name}.partial").unlink(missing_ok=True)
+        pool.shutdown(wait=True)
+
+
+def write_shards(jobs: list[Job], out_dir: Path,
+                 pool: ProcessPoolExecutor | None) -> Iterator[tuple[tuple[Sample, ...], dict]]:
+    """Write every (shard name, samples) job, yielding (samples, entry) as each shard is done.
+
+    With a pool, each worker is sent a compact ShardJob and writes whole shards with its own file
+    descriptors. Leaving it early leaves the rest to `worker_pool`, which stops the workers.
+    """
+    if pool is None or len(jobs) <= 1:
+        with ArchiveReader() as reader:
+            for name, samples in jobs:
+                yield samples, write_shard(shard_job(name, samples), out_dir, reader)
+        return
+    futures = {pool.submit(_write_job, shard_job(name, samples), out_dir): samples
+               for name, samples in jobs}
+    for future in as_completed(futures):
+        yield futures[future], future.result()
 
 
 def _worker_setup() -> None:
     """Workers leave Ctrl-C to the main process, and die with it if it is killed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.disable()  # plan records hold no cycles; collecting them would only cost time
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _write_job(index: int, out_dir: Path) -> tuple[int, dict]:
+def _write_job(job: ShardJob, out_dir: Path) -> dict:
     global _WORKER_READER
     if _WORKER_READER is None:
         _WORKER_READER = ArchiveReader()
-    name, samples = _JOBS[index]
-    return index, compact(write_shard(name, samples, out_dir, _WORKER_READER))
+    return write_shard(job, out_dir, _WORKER_READER)
 
 
-def write_shard(shard_name: str, samples: tuple[Sample, ...], out_dir: Path,
-                reader: ArchiveReader) -> ShardResult:
-    """Write `out_dir/shard_name` atomically; samples whose members fail checks become rejects."""
-    result = ShardResult(shard_name)
-    final = out_dir / shard_name
+def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
+    """Write `out_dir/job.name` atomically; return its entry (see `expand`).
+
+    Samples whose members fail a check are left out and listed as rejects.
+    """
+    final = out_dir / job.name
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_name(f".{final.name}.partial")
+    written: list[list] = []
+    rejects: list[list] = []
+    images, labels = job.images.tolist(), job.labels.tolist()
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         offset = crc = 0
-        for sample in samples:
-            payloads = _read_sample(sample, reader, result)
-            if payloads is None:
+        for i, key in enumerate(job.keys):
+            image = _member(job, images[i], job.problems.get((i, 0)))
+            label = _member(job, labels[i], job.problems.get((i, 1)))
+            payloads = _read_sample(reader, image, label, job.image_exts[i])
+            if isinstance(payloads, list):
+                rejects.append([i, *payloads])
                 continue
-            chunks = _sample_chunks(sample, *payloads)
+            chunks = _sample_chunks(key, job.image_exts[i], job.classes[i : i + 1], *payloads)
             size = _write_all(fd, chunks)
             for chunk in chunks:
                 crc = deflate.crc32(chunk, crc)
-            result.written.append(
-                WrittenSample(sample, shard_name, offset, size, sample.image.crc32)
-            )
+            written.append([key, offset, size, image.crc32])
             offset += size
         end = bytes(TAR_END_SIZE)
         _write_all(fd, [end])
-        os.fsync(fd)
-        result.bytes_out, result.crc32 = offset + TAR_END_SIZE, deflate.crc32(end, crc)
+        os.fdatasync(fd)
     except BaseException:
         os.close(fd)
         partial.unlink(missing_ok=True)
@@ -251,7 +300,14 @@ def write_shard(shard_name: str, samples: tuple[Sample, ...], out_dir: Path,
     os.close(fd)
     os.replace(partial, final)
     _fsync_dir(final.parent)
-    return result
+    return {"shard": job.name, "bytes": offset + TAR_END_SIZE, "crc32": deflate.crc32(end, crc),
+            "samples": written, "rejects": rejects}
+
+
+def _member(job: ShardJob, location: tuple, problem: tuple[str, str] | None) -> Member:
+    archive, offset, compressed, size, crc, method, flags, name_len = location
+    return Member(job.archives[archive], "", offset, compressed, size, crc, method, flags,
+                  name_len, problem)
 
 
 def _write_all(fd: int, chunks: list[bytes]) -> int:
@@ -274,43 +330,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _read_sample(
-    sample: Sample, reader: ArchiveReader, result: ShardResult
-) -> tuple[bytes, bytes] | None:
-    """Both payloads, checked (label without BOM); or None after recording the pair as rejected."""
+def _read_sample(reader: ArchiveReader, image: Member, label: Member,
+                 ext: str) -> tuple[bytes, bytes] | list[str]:
+    """Both payloads, checked (label without BOM); or [reason, detail] if the pair is rejected."""
     try:
-        image = reader.read(sample.image)
+        image_bytes = reader.read(image)
     except MemberError as error:
-        _reject_pair(sample, error.reason, f"image: {error}", result)
-        return None
-    problem = image_problem(image, sample.image_ext)
+        return [error.reason, f"image: {error}"]
+    problem = image_problem(image_bytes, ext)
     if problem:
-        _reject_pair(sample, "bad-image", problem, result)
-        return None
+        return ["bad-image", problem]
     try:
-        label = reader.read(sample.label)
+        label_bytes = reader.read(label)
     except MemberError as error:
-        _reject_pair(sample, error.reason, f"label: {error}", result)
-        return None
-    return image, strip_bom(label)
+        return [error.reason, f"label: {error}"]
+    return image_bytes, strip_bom(label_bytes)
 
 
-def _sample_chunks(sample: Sample, image: bytes, label: bytes) -> list[bytes]:
+def _sample_chunks(key: str, ext: str, cls: bytes, image: bytes, label: bytes) -> list[bytes]:
     """Header, payload and padding of the image, label and class members, in that order."""
     chunks: list[bytes] = []
-    for ext, payload in (
-        (sample.image_ext, image),
-        ("json", label),
-        ("cls", CLASS_BYTES[sample.fields.label]),
-    ):
-        chunks.append(ustar_header(f"{sample.key}.{ext}", len(payload)))
+    for member_ext, payload in ((ext, image), ("json", label), ("cls", cls)):
+        chunks.append(ustar_header(f"{key}.{member_ext}", len(payload)))
         chunks.append(payload)
         chunks.append(bytes(padded(len(payload)) - len(payload)))
     return chunks
-
-
-def _reject_pair(sample: Sample, reason: str, detail: str, result: ShardResult) -> None:
-    for member in (sample.image, sample.label):
-        result.rejects.append(
-            Reject(sample.key, reason, member.archive.name, member.name, detail)
-        )
