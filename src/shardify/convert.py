@@ -10,6 +10,7 @@ import errno
 import shutil
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -32,7 +33,14 @@ from .resume import (
     reset_journal,
     start_run,
 )
-from .sources import SUPPORTED_METHODS, ArchiveReader, Member, Reject, find_archives
+from .sources import (
+    SUPPORTED_METHODS,
+    ArchiveReader,
+    Member,
+    MemberError,
+    Reject,
+    find_archives,
+)
 from .split import SPLITS, assign_splits
 from .write import ShardResult, expand, worker_pool, write_shards
 from .zipindex import Index, index_archives
@@ -148,12 +156,13 @@ def survey(sources: list[str], reader: ArchiveReader, *,
     labels = sum(m.name.lower().endswith(".json") for m in index.members)
     progress = Progress(labels, "labels", "reading labels", enabled=not quiet)
 
-    def read_label(member: Member) -> bytes:
-        progress.advance(1)
-        return reader.read(member)
+    def read_labels(members: list[Member]) -> Iterator[tuple[Member, bytes | MemberError]]:
+        for item in reader.read_many(members):
+            progress.advance(1)
+            yield item
 
     try:
-        pairing = pair_members(index.members, read_label)
+        pairing = pair_members(index.members, read_labels)
     finally:
         progress.close()
     if not pairing.images and not pairing.labels:

@@ -1,6 +1,6 @@
 """Pair images with labels by file stem; whatever does not pair becomes a reject with a reason.
 
-Pure planning over member records: the only I/O is the `read_label` callable passed in, so the
+Pure planning over member records: the only I/O is the `read_labels` callable passed in, so the
 rules can be tested with plain lists.
 """
 
@@ -19,6 +19,7 @@ from .zipindex import is_junk
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 LABEL_EXTENSION = ".json"
+KNOWN_EXTENSIONS = frozenset({*IMAGE_EXTENSIONS, LABEL_EXTENSION})
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")
 UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -65,26 +66,33 @@ def safe_key(stem: str) -> str:
     return f"{readable}-{hashlib.sha1(stem.encode()).hexdigest()[:12]}"
 
 
-def pair_members(
-    members: Iterable[Member], read_label: Callable[[Member], bytes]
-) -> Pairing:
-    """Classify members, drop junk, resolve duplicate stems, parse labels and pair by stem."""
+LabelReader = Callable[[list[Member]], Iterable[tuple[Member, "bytes | MemberError"]]]
+
+
+def pair_members(members: Iterable[Member], read_labels: LabelReader) -> Pairing:
+    """Classify members, drop junk, resolve duplicate stems, parse labels and pair by stem.
+
+    `read_labels` yields each given label member with its bytes or its MemberError, in order
+    (ArchiveReader.read_many).
+    """
     result = Pairing()
     images: dict[str, list[Member]] = defaultdict(list)
     labels: dict[str, list[Member]] = defaultdict(list)
     for member in members:
-        if is_junk(member.name):
+        name = member.name
+        base = name[name.rfind("/") + 1 :]
+        stem, ext = split_name(base)
+        if base.startswith("._") or name.endswith("/") or (
+                ("__MACOSX/" in name or ext not in KNOWN_EXTENSIONS) and is_junk(name)):
             result.ignored += 1
-            continue
-        stem, ext = split_name(member.base_name)
-        if ext in IMAGE_EXTENSIONS:
-            images[stem].append(member)
-            result.images += 1
         elif ext == LABEL_EXTENSION:
             labels[stem].append(member)
-            result.labels += 1
+        elif ext in IMAGE_EXTENSIONS:
+            images[stem].append(member)
         else:
             result.other_files[ext or "(no extension)"] += 1
+    result.images = sum(map(len, images.values()))
+    result.labels = sum(map(len, labels.values()))
 
     candidates = []
     for stem in sorted(images.keys() | labels.keys()):
@@ -92,13 +100,14 @@ def pair_members(
         if candidate:
             candidates.append(candidate)
     # Labels are read in archive order: sequential reads, whatever the stems' order.
-    for key, image, label in sorted(candidates, key=lambda c: _location(c[2])):
-        try:
-            raw = read_label(label)
-            fields = parse_label(raw)
-        except MemberError as error:
-            _reject(result, key, error.reason, [label, image], f"label: {error}")
+    candidates.sort(key=lambda c: _location(c[2]))
+    read = read_labels([label for _, _, label in candidates])
+    for (key, image, label), (_, raw) in zip(candidates, read, strict=True):
+        if isinstance(raw, MemberError):
+            _reject(result, key, raw.reason, [label, image], f"label: {raw}")
             continue
+        try:
+            fields = parse_label(raw)
         except BadLabel as error:
             _reject(result, key, "bad-label", [label, image], str(error))
             continue
@@ -117,6 +126,9 @@ def _pair_stem(
 ) -> tuple[str, Member, Member] | None:
     """Resolve one stem to (key, image, label), or record why it cannot be a sample."""
     key = safe_key(stem)
+    if len(image_copies) == 1 == len(label_copies) and image_copies[0].problem is None \
+            and label_copies[0].problem is None:
+        return key, image_copies[0], label_copies[0]
     image = _one_copy(key, image_copies, "image", result)
     label = _one_copy(key, label_copies, "label", result)
     present = [m for m in (image, label) if isinstance(m, Member)]
