@@ -214,3 +214,23 @@ def test_zips_without_images_or_labels_exit_2(tmp_path: Path,
     err = capsys.readouterr().err
     assert "no images" in err and "1 unreadable" in err and "broken.zip" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_ustar_header_is_what_tarfile_writes() -> None:
+    """The fast header builder gives tarfile's own USTAR bytes for any name and size."""
+    import random
+    import tarfile
+
+    from shardify.write import ustar_header
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        name = "".join(rng.choice("abcXYZ09_-.") for _ in range(rng.randint(1, 99)))
+        size = rng.choice([0, 1, 511, 512, 513, rng.randint(0, 8**11 - 1)])
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime, info.uname, info.gname = size, 0o444, 0, "", ""
+        assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
+    with pytest.raises(ValueError):
+        ustar_header("x" * 100, 1)
+    with pytest.raises(ValueError):
+        ustar_header("é.jpg", 1)

@@ -408,8 +408,9 @@ class ArchiveReader:
                 + int.from_bytes(chunk[28:30], "little")
             raw = bytes(chunk[start : start + member.compressed_size])
             if len(raw) < member.compressed_size:
-                raw += self.pread(member.archive, member.compressed_size - len(raw),
+                rest = self.pread(member.archive, member.compressed_size - len(raw),
                                   member.header_offset + start + len(raw))
+                raw = raw + rest if raw else rest  # a large member is not copied again
         except OSError as error:
             raise MemberError("bad-crc", f"read error: {error}") from None
         if len(raw) != member.compressed_size:
