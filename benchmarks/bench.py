@@ -2,8 +2,8 @@
 
 Prints wall time, MB/s of image bytes and peak memory summed over every process of the run
 (RSS, and PSS which counts pages shared by forked workers once), then the ratios the targets are
-stated in. Short runs are the best of three (the machine is shared); the long ones run once. Inputs are generated once into .bench/ (see dataset.py). Results go to
-.bench/results.json too.
+stated in. Short runs are the best of three (the machine is shared); the long ones run once.
+Inputs are generated once into .bench/ (see dataset.py). Results go to .bench/results.json too.
 """
 
 from __future__ import annotations
