@@ -339,10 +339,12 @@ def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
 
 def archive_table(index: Index) -> list[dict]:
     """Per archive: kind, bytes, members, methods and notes (truncation, wrong order, ...)."""
-    members = Counter(m.archive.name for m in index.members)
+    members: Counter[str] = Counter()
     methods: dict[str, Counter[str]] = defaultdict(Counter)
-    for member in index.members:
-        methods[member.archive.name][SUPPORTED_METHODS.get(member.method, str(member.method))] += 1
+    for (archive, method), count in Counter((m.archive.name, m.method)
+                                            for m in index.members).items():
+        members[archive] += count
+        methods[archive][SUPPORTED_METHODS.get(method, str(method))] += count
     return [
         {"name": a.name, "kind": a.kind, "bytes": a.size, "members": members[a.name],
          "methods": dict(sorted(methods[a.name].items())), "notes": list(a.notes)}

@@ -7,6 +7,7 @@ with the same "images zip + per-image JSON zip" shape needs a new `parse_label`,
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import orjson
@@ -66,7 +67,7 @@ def parse_label(raw: bytes) -> LabelFields:
                        else f"image_info.is_normal is not true/false: {is_normal!r}")
     swelling = document.get("swelling")
     return LabelFields(
-        data_type=data_type.strip().lower(),
+        data_type=sys.intern(data_type.strip().lower()),
         battery_id=battery_id,
         is_normal=is_normal,
         type=_text(data_info.get("type")),
@@ -103,11 +104,13 @@ def _defect_types(defects: Any) -> tuple[str, ...]:
     if not isinstance(defects, list):
         return ()
     names = (d.get("name") for d in defects if isinstance(d, dict))
-    return tuple(dict.fromkeys(n.strip() for n in names if isinstance(n, str) and n.strip()))
+    return tuple(dict.fromkeys(sys.intern(n.strip()) for n in names
+                               if isinstance(n, str) and n.strip()))
 
 
 def _text(value: Any) -> str | None:
-    return value.strip() if isinstance(value, str) else None
+    """Stripped and interned: a handful of values repeated on 400k labels are stored once."""
+    return sys.intern(value.strip()) if isinstance(value, str) else None
 
 
 def _int(value: Any) -> int | None:

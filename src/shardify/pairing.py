@@ -37,13 +37,15 @@ class Sample(NamedTuple):
 
 @dataclass
 class Pairing:
-    """The outcome of pairing: samples, rejects, and counts of what was skipped on purpose."""
+    """The outcome of pairing: samples, rejects, counts of what was skipped on purpose, and per
+    archive how many members were images, labels, other files and junk (`kinds`)."""
 
     samples: list[Sample] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     images: int = 0
     labels: int = 0
     ignored: int = 0
+    kinds: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     other_files: Counter[str] = field(default_factory=Counter)
     identical_duplicates: int = 0
 
@@ -85,12 +87,17 @@ def pair_members(members: Iterable[Member], read_labels: LabelReader) -> Pairing
         if base.startswith("._") or name.endswith("/") or (
                 ("__MACOSX/" in name or ext not in KNOWN_EXTENSIONS) and is_junk(name)):
             result.ignored += 1
+            kind = "junk"
         elif ext == LABEL_EXTENSION:
             labels[stem].append(member)
+            kind = "labels"
         elif ext in IMAGE_EXTENSIONS:
             images[stem].append(member)
+            kind = "images"
         else:
             result.other_files[ext or "(no extension)"] += 1
+            kind = "other"
+        result.kinds[member.archive.name][kind] += 1
     result.images = sum(map(len, images.values()))
     result.labels = sum(map(len, labels.values()))
 
@@ -126,9 +133,18 @@ def _pair_stem(
 ) -> tuple[str, Member, Member] | None:
     """Resolve one stem to (key, image, label), or record why it cannot be a sample."""
     key = safe_key(stem)
-    if len(image_copies) == 1 == len(label_copies) and image_copies[0].problem is None \
-            and label_copies[0].problem is None:
-        return key, image_copies[0], label_copies[0]
+    if len(image_copies) + len(label_copies) < 3:  # the common cases, without the general path
+        copies = image_copies or label_copies
+        if len(image_copies) == 1 == len(label_copies) and image_copies[0].problem is None \
+                and label_copies[0].problem is None:
+            return key, image_copies[0], label_copies[0]
+        if len(copies) == 1 and not (image_copies and label_copies) \
+                and copies[0].problem is None:
+            orphan = "orphan-image" if image_copies else "orphan-label"
+            other = "label" if image_copies else "image"
+            result.rejects.append(Reject(key, orphan, copies[0].archive.name, copies[0].name,
+                                         f"no {other} with this stem"))
+            return None
     image = _one_copy(key, image_copies, "image", result)
     label = _one_copy(key, label_copies, "label", result)
     present = [m for m in (image, label) if isinstance(m, Member)]

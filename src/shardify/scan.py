@@ -9,11 +9,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from .convert import archive_table, survey
-from .pairing import IMAGE_EXTENSIONS, LABEL_EXTENSION, split_name
 from .progress import human_bytes
 from .sources import ArchiveReader
 from .write import TAR_END_SIZE, sample_tar_size
-from .zipindex import is_junk
 
 SPLIT_COUNT = 3
 SHOWN_PROBLEMS = 20
@@ -24,14 +22,9 @@ def scan(sources: list[str]) -> dict:
     with ArchiveReader() as reader:
         index, pairing = survey(sources, reader)
     archives = archive_table(index)
-    kinds: dict[str, Counter[str]] = defaultdict(Counter)
-    for member in index.members:
-        ext = split_name(member.base_name)[1]
-        kind = ("junk" if is_junk(member.name) else "images" if ext in IMAGE_EXTENSIONS
-                else "labels" if ext == LABEL_EXTENSION else "other")
-        kinds[member.archive.name][kind] += 1
     for row in archives:
-        row.update({kind: kinds[row["name"]][kind] for kind in ("images", "labels", "other")})
+        kinds = pairing.kinds[row["name"]]
+        row.update({kind: kinds[kind] for kind in ("images", "labels", "other")})
     rejects = index.rejects + pairing.rejects
     batteries: dict[str, set[int]] = defaultdict(set)
     for sample in pairing.samples:
