@@ -21,7 +21,8 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/shardify synth $(DEMO)/data
 	$(BIN)/shardify convert $(DEMO)/data --out $(DEMO)/shards --shard-size 256KiB
-	$(BIN)/shardify verify $(DEMO)/shards
+	$(BIN)/shardify verify $(DEMO)/shards --sources $(DEMO)/data
+	$(BIN)/shardify report $(DEMO)/shards --html $(DEMO)/report.html
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests

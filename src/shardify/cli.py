@@ -24,6 +24,7 @@ from .convert import (
     convert,
 )
 from .progress import human_bytes
+from .report import format_text, load_manifest, report_data, write_html
 from .scan import format_scan, scan
 from .split import SPLITS, parse_ratios
 from .verify import OutputMissing, verify_output
@@ -131,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest label, no battery in two splits, counts. Exit 0 if clean, 1 if not.",
     )
     check.add_argument("out", type=Path, metavar="OUT")
+    check.add_argument("--sources", nargs="+", metavar="SOURCE",
+                       help="also compare every sample with its source members (size and "
+                       "CRC-32); give the SOURCE arguments that convert was given")
+
+    show = commands.add_parser(
+        "report",
+        help="show the dataset at a glance: class balance, defects, sizes, batteries",
+        description="Per split: samples, batteries, normal/defect counts and ratio, by "
+        "data_type and form; defect types (case-folded); swelling; image sizes; samples per "
+        "battery. From OUT/manifest.parquet alone.",
+    )
+    show.add_argument("out", type=Path, metavar="OUT")
+    show.add_argument("--html", type=Path, metavar="PATH",
+                      help="also write one self-contained HTML page with tables and plots")
 
     synth = commands.add_parser(
         "synth",
@@ -154,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(args)
         if args.command == "scan":
             return _scan(args)
+        if args.command == "report":
+            return _report(args)
         return _synth(args)
     except UsageError as error:
         print(f"shardify: error: {error}", file=sys.stderr)
@@ -233,13 +250,27 @@ def _scan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _report(args: argparse.Namespace) -> int:
+    try:
+        manifest = load_manifest(args.out)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    data = report_data(manifest)
+    print(format_text(data))
+    if args.html is not None:
+        write_html(data, manifest, args.html, f"shardify report: {args.out}")
+        print(f"\nHTML report written to {args.html}")
+    return EXIT_OK
+
+
 def _verify(args: argparse.Namespace) -> int:
     try:
-        checked, problems = verify_output(args.out)
+        checked, problems = verify_output(args.out, args.sources)
     except OutputMissing as error:
         raise UsageError(str(error)) from None
     if not problems:
-        print(f"verify: OK: {checked} samples in {args.out} match their manifest")
+        against = " and their sources" if args.sources else ""
+        print(f"verify: OK: {checked} samples in {args.out} match their manifest{against}")
         return EXIT_OK
     print(f"verify: FAILED: {len(problems)} problems in {args.out} ({checked} manifest rows)")
     for problem in problems:

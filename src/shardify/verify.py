@@ -8,19 +8,22 @@ the counts in summary.json.
 from __future__ import annotations
 
 import tarfile
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import deflate
 import orjson
 import pyarrow.parquet as pq
 
-from .labels import BadLabel, parse_label
+from .labels import BOM, BadLabel, parse_label
 from .pairing import SAFE_KEY
+from .sources import ArchiveReader, find_archives
 from .split import SPLITS
+from .zipindex import index_archives
 
 IMAGE_EXTS = frozenset({"jpg", "png"})
+BOM_CRC = deflate.crc32(BOM)
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,12 @@ class OutputMissing(Exception):
     """OUT lacks the manifest or summary, so there is nothing to verify against."""
 
 
-def verify_output(out: Path) -> tuple[int, list[Problem]]:
-    """(samples checked, problems found) for the output folder `out`."""
+def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, list[Problem]]:
+    """(samples checked, problems found) for the output folder `out`.
+
+    With `sources` (the SOURCE arguments given to convert), every sample is also compared with
+    its source members: image and label size and CRC-32 from the zips' central directories.
+    """
     manifest_path, summary_path = out / "manifest.parquet", out / "summary.json"
     for path in (manifest_path, summary_path):
         if not path.is_file():
@@ -48,12 +55,41 @@ def verify_output(out: Path) -> tuple[int, list[Problem]]:
     for row in rows:
         expected[row["shard"]][row["key"]] = row
     problems = _check_shard_files(out, summary, expected)
+    label_crcs: dict[tuple[str, str], tuple[int, int]] = {}
     for shard in sorted(expected):
         if (out / shard).is_file():
-            problems += _check_shard(out / shard, shard, expected[shard])
+            problems += _check_shard(out / shard, shard, expected[shard], label_crcs)
     problems += _check_leakage(rows)
     problems += _check_counts(rows, summary)
+    if sources is not None:
+        problems += _check_sources(rows, sources, label_crcs)
     return len(rows), problems
+
+
+def _check_sources(rows: list[dict], sources: list[str],
+                   label_crcs: dict[tuple[str, str], tuple[int, int]]) -> list[Problem]:
+    """Each sample's image and label against the source members' size and CRC-32."""
+    with ArchiveReader() as reader:
+        index = index_archives(find_archives(sources).archives, reader)
+    members = {(m.archive.name, m.name): m for m in index.members}
+    problems = []
+    for row in rows:
+        where = f"{row['shard']}:{row['key']}"
+        image = members.get((row["source_archive"], row["source_member"]))
+        label = members.get((row["label_archive"], row["label_member"]))
+        if image is None or label is None:
+            missing = "image" if image is None else "label"
+            problems.append(Problem(where, f"source {missing} not found in --sources (give the "
+                                    "SOURCE arguments given to convert)"))
+            continue
+        if (image.file_size, image.crc32) != (row["image_bytes"], row["crc32"]):
+            problems.append(Problem(where, f"image differs from its source member "
+                                    f"{row['source_archive']}:{row['source_member']}"))
+        found = label_crcs.get((row["shard"], row["key"]))
+        if found is not None and label.crc32 not in found:
+            problems.append(Problem(where, f"label differs from its source member "
+                                    f"{row['label_archive']}:{row['label_member']}"))
+    return problems
 
 
 def _check_shard_files(out: Path, summary: dict, expected: dict) -> list[Problem]:
@@ -68,7 +104,12 @@ def _check_shard_files(out: Path, summary: dict, expected: dict) -> list[Problem
     return problems
 
 
-def _check_shard(path: Path, shard: str, rows: dict[str, dict]) -> list[Problem]:
+def _check_shard(path: Path, shard: str, rows: dict[str, dict],
+                 label_crcs: dict[tuple[str, str], tuple[int, int]]) -> list[Problem]:
+    """Stream one shard: structure, adjacency, and each sample against its manifest row.
+
+    Records each label's CRC-32, without and with a BOM, for the comparison with the sources.
+    """
     problems: list[Problem] = []
     seen: set[str] = set()
     current_key: str | None = None
@@ -91,6 +132,9 @@ def _check_shard(path: Path, shard: str, rows: dict[str, dict]) -> list[Problem]
                     current_key, members, first_offset = key, {}, info.offset
                 extracted = tar.extractfile(info)
                 members[ext] = extracted.read() if extracted else b""
+                if ext == "json":
+                    label_crcs[(shard, key)] = (deflate.crc32(members[ext]),
+                                                deflate.crc32(members[ext], BOM_CRC))
             if current_key is not None:
                 problems += _check_sample(shard, current_key, first_offset, members,
                                           rows.get(current_key))
@@ -120,7 +164,7 @@ def _check_sample(shard: str, key: str, offset: int, members: dict[str, bytes],
     if len(image) != row["image_bytes"]:
         problems.append(Problem(where, f"image is {len(image)} bytes, "
                                 f"manifest says {row['image_bytes']}"))
-    if zlib.crc32(image) != row["crc32"]:
+    if deflate.crc32(image) != row["crc32"]:
         problems.append(Problem(where, "image crc32 differs from the manifest"))
     if members["cls"] != str(row["label"]).encode():
         problems.append(Problem(where, f".cls is {members['cls']!r}, manifest label is "

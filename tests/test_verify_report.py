@@ -1,0 +1,191 @@
+"""verify names each kind of damage; report's numbers equal counts computed from the manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shardify.cli import main
+from shardify.synth import SynthResult, synthesize
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
+    return synthesize(tmp_path_factory.mktemp("src"))
+
+
+@pytest.fixture(scope="module")
+def converted(dataset: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(["convert", str(dataset.root), "--out", str(out), "--shard-size", "64KiB",
+                 "--quiet"]) == 0
+    return out
+
+
+def damaged_copy(converted: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    return copy
+
+
+def rows(out: Path) -> list[dict]:
+    return pq.read_table(out / "manifest.parquet").to_pylist()
+
+
+def verify(out: Path, capsys: pytest.CaptureFixture, *extra: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["verify", str(out), *extra])
+    return code, capsys.readouterr().out
+
+
+def test_clean_output_passes_also_against_sources(dataset: SynthResult, converted: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    assert verify(converted, capsys) == (0, f"verify: OK: {dataset.samples} samples in "
+                                            f"{converted} match their manifest\n")
+    code, printed = verify(converted, capsys, "--sources", str(dataset.root))
+    assert code == 0 and "and their sources" in printed
+
+
+def test_flipped_byte_truncation_and_missing_shard(converted: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    out = damaged_copy(converted, tmp_path)
+    first, *_ = rows(out)
+    shard = out / first["shard"]
+    data = bytearray(shard.read_bytes())
+    data[first["offset"] + 512 + 100] ^= 0x55
+    shard.write_bytes(bytes(data))
+    by_shard = Counter(r["shard"] for r in rows(out))
+    cut_name = next(name for name in sorted(by_shard) if name != first["shard"]
+                    and by_shard[name] > 1)
+    cut = out / cut_name
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    gone_name = next(name for name in sorted(by_shard) if name not in (first["shard"], cut_name))
+    (out / gone_name).unlink()
+    code, printed = verify(out, capsys)
+    assert code == 1 and printed.startswith("verify: FAILED")
+    assert f"{first['shard']}:{first['key']}: image crc32 differs from the manifest" in printed
+    assert f"{gone_name}: shard file is missing" in printed
+    lost = [r["key"] for r in rows(out) if r["shard"] == cut_name][-1]
+    assert f"{cut_name}:{lost}: in the manifest but not in the shard" in printed
+
+
+def test_extra_shard_and_stray_sample(converted: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    out = damaged_copy(converted, tmp_path)
+    shutil.copy(out / "train" / "shard-000000.tar", out / "train" / "shard-000999.tar")
+    first = rows(out)[0]
+    shard = out / first["shard"]
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+    stray = tarfile.TarInfo("stray_key.cls")
+    stray.size = 1
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, payload in members:
+            tar.addfile(info, io.BytesIO(payload))
+        tar.addfile(stray, io.BytesIO(b"0"))
+    code, printed = verify(out, capsys)
+    assert code == 1
+    assert "train/shard-000999.tar: extra shard file not in summary.json" in printed
+    assert f"{first['shard']}:stray_key: sample in the shard is not in the manifest" in printed
+
+
+def test_battery_moved_into_another_split_is_leakage(converted: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """A sample moved (shard and manifest, consistently) into another split's shard: only the
+    leakage of its battery remains to be found, and verify finds it."""
+    out = damaged_copy(converted, tmp_path)
+    table = rows(out)
+    victim = next(r for r in table if r["split"] == "train")
+    target = next(r["shard"] for r in table if r["split"] == "test")
+    shards = {name: _members(out / name) for name in {victim["shard"], target}}
+    moved = [m for m in shards[victim["shard"]] if m[0].name.split(".")[0] == victim["key"]]
+    shards[victim["shard"]] = [m for m in shards[victim["shard"]] if m not in moved]
+    shards[target] += moved
+    offsets = {name: _write_members(out / name, members) for name, members in shards.items()}
+    for row in table:
+        if row["key"] == victim["key"]:
+            row["split"], row["shard"] = "test", target
+        if row["shard"] in offsets:
+            row["offset"] = offsets[row["shard"]][row["key"]]
+    schema = pq.read_schema(out / "manifest.parquet")
+    pq.write_table(pa.Table.from_pylist(table, schema=schema), out / "manifest.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["splits"]["train"]["samples"] -= 1
+    summary["splits"]["test"]["samples"] += 1
+    (out / "summary.json").write_text(json.dumps(summary))
+    code, printed = verify(out, capsys)
+    assert code == 1
+    assert printed.splitlines()[1:] == [
+        f"battery {victim['group']}: appears in several splits: ['test', 'train']"]
+
+
+def _members(shard: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(shard) as tar:
+        return [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+
+
+def _write_members(shard: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> dict[str, int]:
+    """Rewrite a shard as USTAR; return each sample's first header offset."""
+    offsets: dict[str, int] = {}
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, payload in members:
+            offsets.setdefault(info.name.split(".")[0], tar.offset)
+            tar.addfile(info, io.BytesIO(payload))
+    return offsets
+
+
+def test_sources_that_differ_are_named(dataset: SynthResult, converted: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    """Against a copy of the sources whose images were all regenerated with another seed."""
+    other = synthesize(tmp_path / "other", seed=1)
+    code, printed = verify(converted, capsys, "--sources", str(other.root))
+    assert code == 1
+    assert "image differs from its source member" in printed
+
+
+def test_report_numbers_equal_manifest_counts(converted: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    table = rows(converted)
+    capsys.readouterr()
+    page = tmp_path / "report.html"
+    assert main(["report", str(converted), "--html", str(page)]) == 0
+    printed = capsys.readouterr().out
+    for split in ("train", "val", "test"):
+        mine = [r for r in table if r["split"] == split]
+        defect = sum(r["label"] for r in mine)
+        batteries = len({r["group"] for r in mine})
+        line = next(line for line in printed.splitlines() if line.startswith(f"{split} "))
+        assert line.split()[1:5] == [str(len(mine)), str(batteries), str(len(mine) - defect),
+                                     str(defect)]
+        names = Counter(n.lower() for r in mine for n in r["defect_types"])
+        for name, count in names.items():
+            assert f"{name} {count}" in printed
+    html = page.read_text()
+    assert html.count('src="data:image/png;base64,') == 4
+    for title in ("Class balance per split", "Defect types per split", "Samples per battery",
+                  "Image sizes"):
+        assert f"<h2>{title}</h2>" in html
+
+
+def test_report_renders_in_a_browser(converted: Path, tmp_path: Path) -> None:
+    """The page renders in headless Chromium (skipped where no Chromium is installed)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine")
+    page, shot = tmp_path / "report.html", tmp_path / "report.png"
+    assert main(["report", str(converted), "--html", str(page)]) == 0
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                    "--window-size=1000,2400", page.as_uri()], check=True, timeout=60,
+                   capture_output=True)
+    assert shot.stat().st_size > 20_000
