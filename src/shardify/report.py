@@ -155,8 +155,9 @@ def _class_balance(data: dict) -> bytes:
         if n + d:
             axis.text(x, n + d, f"{100 * d / (n + d):.0f}% defect", ha="center", va="bottom")
     axis.set_ylabel("images")
+    axis.set_ylim(0, max([n + d for n, d in zip(normal, defect, strict=True)] + [1]) * 1.15)
     axis.set_title("Normal (light) and defect (dark) images per split")
-    axis.legend()
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(figure)
 
 
@@ -173,21 +174,26 @@ def _defect_types(data: dict) -> bytes:
     axis.set_xticks([x + width for x in range(len(names))], names or ["(none)"])
     axis.set_ylabel("images containing the defect")
     axis.set_title("Defect types per split (case-folded)")
-    axis.legend()
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(figure)
 
 
 def _samples_per_battery(data: dict) -> bytes:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axis = plt.subplots(figsize=(7, 3.5))
     series = [data["samples_per_battery"][s] for s in SPLITS]
-    axis.hist(series, bins=20, color=[SPLIT_COLOURS[s] for s in SPLITS],
+    values = [v for counts in series for v in counts] or [0]
+    step = max(1, (max(values) - min(values) + 1) // 30)
+    bins = [b - 0.5 for b in range(min(values), max(values) + step + 1, step)]
+    axis.hist(series, bins=bins, color=[SPLIT_COLOURS[s] for s in SPLITS],
               label=list(SPLITS), stacked=True)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("images per battery")
     axis.set_ylabel("batteries")
     axis.set_title("Samples per battery")
-    axis.legend()
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(figure)
 
 
@@ -200,12 +206,15 @@ def _image_sizes(manifest: pa.Table) -> bytes:
         sizes = Counter(zip(rows["width"].to_pylist(), rows["height"].to_pylist(), strict=True))
         known = [(w, h, n) for (w, h), n in sizes.items() if w is not None and h is not None]
         if known:
-            peak = max(n for _, _, n in known)
             axis.scatter([w for w, _, _ in known], [h for _, h, _ in known],
-                         s=[20 + 200 * n / peak for _, _, n in known],
-                         color=SPLIT_COLOURS[split], alpha=0.6, label=split)
+                         s=[30 + 400 * n / manifest.num_rows for _, _, n in known],
+                         facecolors="none", edgecolors=SPLIT_COLOURS[split], linewidths=2,
+                         label=split)
+            for w, h, _ in known:
+                axis.annotate(f"{w}x{h}", (w, h), textcoords="offset points", xytext=(12, -4))
+    axis.margins(0.25)
     axis.set_xlabel("width (px)")
     axis.set_ylabel("height (px)")
-    axis.set_title("Image sizes (dot area: number of images)")
-    axis.legend()
+    axis.set_title("Image sizes (circle area: share of all images)")
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(figure)
