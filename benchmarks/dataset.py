@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,25 +77,27 @@ def make_big(root: Path, halves: int = 2, ct_batteries: int = 7, rgb_batteries: 
         folder.mkdir(parents=True, exist_ok=True)
         ct_ids = range(100 * (half + 1), 100 * (half + 1) + ct_batteries)
         rgb_ids = range(1000 * (half + 1), 1000 * (half + 1) + rgb_batteries)
-        with zipfile.ZipFile(folder / "TS_CT_images.zip", "w", zipfile.ZIP_DEFLATED) as images, \
-                zipfile.ZipFile(folder / "TL_CT_label.zip", "w", zipfile.ZIP_DEFLATED) as labels:
-            for battery in ct_ids:
-                for n in range(CT_PER_BATTERY):
-                    stem = f"CT_cell_pouch_{battery:03d}_x_{n:03d}"
-                    images.writestr(f"CT/{stem}.jpg", ct_pool[(battery + n) % POOL])
-                    labels.writestr(f"CT/{stem}.json",
-                                    label("ct", battery, stem, battery % 3 == 0 and n % 4 == 0,
-                                          rng))
-        with zipfile.ZipFile(folder / "TS_RGB_images.zip", "w", zipfile.ZIP_STORED) as images, \
-                zipfile.ZipFile(folder / "TL_RGB_label.zip", "w", zipfile.ZIP_DEFLATED) as labels:
-            for battery in rgb_ids:
-                for n in range(RGB_PER_BATTERY):
-                    stem = f"RGB_cell_pouch_{battery:04d}_{n:03d}"
-                    images.writestr(f"RGB/{stem}.png", rgb_pool[(battery + n) % POOL])
-                    labels.writestr(f"RGB/{stem}.json",
-                                    label("rgb", battery, stem, battery % 4 == 0 and n % 5 == 0,
-                                          rng))
+        _write_kind(folder, "CT", zipfile.ZIP_DEFLATED, ct_ids, CT_PER_BATTERY, ct_pool,
+                    lambda b, n: f"CT_cell_pouch_{b:03d}_x_{n:03d}.jpg", 3, rng)
+        _write_kind(folder, "RGB", zipfile.ZIP_STORED, rgb_ids, RGB_PER_BATTERY, rgb_pool,
+                    lambda b, n: f"RGB_cell_pouch_{b:04d}_{n:03d}.png", 4, rng)
         (folder / "done").touch()
+
+
+def _write_kind(folder: Path, kind: str, method: int, batteries: range, per_battery: int,
+                pool: list[bytes], file_name: Callable[[int, int], str], defect_every: int,
+                rng: np.random.Generator) -> None:
+    """One image zip (`method`) and its label zip; every `defect_every`-th battery has defects."""
+    with zipfile.ZipFile(folder / f"TS_{kind}_images.zip", "w", method) as images, \
+            zipfile.ZipFile(folder / f"TL_{kind}_label.zip", "w", zipfile.ZIP_DEFLATED) as labels:
+        for battery in batteries:
+            for n in range(per_battery):
+                name = file_name(battery, n)
+                stem = name.rsplit(".", 1)[0]
+                images.writestr(f"{kind}/{name}", pool[(battery + n) % POOL])
+                defect = battery % defect_every == 0 and n % (defect_every + 1) == 0
+                labels.writestr(f"{kind}/{stem}.json",
+                                label(kind.lower(), battery, stem, defect, rng))
 
 
 def make_tiny(root: Path) -> None:

@@ -19,7 +19,7 @@ import webdataset as wds
 
 from shardify.cli import main
 from shardify.labels import strip_bom
-from shardify.synth import SynthResult, synthesize
+from shardify.synth import SynthResult
 
 SHARD_SIZE = 64 * 1024
 
@@ -27,11 +27,6 @@ SHARD_SIZE = 64 * 1024
 def run_convert(source: Path, out: Path, *extra: str) -> int:
     return main(["convert", str(source), "--out", str(out), "--shard-size", str(SHARD_SIZE),
                  "--quiet", *extra])
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
-    return synthesize(tmp_path_factory.mktemp("src"))
 
 
 @pytest.fixture(scope="module")

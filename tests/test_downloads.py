@@ -28,6 +28,7 @@ import inflate64
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from helpers import read_shards
 from PIL import Image
 
 from shardify.cli import main
@@ -213,22 +214,9 @@ def output_files(out: Path) -> dict[str, bytes]:
     return files
 
 
-def shard_samples(out: Path) -> dict[str, dict[str, bytes]]:
-    """Every sample of every shard, read with tarfile: key -> {extension: bytes}."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(out.glob("*/shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            for info in tar:
-                key, ext = info.name.split(".", 1)
-                file = tar.extractfile(info)
-                assert file is not None
-                samples.setdefault(key, {})[ext] = file.read()
-    return samples
-
-
 def assert_samples(out: Path, pairs: list[Pair]) -> None:
     """Each pair is in the shards exactly as it went in: image, label JSON and class."""
-    samples = shard_samples(out)
+    samples = read_shards(out)
     for pair in pairs:
         assert samples[pair.stem] == {pair.ext: pair.image, "json": pair.label, "cls": b"0"}
 

@@ -19,11 +19,6 @@ from shardify.synth import SynthResult, synthesize
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
-    return synthesize(tmp_path_factory.mktemp("src"))
-
-
-@pytest.fixture(scope="module")
 def converted(dataset: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "out"
     assert main(["convert", str(dataset.root), "--out", str(out), "--shard-size", "64KiB",

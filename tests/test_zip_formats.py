@@ -13,7 +13,6 @@ import re
 import shutil
 import struct
 import subprocess
-import tarfile
 import unicodedata
 import zipfile
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import read_shards
 from PIL import Image
 
 from shardify.cli import main
@@ -94,15 +94,7 @@ def convert(out: Path, *sources: Path, strict: bool = False) -> Output:
     argv = ["convert", *map(str, sources), "--out", str(out), "--quiet"]
     exit_code = main([*argv, "--strict"] if strict else argv)
     assert exit_code in (0, 1), f"convert stopped with exit code {exit_code}"
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(out.rglob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            for info in tar:
-                key, ext = info.name.split(".", 1)
-                member = tar.extractfile(info)
-                assert member is not None, info.name
-                assert ext not in samples.setdefault(key, {}), f"{info.name} written twice"
-                samples[key][ext] = member.read()
+    samples = read_shards(out)
     rejects = pq.read_table(out / "rejects.parquet")
     assert rejects.column_names == REJECT_COLUMNS
     return Output(
