@@ -67,6 +67,13 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _subcommand(commands: argparse._SubParsersAction, name: str, *, help: str,
+                description: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the exit codes, like every other one."""
+    return commands.add_parser(name, help=help, description=description, epilog=EXIT_CODES,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardify",
@@ -78,14 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"shardify {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    conv = commands.add_parser(
-        "convert",
+    conv = _subcommand(
+        commands, "convert",
         help="convert zips of images and label JSONs into shards + manifest",
         description="Read images and labels straight from the zips, pair them by file name, "
         "group them by battery, split train/val/test by battery and write WebDataset tar "
         "shards, OUT/manifest.parquet, OUT/rejects.parquet and OUT/summary.json.",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     conv.add_argument("sources", nargs="+", metavar="SOURCE",
                       help="a folder (searched recursively for .zip files) or a zip file")
@@ -111,21 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write even if OUT's disk looks too small for the output")
     conv.add_argument("--quiet", action="store_true", help="no progress output")
 
-    survey = commands.add_parser(
-        "scan",
+    survey = _subcommand(
+        commands, "scan",
         help="show what convert would find, without writing anything",
         description="List the archives found (zip, pieces, tar member, volumes, nested), their "
         "members, images/labels/pairs/orphans, batteries per data_type, compression methods, "
         "problems and the estimated output size. Reads only central directories and labels.",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     survey.add_argument("sources", nargs="+", metavar="SOURCE",
                         help="folders, zips, .zip.partN pieces, .z01 volumes or download.tar")
     survey.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    check = commands.add_parser(
-        "verify",
+    check = _subcommand(
+        commands, "verify",
         help="check an output folder: shards, manifest, labels, battery leakage, counts",
         description="Read every shard once with tarfile and check it against manifest.parquet "
         "and summary.json: USTAR members, adjacency, offsets, sizes, CRCs, .cls vs JSON vs "
@@ -136,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also compare every sample with its source members (size and "
                        "CRC-32); give the SOURCE arguments that convert was given")
 
-    show = commands.add_parser(
-        "report",
+    show = _subcommand(
+        commands, "report",
         help="show the dataset at a glance: class balance, defects, sizes, batteries",
         description="Per split: samples, batteries, normal/defect counts and ratio, by "
         "data_type and form; defect types (case-folded); swelling; image sizes; samples per "
@@ -147,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--html", type=Path, metavar="PATH",
                       help="also write one self-contained HTML page with tables and plots")
 
-    synth = commands.add_parser(
-        "synth",
+    synth = _subcommand(
+        commands, "synth",
         help="write a small AI-Hub-shaped sample dataset (for demos and tests)",
         description="Write a small dataset with the battery set's folder layout, file names, "
         "label JSON and quirks (CP949 names, a battery over two zips, a few bad inputs).",
