@@ -39,7 +39,7 @@ bench: $(STAMP)
 # make shards SRC=/data/103.배터리... OUT=/big/shards [NAME=aihub-71687] [SHARD_SIZE=1GiB]
 shards: $(STAMP)
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shards SRC=folder OUT=folder [NAME=$(NAME)]"; exit 2; }
-	$(BIN)/shardify convert $(SRC) --out $(OUT) --shard-size $(SHARD_SIZE) --manifest manifests/$(NAME).parquet
+	$(BIN)/shardify convert "$(SRC)" --out "$(OUT)" --shard-size $(SHARD_SIZE) --manifest "manifests/$(NAME).parquet"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache build

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
@@ -45,6 +46,8 @@ EXIT_CODES = """exit codes:
 An interrupted or failed convert keeps its complete shards: re-run the same
 command to resume."""
 
+MAX_SHARD_SIZE = 2**50
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -56,9 +59,32 @@ def parse_size(text: str) -> int:
     number, prefix, binary = match.groups()
     power = "kmgt".find(prefix.lower()) + 1 if prefix else 0
     size = int(float(number) * (1024 if binary else 1000) ** power)
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    if not 0 < size <= MAX_SHARD_SIZE:
+        raise argparse.ArgumentTypeError(f"size must be between 1 byte and 1 PiB: {text!r}")
     return size
+
+
+class SplitOption(NamedTuple):
+    text: str
+    ratios: tuple[float, float, float]
+
+
+def parse_split(text: str) -> SplitOption:
+    try:
+        return SplitOption(text, parse_ratios(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def parse_seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"seed must be a whole number from 0 to 2**63-1: "
+                                         f"{text!r}")
+    return seed
 
 
 def _positive_int(text: str) -> int:
@@ -93,23 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
         "shards, OUT/manifest.parquet, OUT/rejects.parquet and OUT/summary.json.",
     )
     conv.add_argument("sources", nargs="+", metavar="SOURCE",
-                      help="a folder (searched recursively for .zip files) or a zip file")
+                      help="a folder (searched recursively) or files: zips, .zip.partN "
+                      "pieces, .z01 volumes, download.tar")
     conv.add_argument("--out", required=True, type=Path, metavar="OUT",
                       help="output folder: new, empty, or an earlier shardify output of the "
                       "same command (resumed: complete shards are kept)")
     conv.add_argument("--shard-size", type=parse_size, default=parse_size("1GiB"),
                       metavar="SIZE", help="largest shard size, e.g. 1GiB (default), 512MiB")
-    conv.add_argument("--split", default="70/10/20", metavar="TRAIN/VAL/TEST",
+    conv.add_argument("--split", type=parse_split, default="70/10/20", metavar="TRAIN/VAL/TEST",
                       help="ratios of batteries per split (default 70/10/20; 80/0/20 works)")
-    conv.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    conv.add_argument("--seed", type=parse_seed, default=0,
+                      help="seed of the split (default 0)")
     conv.add_argument("--strict", action="store_true",
                       help="exit 1 if any input was rejected")
     conv.add_argument("--manifest", type=Path, metavar="PATH",
                       help="also write the manifest here (and PATH's .summary.json beside it), "
                       "e.g. manifests/aihub-71687.parquet")
-    conv.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
-                      metavar="N", help="processes writing shards (default: all cores, "
-                      f"{os.cpu_count()} here)")
+    conv.add_argument("--workers", type=_positive_int, default=CORES,
+                      metavar="N", help=f"processes writing shards (default: all cores this "
+                      f"process may use, {CORES} here)")
     conv.add_argument("--overwrite", action="store_true",
                       help="discard an earlier, different conversion in OUT and start over")
     conv.add_argument("--no-space-check", dest="space_check", action="store_false",
@@ -167,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
-            return _convert(args, parser)
+            return _convert(args)
         if args.command == "verify":
             return _verify(args)
         if args.command == "scan":
@@ -193,14 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REJECTS
 
 
-def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    try:
-        ratios = parse_ratios(args.split)
-    except ValueError as error:
-        parser.error(str(error))
+def _convert(args: argparse.Namespace) -> int:
     options = ConvertOptions(
-        sources=args.sources, out=args.out, shard_size=args.shard_size, split=args.split,
-        ratios=ratios, seed=args.seed, manifest=args.manifest, strict=args.strict,
+        sources=args.sources, out=args.out, shard_size=args.shard_size, split=args.split.text,
+        ratios=args.split.ratios, seed=args.seed, manifest=args.manifest, strict=args.strict,
         quiet=args.quiet, overwrite=args.overwrite, space_check=args.space_check,
         workers=args.workers,
     )
@@ -269,7 +293,7 @@ def _report(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     try:
         checked, problems = verify_output(args.out, args.sources)
-    except OutputMissing as error:
+    except (OutputMissing, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
     if not problems:
         against = " and their sources" if args.sources else ""

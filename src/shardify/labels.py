@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import orjson
 
 BOM = b"\xef\xbb\xbf"
+MAX_ID = 2**63  # the manifest's battery_id is int64
 
 
 class BadLabel(ValueError):
@@ -62,17 +63,20 @@ def parse_label(raw: bytes) -> LabelFields:
         raise BadLabel("missing data_info.data_type")
     battery_id = _battery_id(data_info.get("battery_ids"))
     is_normal = image_info.get("is_normal")
-    if not isinstance(is_normal, bool):
+    if is_normal in (0, 1) and not isinstance(is_normal, float):
+        is_normal = bool(is_normal)  # true/false, or 1/0 as some exporters write
+    else:
         raise BadLabel("missing image_info.is_normal" if is_normal is None
                        else f"image_info.is_normal is not true/false: {is_normal!r}")
     swelling = document.get("swelling")
+    swelling = swelling.get("swelling") if isinstance(swelling, dict) else None
     return LabelFields(
         data_type=sys.intern(data_type.strip().lower()),
         battery_id=battery_id,
         is_normal=is_normal,
         type=_text(data_info.get("type")),
         form=_text(data_info.get("form")),
-        swelling=swelling.get("swelling") if isinstance(swelling, dict) else None,
+        swelling=swelling if isinstance(swelling, bool) else None,
         defect_types=_defect_types(document.get("defects")),
         width=_int(image_info.get("width")),
         height=_int(image_info.get("height")),
@@ -87,14 +91,15 @@ def _section(document: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _battery_id(value: Any) -> int:
-    if isinstance(value, bool):
-        raise BadLabel("data_info.battery_ids is not a number")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
+    """A battery number: an int, an integral float, ASCII digits, or a one-item list of those."""
     if isinstance(value, list) and len(value) == 1:
         return _battery_id(value[0])
+    text = value.strip() if isinstance(value, str) else ""
+    integral = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer()) or (text.isascii() and text.isdigit())
+    number = int(value) if integral else None
+    if number is not None and 0 <= number < MAX_ID:
+        return number
     raise BadLabel("missing data_info.battery_ids" if value is None
                    else f"data_info.battery_ids is not a battery number: {value!r}")
 
@@ -114,4 +119,7 @@ def _text(value: Any) -> str | None:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A pixel size, or None when it is not a plausible one (the manifest column is int32)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    return None

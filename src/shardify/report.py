@@ -22,10 +22,15 @@ SPLIT_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
 
 
 def load_manifest(out: Path) -> pa.Table:
+    """The manifest; FileNotFoundError (said for the user) if it is missing or unreadable."""
     path = out / "manifest.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {out} a shardify output?")
-    return pq.read_table(path)
+    try:
+        return pq.read_table(path)
+    except pa.ArrowException as error:
+        raise FileNotFoundError(f"{path} is damaged ({error}); re-run the convert command to "
+                                "rewrite it") from None
 
 
 def report_data(manifest: pa.Table) -> dict:

@@ -134,7 +134,7 @@ def find_archives(sources: list[str]) -> Discovery:
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
+            files = _walk(path, found)
             root = path
         elif path.is_file():
             # A piece or volume named alone brings the rest of its set from the same folder.
@@ -150,6 +150,19 @@ def find_archives(sources: list[str]) -> Discovery:
         _collect(files_by_name, "", found)
     found.archives = _unique_names(found.archives)
     return found
+
+
+def _walk(folder: Path, found: Discovery) -> list[Path]:
+    """Every file below `folder`; a folder that cannot be listed becomes a reject, not a gap."""
+
+    def unreadable(error: OSError) -> None:
+        name = Path(error.filename).relative_to(folder).as_posix() if error.filename else ""
+        found.rejects.append(Reject("", "bad-archive", name, "",
+                                    f"folder {name} cannot be read: {error.strerror}"))
+
+    files = [Path(top) / name for top, _, names in os.walk(folder, onerror=unreadable)
+             for name in names]
+    return sorted(p for p in files if p.is_file())
 
 
 def _unique_names(archives: list[Archive]) -> list[Archive]:
@@ -288,10 +301,9 @@ def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
                        f"{extent.length - tar.offset} bytes follow it")
     except (tarfile.TarError, OSError) as error:
         if not entries:
-            with open(extent.path, "rb") as handle:
-                start = handle.read(64)
-            found.rejects.append(Reject("", "bad-archive", name, "",
-                                        _not_a_tar(name, start, error)))
+            detail = (f"{name}: cannot read: {error.strerror}" if isinstance(error, OSError)
+                      else _not_a_tar(name, _first_bytes(extent.path), error))
+            found.rejects.append(Reject("", "bad-archive", name, "", detail))
             return
         cut = f"{error} after {len(entries)} members"
     if cut is not None:
@@ -299,6 +311,11 @@ def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
             f"{name} is cut off ({cut}): the zips and pieces before the cut are read; "
             "download it again for the rest")))
     _collect(entries, name, found)
+
+
+def _first_bytes(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(64)
 
 
 def _tar_end_found(extent: Extent, end: int) -> bool:

@@ -8,6 +8,7 @@ defect image are split separately in the same ratio, so every split sees both ki
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections import defaultdict
 from collections.abc import Iterable
@@ -25,8 +26,8 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
         values = [float(part) for part in parts]
     except ValueError:
         raise ValueError(usage) from None
-    if any(v < 0 or v != v for v in values) or sum(values) <= 0:
-        raise ValueError(f"split ratios must be >= 0 and not all 0: {text!r}")
+    if not all(math.isfinite(v) and v >= 0 for v in values) or not 0 < sum(values) < math.inf:
+        raise ValueError(f"split ratios must be finite numbers >= 0, not all 0: {text!r}")
     total = sum(values)
     train, val, test = (v / total for v in values)
     return train, val, test

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import deflate
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .labels import BOM, BadLabel, parse_label
@@ -49,8 +50,15 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
     for path in (manifest_path, summary_path):
         if not path.is_file():
             raise OutputMissing(f"{path} not found: is {out} a shardify output?")
-    rows = pq.read_table(manifest_path).to_pylist()
-    summary = orjson.loads(summary_path.read_bytes())
+    try:
+        rows = pq.read_table(manifest_path).to_pylist()
+        summary = orjson.loads(summary_path.read_bytes())
+        if not all(isinstance(summary["splits"][split]["shards"], list)
+                   and isinstance(summary["splits"][split]["samples"], int) for split in SPLITS):
+            raise KeyError("splits")
+    except (pa.ArrowException, orjson.JSONDecodeError, KeyError, TypeError) as error:
+        raise OutputMissing(f"{out}: manifest.parquet or summary.json is damaged ({error!r}); "
+                            "re-run the convert command to rewrite them") from None
     expected = {row["shard"]: {} for row in rows}
     for row in rows:
         expected[row["shard"]][row["key"]] = row

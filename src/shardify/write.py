@@ -58,13 +58,12 @@ class WrittenSample(NamedTuple):
 
 @dataclass
 class ShardResult:
-    """A finished shard: its samples and rejects, size and CRC-32 (what resume checks)."""
+    """A finished shard: its samples, its rejects and its size."""
 
     name: str
     written: list[WrittenSample] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     bytes_out: int = 0
-    crc32: int = 0
 
 
 LOCATION = np.dtype([("archive", "i4"), ("offset", "i8"), ("compressed", "i8"), ("size", "i8"),
@@ -101,7 +100,7 @@ def shard_job(name: str, samples: tuple[Sample, ...]) -> ShardJob:
                         dtype=LOCATION)
 
     return ShardJob(name, [s.key for s in samples], [s.image_ext for s in samples],
-                    bytes(48 + s.fields.label for s in samples),
+                    b"".join(CLASS_BYTES[s.fields.label] for s in samples),
                     locations([s.image for s in samples]), locations([s.label for s in samples]),
                     problems, archives)
 
@@ -119,7 +118,7 @@ def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
     rejects = [Reject(samples[i].key, reason, member.archive.name, member.name, detail)
                for i, reason, detail in entry["rejects"]
                for member in (samples[i].image, samples[i].label)]
-    return ShardResult(name, written, rejects, entry["bytes"], entry["crc32"])
+    return ShardResult(name, written, rejects, entry["bytes"])
 
 
 def padded(size: int) -> int:
@@ -129,6 +128,9 @@ def padded(size: int) -> int:
 def sample_tar_size(sample: Sample) -> int:
     """Bytes a sample takes in a tar: three headers plus the padded image, label and class."""
     return 3 * BLOCK + padded(sample.image.file_size) + padded(sample.label_size) + padded(1)
+
+
+NAME_FIELD, SIZE_FIELD, CHECKSUM_FIELD = slice(0, 100), slice(124, 136), slice(148, 156)
 
 
 def _header_template() -> tuple[bytes, int]:
@@ -146,7 +148,6 @@ def _header_template() -> tuple[bytes, int]:
     return bytes(header), sum(header)
 
 
-NAME_FIELD, SIZE_FIELD, CHECKSUM_FIELD = slice(0, 100), slice(124, 136), slice(148, 156)
 HEADER_TEMPLATE, HEADER_SUM = _header_template()
 MAX_MEMBER_SIZE = 8**11 - 1
 

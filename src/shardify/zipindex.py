@@ -31,6 +31,7 @@ from .sources import (
     ArchiveReader,
     Extent,
     Member,
+    MemberError,
     Reject,
 )
 
@@ -39,8 +40,7 @@ ZIP64_LOCATOR_SIG = b"PK\x06\x07"
 ZIP64_EOCD_SIG = b"PK\x06\x06"
 CENTRAL_SIG = b"PK\x01\x02"
 LOCAL_SIG = b"PK\x03\x04"
-DESCRIPTOR_SIG = b"PK\x07\x08"
-SPANNING_SIG = b"PK\x07\x08"
+DESCRIPTOR_SIG = b"PK\x07\x08"  # also starts a split archive's first volume
 
 EOCD = struct.Struct("<4s4H2LH")
 ZIP64_LOCATOR = struct.Struct("<4sLQL")
@@ -133,6 +133,15 @@ def index_archives(archives: list[Archive], reader: ArchiveReader) -> Index:
         except ArchiveError as error:
             index.rejects.append(Reject("", "bad-archive", archive.name, "", str(error)))
             continue
+        except MemberError as error:  # a deflated zip inside a zip that cannot be inflated
+            parent = archive.parent.name if archive.parent else ""
+            index.rejects.append(Reject("", error.reason, archive.name.removesuffix(
+                f"/{parent}"), parent, f"zip inside a zip: {error}"))
+            continue
+        except OSError as error:
+            index.rejects.append(Reject("", "bad-archive", archive.name, "",
+                                        f"{archive.name}: cannot read: {error.strerror or error}"))
+            continue
         index.archives.append(archive)
         for member in members:
             if member.name[-4:].lower() != ".zip" or is_junk(member.name):
@@ -192,7 +201,7 @@ def list_members(archive: Archive, reader: ArchiveReader) -> tuple[Archive, list
         reordered = _string_order_merge(archive, reader)
         if reordered is not None:
             return list_members(reordered, reader)
-        if reader.pread(archive, 4, 0) not in (LOCAL_SIG, SPANNING_SIG):
+        if reader.pread(archive, 4, 0) not in (LOCAL_SIG, DESCRIPTOR_SIG):
             raise
         archive, members = _recover(archive, reader, str(error))
     return archive, _flag_hostile(archive, members)
@@ -207,7 +216,7 @@ def _central_directory(archive: Archive, reader: ArchiveReader) -> list[Member]:
         eocd_at = tail.rfind(EOCD_SIG, 0, eocd_at)
     if eocd_at < 0:
         raise ArchiveError(f"{archive.name}: not a zip file (no end-of-central-directory record)")
-    _, this_disk, cd_disk, _, count, cd_size, cd_offset, _ = EOCD.unpack_from(tail, eocd_at)
+    _, this_disk, cd_disk, _, _, cd_size, cd_offset, _ = EOCD.unpack_from(tail, eocd_at)
     eocd_pos = tail_start + eocd_at
     cd_end = eocd_pos
     locator_pos = eocd_pos - ZIP64_LOCATOR.size
@@ -221,7 +230,7 @@ def _central_directory(archive: Archive, reader: ArchiveReader) -> list[Member]:
             record = reader.pread(archive, ZIP64_EOCD.size, record_pos)
         if len(record) != ZIP64_EOCD.size or record[:4] != ZIP64_EOCD_SIG:
             raise ArchiveError(f"{archive.name}: broken Zip64 end-of-central-directory record")
-        this_disk, cd_disk, _, count, cd_size, cd_offset = ZIP64_EOCD.unpack(record)[4:10]
+        this_disk, cd_disk, _, _, cd_size, cd_offset = ZIP64_EOCD.unpack(record)[4:10]
         cd_end = record_pos
     volume_starts = archive.volume_starts
     if len(volume_starts) > 1 and this_disk + 1 != len(volume_starts):
@@ -241,18 +250,22 @@ def _central_directory(archive: Archive, reader: ArchiveReader) -> list[Member]:
     directory = reader.pread(archive, cd_size, cd_start)
     if len(directory) != cd_size:
         raise ArchiveError(f"{archive.name}: central directory is cut off")
-    return _entries(archive, directory, count, shift)
+    return _entries(archive, directory, shift)
 
 
-def _entries(archive: Archive, directory: bytes, count: int, shift: int) -> list[Member]:
-    """One Member per central directory entry; the loop is kept lean (200k entries < 0.5 s)."""
+def _entries(archive: Archive, directory: bytes, shift: int) -> list[Member]:
+    """One Member per central directory entry; the loop is kept lean (200k entries < 0.5 s).
+
+    Entries are read to the directory's end, not up to the end record's count: some writers
+    store that count modulo 65536.
+    """
     members: list[Member] = []
     append = members.append
     unpack_entry = CENTRAL.unpack_from
     starts = archive.volume_starts
     pos = 0
     try:
-        for _ in range(count):
+        while pos < len(directory):
             (signature, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len,
              comment_len, disk, _, _, offset) = unpack_entry(directory, pos)
             if signature != CENTRAL_SIG:
@@ -360,7 +373,7 @@ def _recover(archive: Archive, reader: ArchiveReader,
     one cannot be delimited and ends the walk. What follows the last complete member is lost.
     """
     size = archive.size
-    pos = 4 if reader.pread(archive, 4, 0) == SPANNING_SIG else 0
+    pos = 4 if reader.pread(archive, 4, 0) == DESCRIPTOR_SIG else 0
     members: list[Member] = []
     cut: Member | None = None
     while pos + LOCAL.size <= size:
