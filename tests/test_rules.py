@@ -234,3 +234,27 @@ def test_ustar_header_is_what_tarfile_writes() -> None:
         ustar_header("x" * 100, 1)
     with pytest.raises(ValueError):
         ustar_header("é.jpg", 1)
+
+
+@pytest.mark.parametrize(
+    ("battery_ids", "expected"),
+    [(101, 101), (101.0, 101), ("101", 101), ([7], 7), (-5, None), ("²", None),
+     (2**63 + 5, None), (1.5, None), (True, None)],
+)
+def test_battery_ids_forms(battery_ids: object, expected: int | None) -> None:
+    """Plausible spellings are accepted; anything that cannot be an int64 id is a bad label."""
+    label = {**LABEL, "data_info": {**LABEL["data_info"], "battery_ids": battery_ids}}
+    if expected is None:
+        with pytest.raises(BadLabel, match="battery"):
+            parse_label(orjson.dumps(label))
+    else:
+        assert parse_label(orjson.dumps(label)).battery_id == expected
+
+
+def test_values_the_manifest_cannot_hold_are_dropped_not_fatal() -> None:
+    label = {**LABEL, "swelling": {"swelling": "yes"},
+             "image_info": {**LABEL["image_info"], "width": 2**40, "is_normal": 1}}
+    fields = parse_label(orjson.dumps(label))
+    assert (fields.swelling, fields.width, fields.is_normal) == (None, None, True)
+    with pytest.raises(BadLabel, match="true/false"):
+        parse_label(orjson.dumps({**LABEL, "image_info": {"is_normal": 1.0}}))

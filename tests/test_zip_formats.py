@@ -504,3 +504,38 @@ def test_large_compressed_inner_zip_is_refused(tmp_path: Path,
     assert ("bad-archive", "inner.zip") in reasons and ("orphan-image", f"{stem}.jpg") in reasons
     assert "larger than" in next(r["detail"] for r in output.rejects if r["source_member"]
                                  == "inner.zip")
+
+
+def test_entry_count_modulo_65536_still_lists_every_member(tmp_path: Path) -> None:
+    """Some writers store the entry count modulo 65536: every entry in the directory counts."""
+    stems = [f"CT_cell_pouch_101_x_{n:03d}" for n in range(3)]
+    source = tmp_path / "source"
+    source.mkdir()
+    write_zip(source / "images.zip", [image_entry(f"{stem}.jpg") for stem in stems])
+    write_zip(source / "labels.zip", [label_entry(f"{stem}.json") for stem in stems])
+    data = bytearray((source / "images.zip").read_bytes())
+    end = data.rindex(b"PK\x05\x06")
+    struct.pack_into("<2H", data, end + 8, 1, 1)  # entries on this disk, entries in all
+    (source / "images.zip").write_bytes(bytes(data))
+    output = convert(tmp_path / "out", source)
+    assert output.rejects == []
+    assert sorted(output.samples) == stems
+
+
+def test_damaged_compressed_inner_zip_is_a_reject(tmp_path: Path) -> None:
+    """A deflated zip inside a zip whose CRC is wrong: a reject row, the run goes on."""
+    stem = "CT_cell_pouch_101_x_001"
+    inner = tmp_path / "inner.zip"
+    write_zip(inner, [label_entry(f"{stem}.json")])
+    source = tmp_path / "source"
+    source.mkdir()
+    write_zip(source / "images.zip", [image_entry(f"{stem}.jpg"), image_entry("CT_ok_1.jpg")])
+    write_zip(source / "labels.zip", [ZipEntry("inner.zip", inner.read_bytes(), ZIP_DEFLATED),
+                                      label_entry("CT_ok_1.json")])
+    data = bytearray((source / "labels.zip").read_bytes())
+    central = data.index(b"PK\x01\x02")
+    struct.pack_into("<I", data, central + 16, 0)  # the inner zip's CRC in the directory
+    (source / "labels.zip").write_bytes(bytes(data))
+    output = convert(tmp_path / "out", source)
+    assert ("bad-crc", "inner.zip") in {(r["reason"], r["source_member"]) for r in output.rejects}
+    assert "CT_ok_1" in output.samples
