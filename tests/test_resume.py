@@ -245,3 +245,20 @@ def test_progress_lines_when_not_a_terminal(dataset: SynthResult, tmp_path: Path
     assert any(line.startswith("reading labels: ") for line in lines)
     assert main([*args[:3], str(tmp_path / "quiet"), *args[4:], "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_changed_or_cut_shard_is_redone(dataset: SynthResult, clean_run: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """Kept shards are checked against the size and tail CRC the journal recorded."""
+    out = tmp_path / "out"
+    assert main(convert_args(dataset, out)) == 0
+    shards = sorted(out.rglob("shard-*.tar"))
+    changed, cut = shards[0], shards[1]
+    data = bytearray(changed.read_bytes())
+    data[-1500] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    cut.write_bytes(cut.read_bytes()[:-512])
+    capsys.readouterr()
+    assert main(convert_args(dataset, out)) == 0
+    assert f"resumed: {len(shards) - 2} complete shards" in capsys.readouterr().out
+    assert output_files(out) == output_files(clean_run)

@@ -17,14 +17,14 @@ from pathlib import Path
 import deflate
 import orjson
 
+from . import __version__
 from .plan import PlannedShard
 from .sources import Member
-from .write import ShardResult, expand
+from .write import TAIL_BYTES, ShardResult, expand
 
 STATE_DIR = ".shardify"
 RUN_FILE = "run.json"
 JOURNAL_FILE = "journal.jsonl"
-READ_CHUNK = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,12 @@ class RunRecord:
 
 
 def plan_fingerprint(shards: list[PlannedShard], options: dict) -> str:
-    """A hash of the options and of every planned sample with its source members' identity."""
-    digest = hashlib.sha256(orjson.dumps(options, option=orjson.OPT_SORT_KEYS))
+    """A hash of shardify's version, the options and every planned sample's source members.
+
+    The version is part of it: shards written by another version are never mixed in.
+    """
+    digest = hashlib.sha256(__version__.encode())
+    digest.update(orjson.dumps(options, option=orjson.OPT_SORT_KEYS))
     for shard in shards:
         digest.update(shard.name.encode())
         for sample in shard.samples:
@@ -79,9 +83,12 @@ def is_shardify_output(out: Path) -> bool:
 
 
 def journaled_shards(out: Path, shards: list[PlannedShard]) -> dict[str, ShardResult]:
-    """Finished shards from the journal whose file still has the recorded size and CRC-32.
+    """Finished shards from the journal whose file still has the recorded size and tail CRC.
 
-    A torn last line (crash while appending) is ignored: that shard is simply redone.
+    Only each shard's last MiB is read back (a re-run over 500 GB of shards must not read them
+    all); shards are only ever renamed into place whole, so this catches a replaced or cut
+    file. `shardify verify` checks every byte. A torn last journal line (crash while
+    appending) is ignored: that shard is simply redone.
     """
     path = out / STATE_DIR / JOURNAL_FILE
     if not path.is_file():
@@ -98,7 +105,7 @@ def journaled_shards(out: Path, shards: list[PlannedShard]) -> dict[str, ShardRe
             continue
         shard_file = out / shard.name
         if shard_file.is_file() and shard_file.stat().st_size == entry["bytes"] \
-                and file_crc32(shard_file) == entry["crc32"]:
+                and tail_crc32(shard_file) == entry.get("tail_crc32"):
             finished[shard.name] = expand(shard.samples, entry)
     return finished
 
@@ -117,9 +124,8 @@ def reset_journal(out: Path) -> None:
     (out / STATE_DIR / JOURNAL_FILE).unlink(missing_ok=True)
 
 
-def file_crc32(path: Path) -> int:
-    crc = 0
+def tail_crc32(path: Path) -> int:
+    """CRC-32 of a file's last TAIL_BYTES (what the journal records for each shard)."""
     with open(path, "rb") as handle:
-        while chunk := handle.read(READ_CHUNK):
-            crc = deflate.crc32(chunk, crc)
-    return crc
+        handle.seek(max(0, handle.seek(0, os.SEEK_END) - TAIL_BYTES))
+        return deflate.crc32(handle.read())

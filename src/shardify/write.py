@@ -42,6 +42,7 @@ CLASS_BYTES = {0: b"0", 1: b"1"}
 PR_SET_PDEATHSIG = 1
 SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_STEP = 32 * 2**20
+TAIL_BYTES = 2**20  # the journal records the CRC-32 of each shard's last MiB (resume checks it)
 _SYNC_FILE_RANGE = getattr(ctypes.CDLL(None), "sync_file_range", None) \
     if sys.platform == "linux" else None
 
@@ -279,7 +280,7 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
     written: list[list] = []
     rejects: list[list] = []
     images, labels = job.images.tolist(), job.labels.tolist()
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         offset = crc = flushed = 0
         for i, key in enumerate(job.keys):
@@ -301,6 +302,8 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
         end = bytes(TAR_END_SIZE)
         _write_all(fd, [end])
         os.fdatasync(fd)
+        size = offset + TAR_END_SIZE
+        tail = os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES))  # from the page cache
     except BaseException:
         os.close(fd)
         partial.unlink(missing_ok=True)
@@ -308,8 +311,8 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
     os.close(fd)
     os.replace(partial, final)
     _fsync_dir(final.parent)
-    return {"shard": job.name, "bytes": offset + TAR_END_SIZE, "crc32": deflate.crc32(end, crc),
-            "samples": written, "rejects": rejects}
+    return {"shard": job.name, "bytes": size, "crc32": deflate.crc32(end, crc),
+            "tail_crc32": deflate.crc32(tail), "samples": written, "rejects": rejects}
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
