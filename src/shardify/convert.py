@@ -19,7 +19,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from . import __version__
-from .manifest import manifest_table, rejects_table, write_json, write_parquet
+from .manifest import (
+    manifest_table,
+    rejects_table,
+    write_json,
+    write_parquet,
+    write_wids_indexes,
+)
 from .pairing import Pairing, pair_members
 from .plan import PlannedShard, plan_shards
 from .progress import Progress, human_bytes
@@ -45,7 +51,8 @@ from .split import SPLITS, assign_splits
 from .write import ShardResult, expand, worker_pool, write_shards
 from .zipindex import Index, index_archives
 
-OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json")
+OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json",
+             *(f"{split}.wids.json" for split in SPLITS))
 MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk check
 
 
@@ -132,6 +139,7 @@ def _write_index_files(options: ConvertOptions, manifest: pa.Table, rejects: lis
     """Manifest, rejects and summary, each atomically; summary.json last, as the sign of done."""
     write_parquet(rejects_table(rejects), options.out / "rejects.parquet")
     write_parquet(manifest, options.out / "manifest.parquet")
+    write_wids_indexes(options.out, manifest)
     if options.manifest is not None:
         write_parquet(manifest, options.manifest)
         write_json(summary, options.manifest.with_suffix(".summary.json"))

@@ -7,6 +7,7 @@ Nothing time- or host-dependent goes in, so the same inputs give byte-identical 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .sources import Reject
+from .split import SPLITS
 from .write import WrittenSample
 
 MANIFEST_SCHEMA = pa.schema(
@@ -102,6 +104,36 @@ def rejects_table(rejects: Iterable[Reject]) -> pa.Table:
         ],
         schema=REJECT_SCHEMA,
     )
+
+
+def wids_index(split: str, shards: list[tuple[str, int, int]]) -> dict:
+    """The split's shards as a `wids` shard index, so `wids.ShardListDataset` can address any
+    sample by number without scanning the shards first.
+
+    `shards` are (path relative to OUT, samples, bytes) in shard order; URLs stay relative, so
+    wids resolves them against the index's own folder and OUT can be moved like the manifest.
+    """
+    return {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "shardlist": [{"url": url, "nsamples": count, "filesize": size}
+                      for url, count, size in shards],
+        "name": split,
+    }
+
+
+def write_wids_indexes(out: Path, manifest: pa.Table) -> None:
+    """OUT/{split}.wids.json for each split with samples, atomically; an empty split's is removed,
+    so a stale index never points at shards a later run deleted."""
+    samples = Counter(manifest.column("shard").to_pylist())
+    for split in SPLITS:
+        path = out / f"{split}.wids.json"
+        shards = sorted(name for name in samples if name.startswith(f"{split}/"))
+        if not shards:
+            path.unlink(missing_ok=True)
+            continue
+        entries = [(name, samples[name], (out / name).stat().st_size) for name in shards]
+        write_json(wids_index(split, entries), path)
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:

@@ -1,0 +1,239 @@
+"""Training from a shardify output: a streaming webdataset pipeline, and wids random access.
+
+Shards hold one battery after another, so reading them one at a time gives batches of one or two
+batteries, and a shuffle buffer smaller than a shard cannot fix that. `open_dataset` therefore
+reads several shards at once in each worker and interleaves them before the shuffle buffer.
+
+The manifest is the index: `select` filters its rows, only the shards holding matching rows are
+opened, and each sample's manifest row travels with it into `meta`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+
+from .manifest import MANIFEST_SCHEMA
+from .split import SPLITS
+
+if TYPE_CHECKING:
+    import wids
+
+Decode = Literal["pil", "numpy", "raw"]
+Select = pc.Expression | Mapping[str, Any] | None
+Item = tuple[dict[str, Any], dict[str, Any]]  # (webdataset sample, manifest row)
+DECODES = ("pil", "numpy", "raw")
+
+
+def select_expression(split: str, select: Select = None) -> pc.Expression:
+    """`split` and `select` as one Arrow filter.
+
+    `select` is an Expression, or a dict shorthand: `{"data_type": "ct", "form": ("pouch",
+    "cylindrical")}` means equal for plain values and "in" for tuples, lists and sets.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    expression = pc.field("split") == split
+    if select is None:
+        return expression
+    if isinstance(select, pc.Expression):
+        return expression & select
+    for column, value in select.items():
+        if column not in MANIFEST_SCHEMA.names:
+            raise ValueError(f"select: the manifest has no column {column!r} "
+                             f"(columns: {', '.join(MANIFEST_SCHEMA.names)})")
+        if isinstance(value, tuple | list | set | frozenset):
+            expression &= pc.field(column).isin(list(value))
+        else:
+            expression &= pc.field(column) == value
+    return expression
+
+
+def manifest_rows(out: Path | str, split: str = "train", select: Select = None) -> pa.Table:
+    """The split's manifest rows that match `select`, in shard then offset order.
+
+    That is the order of the samples on disk, hence of `open_indexed`'s sample numbers.
+    """
+    table = pq.read_table(Path(out) / "manifest.parquet", filters=select_expression(split, select))
+    return table.sort_by([("shard", "ascending"), ("offset", "ascending")])
+
+
+def shard_url(out: Path | str, shard: str, base_url: str | None = None) -> str:
+    """Where to read `shard` (a manifest path, relative to OUT) from.
+
+    Without `base_url`, a local path under OUT; a `base_url` holding `{shard}` has it replaced
+    (`pipe:curl -s https://host/shards/{shard}`); any other is a prefix (`file:///mnt/shards`,
+    `https://host/shards`).
+    """
+    if base_url is None:
+        return str(Path(out) / shard)
+    if "{shard}" in base_url:
+        return base_url.replace("{shard}", shard)
+    return f"{base_url.rstrip('/')}/{shard}"
+
+
+def decode_image(data: bytes, decode: Decode) -> Any:
+    """Image bytes as an RGB PIL image, an HxWx3 uint8 array, or unchanged.
+
+    RGB for CT slices too, so that batches mixing CT and exterior photos stack.
+    """
+    if decode == "raw":
+        return data
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return image if decode == "pil" else np.array(image)
+
+
+class Interleave:
+    """Pipeline stage: shard URLs -> (sample, manifest row), from `mix` open shards in turn.
+
+    Only samples with a row in `rows` come out: that is how `select` applies inside a shard.
+    Rows become dicts one open shard at a time, never for the whole split.
+    """
+
+    def __init__(self, rows: pa.Table, spans: dict[str, tuple[int, int]], mix: int) -> None:
+        self.rows = rows
+        self.spans = spans  # url -> (first, end) row numbers of its shard in `rows`
+        self.mix = mix
+
+    def __call__(self, shards: Iterable[dict[str, Any]]) -> Iterator[Item]:
+        pending = iter(shards)
+        active: list[Iterator[Item]] = []
+        while True:
+            active += [self.samples(shard["url"])
+                       for shard in islice(pending, self.mix - len(active))]
+            if not active:
+                return
+            for source in list(active):
+                item = next(source, None)
+                if item is None:
+                    active.remove(source)
+                else:
+                    yield item
+
+    def samples(self, url: str) -> Iterator[Item]:
+        first, end = self.spans[url]
+        wanted = {row["key"]: row for row in self.rows.slice(first, end - first).to_pylist()}
+        for sample in wds.tarfile_samples([{"url": url}]):
+            row = wanted.get(sample["__key__"])
+            if row is not None:
+                yield sample, row
+
+
+class ToTuple:
+    """(sample, row) -> (image, label, meta), after the shuffle buffer so that it holds bytes.
+
+    `meta` is the manifest row updated with the label JSON: the only shared name is `swelling`,
+    where the JSON's object (holding the manifest's bool and the battery outline) is kept.
+    """
+
+    def __init__(self, decode: Decode) -> None:
+        self.decode = decode
+
+    def __call__(self, item: Item) -> tuple[Any, int, dict[str, Any]]:
+        sample, row = item
+        meta = {**row, **orjson.loads(sample["json"])}
+        return decode_image(sample[row["image_ext"]], self.decode), int(sample["cls"]), meta
+
+
+def open_dataset(out: Path | str, split: str = "train", *, select: Select = None,
+                 decode: Decode = "pil", shuffle: int = 1000, resample: bool = False,
+                 mix: int = 8, base_url: str | None = None,
+                 seed: int | None = None) -> wds.DataPipeline:
+    """A webdataset pipeline of (image, label, meta) for one split of a shardify output.
+
+    - `select`: manifest filter (see `select_expression`); only shards with matches are read.
+    - `decode`: "pil" (RGB image), "numpy" (HxWx3 uint8) or "raw" (the image bytes).
+    - `shuffle`: samples in the shuffle buffer; shard order is shuffled too when > 0. 0 reads
+      everything in manifest order (evaluation); 1 shuffles the shard order only.
+    - `mix`: shards each worker reads at once, taking a sample from each in turn.
+    - `resample`: draw shards with replacement, endlessly and independently in each worker and
+      node (multi-node training; bound an epoch with `.with_epoch(n)`). Otherwise shards are
+      split between nodes and DataLoader workers: each sample once per epoch.
+    - `base_url`: read shards from there instead of OUT (see `shard_url`).
+    - `seed`: makes shard and sample order repeatable (varying by epoch); None: random.
+    """
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
+    if mix < 1 or shuffle < 0:
+        raise ValueError(f"mix must be >= 1 and shuffle >= 0, got mix={mix}, shuffle={shuffle}")
+    rows = manifest_rows(out, split, select)
+    if rows.num_rows == 0:
+        raise ValueError(f"no {split} samples in {out} match select={select!r}")
+    spans = {shard_url(out, shard, base_url): span for shard, span in _shard_spans(rows).items()}
+    urls = list(spans)
+    if resample:
+        stages: list[Any] = [wds.ResampledShards(urls, seed=seed or 0,
+                                                 deterministic=seed is not None)]
+    else:
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+        if shuffle:
+            stages.append(_shuffle(len(urls), len(urls), seed))
+    stages.append(Interleave(rows, spans, mix))
+    if shuffle > 1:
+        stages.append(_shuffle(shuffle, min(shuffle, 100), seed))
+    stages.append(wds.map(ToTuple(decode)))
+    return wds.DataPipeline(*stages)
+
+
+def _shard_spans(rows: pa.Table) -> dict[str, tuple[int, int]]:
+    """Row range of each shard in `rows` (sorted by shard)."""
+    runs = pc.run_end_encode(rows.column("shard").combine_chunks())
+    ends = runs.run_ends.to_pylist()
+    return {shard: (first, end) for shard, first, end
+            in zip(runs.values.to_pylist(), [0, *ends[:-1]], ends, strict=True)}
+
+
+def _shuffle(size: int, initial: int, seed: int | None) -> Any:
+    """A shuffle buffer: repeatable per (seed, epoch) with a seed, random without."""
+    if seed is None:
+        return wds.shuffle(size, initial=initial)
+    return wds.detshuffle(size, initial=initial, seed=seed)
+
+
+def open_indexed(out: Path | str, split: str = "train", **options: Any) -> wids.ShardListDataset:
+    """Random access by sample number with `wids`, from OUT/{split}.wids.json.
+
+    Sample i is row i of `manifest_rows(out, split)`. Samples are dicts of raw bytes (".jpg" or
+    ".png", ".json", ".cls", "__key__") unless `transformations` are given; `options` go to
+    `wids.ShardListDataset` (`transformations`, `cache_dir`, `base`, `lru_size`, ...). Local
+    shards are read in place: wids would copy each into its cache otherwise (it creates and
+    removes a `.lock` file beside a shard while opening it). wids needs torch: `shardify[train]`.
+    """
+    try:
+        import wids
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(f"open_indexed needs wids and torch ({error}); "
+                                  "pip install 'shardify[train]'") from error
+    index = Path(out) / f"{split}.wids.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found: an empty split, or converted by a shardify "
+                                "without wids indexes (re-run the same convert command)")
+    options.setdefault("transformations", [])
+    options.setdefault("localname", InPlace())
+    return wids.ShardListDataset(str(index), **options)
+
+
+class InPlace:
+    """wids `localname`: a local shard is its own cache file; remote ones go to wids' cache."""
+
+    def __call__(self, url: str) -> str:
+        parsed = urlparse(url)
+        if parsed.scheme in ("", "file"):
+            return url2pathname(parsed.path)
+        from wids.wids import DefaultLocalname
+
+        return DefaultLocalname(os.environ.get("WIDS_CACHE", "/tmp/_wids_cache"))(url)
