@@ -18,6 +18,7 @@ from shardify.pairing import SAFE_KEY, Sample, safe_key
 from shardify.plan import plan_shards
 from shardify.sources import Archive, Member
 from shardify.split import assign_splits, parse_ratios
+from shardify.synth import SynthResult
 from shardify.write import TAR_END_SIZE, image_problem, sample_tar_size
 
 LABEL = {
@@ -258,3 +259,12 @@ def test_values_the_manifest_cannot_hold_are_dropped_not_fatal() -> None:
     assert (fields.swelling, fields.width, fields.is_normal) == (None, None, True)
     with pytest.raises(BadLabel, match="true/false"):
         parse_label(orjson.dumps({**LABEL, "image_info": {"is_normal": 1.0}}))
+
+
+def test_manifest_path_that_is_a_folder_is_refused_before_work(
+        dataset: SynthResult, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert main(["convert", str(dataset.root), "--out", str(out), "--manifest", str(tmp_path),
+                 "--quiet"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not out.exists()

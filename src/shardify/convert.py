@@ -7,6 +7,7 @@ shard at a time. This module owns the output folder: what may be written there a
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -53,6 +54,7 @@ from .zipindex import Index, index_archives
 
 OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json",
              *(f"{split}.wids.json" for split in SPLITS))
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk check
 
 
@@ -104,6 +106,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
     started = time.monotonic()
     out = options.out
     _check_output_folder(out, options.sources)
+    _check_manifest_path(options.manifest)
     try:
         with worker_pool(options.workers) as pool, ArchiveReader() as reader:
             index, pairing = survey(options.sources, reader, quiet=options.quiet)
@@ -126,7 +129,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
     try:
         _write_index_files(options, manifest_table(written), rejects, summary)
     except OSError as error:
-        if error.errno == errno.ENOSPC:
+        if error.errno in DISK_FULL:
             raise NotEnoughSpace(f"disk full on {out} while writing the manifest: all shards "
                                  "are complete; free some space and re-run the same command"
                                  ) from None
@@ -213,7 +216,7 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
                         f"{len(shards)} shards are complete and kept: re-run the same command "
                         "to resume") from None
     except OSError as error:
-        if error.errno != errno.ENOSPC:
+        if error.errno not in DISK_FULL:
             raise
         needed = sum(size for name, size in expected.items() if name not in results)
         raise NotEnoughSpace(
@@ -275,6 +278,25 @@ def _check_output_folder(out: Path, sources: list[str]) -> None:
     if out.is_dir() and any(out.iterdir()) and not is_shardify_output(out):
         raise UsageError(f"--out {out} is not empty and is not a shardify output; "
                          "choose a new or empty folder")
+    _check_writable(out, "--out")
+
+
+def _check_manifest_path(manifest: Path | None) -> None:
+    if manifest is not None:
+        if manifest.is_dir():
+            raise UsageError(f"--manifest {manifest} is a folder; give a file name, "
+                             "e.g. manifests/aihub-71687.parquet")
+        _check_writable(manifest.parent, "--manifest")
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Fail now, not after hours of work, if `path` (or its nearest existing parent) is read-only.
+    """
+    existing = path.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {existing} is not writable")
 
 
 def _remove_partial_shards(out: Path) -> None:
