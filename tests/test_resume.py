@@ -262,3 +262,23 @@ def test_a_changed_or_cut_shard_is_redone(dataset: SynthResult, clean_run: Path,
     assert main(convert_args(dataset, out)) == 0
     assert f"resumed: {len(shards) - 2} complete shards" in capsys.readouterr().out
     assert output_files(out) == output_files(clean_run)
+
+
+def test_a_second_run_into_the_same_out_is_refused(dataset: SynthResult, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """While one run holds OUT, another stops before touching anything there."""
+    import os
+
+    from shardify.resume import claim_output
+
+    out = tmp_path / "out"
+    assert main(convert_args(dataset, out)) == 0
+    before = output_files(out)
+    held = claim_output(out)
+    try:
+        assert main(convert_args(dataset, out, "--seed", "5", "--overwrite")) == 2
+        assert "another shardify convert is writing" in capsys.readouterr().err
+        assert output_files(out) == before
+    finally:
+        os.close(held)
+    assert main(convert_args(dataset, out)) == 0

@@ -88,6 +88,7 @@ def parse_seed(text: str) -> int:
 
 
 def _positive_int(text: str) -> int:
+    """An argparse type for counts such as --workers."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1: {text!r}")
     return int(text)
@@ -101,6 +102,7 @@ def _subcommand(commands: argparse._SubParsersAction, name: str, *, help: str,
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; --help texts here are the reference the README follows."""
     parser = argparse.ArgumentParser(
         prog="shardify",
         description="Turn zip downloads of image datasets into battery-grouped WebDataset "
@@ -191,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code (see EXIT_CODES) instead of raising."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -269,6 +272,7 @@ def format_report(report: ConvertReport) -> str:
 
 
 def _scan(args: argparse.Namespace) -> int:
+    """Print the scan report as text or JSON; scanning never fails on bad inputs (exit 0)."""
     report = scan(args.sources)
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())

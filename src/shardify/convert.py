@@ -33,6 +33,7 @@ from .progress import Progress, human_bytes
 from .resume import (
     RunRecord,
     append_journal,
+    claim_output,
     is_shardify_output,
     journaled_shards,
     plan_fingerprint,
@@ -72,6 +73,8 @@ class NotEnoughSpace(Exception):
 
 @dataclass(frozen=True)
 class ConvertOptions:
+    """Everything `shardify convert` was asked to do (`split` is the ratios as typed)."""
+
     sources: list[str]
     out: Path
     shard_size: int
@@ -107,6 +110,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
     out = options.out
     _check_output_folder(out, options.sources)
     _check_manifest_path(options.manifest)
+    lock = None
     try:
         with worker_pool(options.workers) as pool, ArchiveReader() as reader:
             index, pairing = survey(options.sources, reader, quiet=options.quiet)
@@ -118,10 +122,13 @@ def convert(options: ConvertOptions) -> ConvertReport:
             todo = [shard for shard in shards if shard.name not in finished]
             if options.space_check:
                 _check_space(out, todo, len(pairing.samples))
+            lock = _claim(out)
             _prepare_output_folder(out, run, shards, finished)
             results = _write_shards(shards, finished, options, pool)
     finally:
-        _remove_partial_shards(out)  # after the workers are gone: none can be writing
+        if lock is not None:
+            _remove_partial_shards(out)  # after the workers are gone: none can be writing
+            os.close(lock)
 
     written = [item for result in results for item in result.written]
     rejects += [reject for result in results for reject in result.rejects]
@@ -242,6 +249,7 @@ def _reusable_shards(out: Path, run: RunRecord, shards: list[PlannedShard],
 
 
 def _what_changed(previous: RunRecord, run: RunRecord) -> str:
+    """`seed 0 -> 1`-style differences in the options, or that the inputs differ."""
     changed = [f"{key} {previous.options.get(key)} -> {value}"
                for key, value in run.options.items() if previous.options.get(key) != value]
     return ", ".join(changed) if changed else "the inputs differ: other archives or members"
@@ -299,6 +307,15 @@ def _check_writable(path: Path, option: str) -> None:
         raise UsageError(f"{option} {path}: {existing} is not writable")
 
 
+def _claim(out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return claim_output(out)
+    except BlockingIOError:
+        raise UsageError(f"another shardify convert is writing to {out}; wait for it, or "
+                         "choose another --out") from None
+
+
 def _remove_partial_shards(out: Path) -> None:
     for split in SPLITS:
         for path in (out / split).glob(".shard-*.tar.partial"):
@@ -311,7 +328,6 @@ def _prepare_output_folder(out: Path, run: RunRecord, shards: list[PlannedShard]
 
     Only shardify's own files are touched: shard files, their partial files, the index files.
     """
-    out.mkdir(parents=True, exist_ok=True)
     if not finished:
         reset_journal(out)
     start_run(out, run)

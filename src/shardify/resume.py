@@ -9,6 +9,7 @@ is refused, so two runs' shards never mix.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .write import TAIL_BYTES, ShardResult, expand
 STATE_DIR = ".shardify"
 RUN_FILE = "run.json"
 JOURNAL_FILE = "journal.jsonl"
+LOCK_FILE = "lock"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ def _identity(member: Member) -> list:
 
 
 def read_run(out: Path) -> RunRecord | None:
+    """The run that owns OUT, or None (no run yet, or an unreadable record: start afresh)."""
     path = out / STATE_DIR / RUN_FILE
     if not path.is_file():
         return None
@@ -76,6 +79,20 @@ def start_run(out: Path, record: RunRecord) -> None:
     partial = folder / f".{RUN_FILE}.partial"
     partial.write_bytes(record.to_json())
     os.replace(partial, folder / RUN_FILE)
+
+
+def claim_output(out: Path) -> int:
+    """Lock OUT for this run (released when the returned descriptor is closed, or the process
+    ends); raise BlockingIOError if another shardify process is writing there."""
+    folder = out / STATE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def is_shardify_output(out: Path) -> bool:
