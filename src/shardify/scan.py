@@ -11,9 +11,9 @@ from collections import Counter, defaultdict
 from .convert import archive_table, survey
 from .progress import human_bytes
 from .sources import ArchiveReader
+from .split import SPLITS
 from .write import TAR_END_SIZE, sample_tar_size
 
-SPLIT_COUNT = 3
 SHOWN_PROBLEMS = 20
 
 
@@ -49,7 +49,7 @@ def scan(sources: list[str]) -> dict:
             for r in rejects if r.reason not in ("orphan-image", "orphan-label")
         ],
         "estimated_output_bytes": sum(sample_tar_size(s) for s in pairing.samples)
-        + SPLIT_COUNT * TAR_END_SIZE,
+        + len(SPLITS) * TAR_END_SIZE,
     }
 
 
