@@ -123,9 +123,10 @@ def main() -> None:
     print(row("shardify convert, half the input", results["convert_1gb"],
               image_bytes(half) / 1e6), flush=True)
 
+    # 32 MiB shards: enough shards per worker here for an even split, as on the real dataset.
     loader_out = fresh(cache / "loader-out")
     measure([*SHARDIFY, "convert", str(half), "--out", str(loader_out), "--workers", workers,
-             "--quiet", *shard_size])
+             "--quiet", "--shard-size", "32MiB"])
     done = subprocess.run([sys.executable, str(HERE / "loader_bench.py"), str(loader_out),
                            str(half), workers], capture_output=True, text=True, check=True)
     results["loader"] = orjson.loads(done.stdout)
