@@ -402,20 +402,26 @@ def test_broken_piece_set_is_a_bad_archive_and_the_rest_converts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
 ) -> None:
     """A missing, duplicated or overlapping piece: one `bad-archive` row naming the zip and the
-    offset; the scan shows the same; the other archives still convert (exit 0)."""
+    offset, and each of its members (with its label partner) rejected as unreadable rather than
+    left to look like orphans; the scan shows the same; the other archives still convert."""
     src = tmp_path / "src"
     src.mkdir()
     good, lost, expected = broken_piece_set(src, how, tmp_path)
     out = tmp_path / "out"
     assert run_convert(out, src) == 0
     bad = [r for r in rejects(out) if r["reason"] == "bad-archive"]
-    assert len(bad) == 1
-    assert bad[0]["source_archive"] == "b_images.zip"
-    assert "b_images.zip" in bad[0]["detail"] and expected in bad[0]["detail"]
+    [archive_row] = [r for r in bad if not r["source_member"]]
+    assert archive_row["source_archive"] == "b_images.zip"
+    assert "b_images.zip" in archive_row["detail"] and expected in archive_row["detail"]
+    member_rows = {(r["key"], r["source_archive"]) for r in bad if r["source_member"]}
+    assert member_rows == {(p.stem, zip_name) for p in lost
+                           for zip_name in ("b_images.zip", "b_labels.zip")}
+    assert all(expected in r["detail"] for r in bad)
     assert_samples(out, good)
     assert {r["key"] for r in manifest(out)} == {p.stem for p in good}
-    orphans = {r["key"] for r in rejects(out) if r["reason"] == "orphan-label"}
-    assert orphans == {p.stem for p in lost}
+    assert not [r for r in rejects(out) if r["reason"].startswith("orphan")]
+    [listed] = [a for a in summary(out)["archives"] if a["name"] == "b_images.zip"]
+    assert listed["members"] == len(lost) and "broken" in listed["kind"]
 
     code, text = run_scan(capsys, src)
     assert code == 0
@@ -927,7 +933,8 @@ def test_scan_shows_every_kind_of_delivery_and_writes_nothing(
     rows = {row["name"]: row for row in report["archives"]}
     expected = {"a_images.zip": ("zip", 6, 0), "a_labels.zip": ("pieces", 0, 6),
                 "b_images.zip": ("download.tar: zip", 14, 0),
-                "b_labels.zip": ("download.tar: pieces", 0, 14)}
+                "b_labels.zip": ("download.tar: pieces", 0, 14),
+                "x_labels.zip": ("pieces (broken)", 0, 40)}
     if ZIP_TOOL is not None:
         expected |= {"c_images.zip": ("volumes", 6, 0), "c_labels.zip": ("zip", 0, 0),
                      "c_labels.zip/nested/c.zip": ("nested zip (deflated)", 0, 6)}
@@ -936,10 +943,11 @@ def test_scan_shows_every_kind_of_delivery_and_writes_nothing(
         folders = 1 if name == "c_images.zip" else 0  # `zip -r` stores the img/ folder
         assert row["members"] == row["images"] + row["labels"] + row["other"] + folders
         assert row["bytes"] > 0
-    assert report["pairs"] == report["images"] == report["labels"] == len(mix.pairs)
+    assert report["pairs"] == report["images"] == len(mix.pairs)
+    assert report["labels"] == len(mix.pairs) + 40  # the broken set's members are listed
     assert report["batteries"] == {"ct": len({p.battery for p in mix.pairs})}
-    assert report["problems"] == {"bad-archive": 1}
-    [problem] = report["problem_details"]
+    assert report["problems"] == {"bad-archive": 41}
+    [problem] = [p for p in report["problem_details"] if not p["member"]]
     assert problem["archive"] == "x_labels.zip" and "offset 2000" in problem["detail"]
     assert report["estimated_output_bytes"] > sum(len(p.image) for p in mix.pairs)
 

@@ -52,9 +52,12 @@ class MemberError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Extent:
-    """A byte range of a file on disk: `length` bytes from `offset` of `path`."""
+    """A byte range of a file on disk: `length` bytes from `offset` of `path`.
 
-    path: Path
+    A path of None is a hole (a missing download piece): it reads as zero bytes.
+    """
+
+    path: Path | None
     offset: int
     length: int
 
@@ -75,6 +78,7 @@ class Archive:
     parent: Member | None = None
     volume_starts: tuple[int, ...] = (0,)
     notes: tuple[str, ...] = ()
+    broken: str | None = None
 
     @property
     def size(self) -> int:
@@ -222,13 +226,16 @@ def _collect(files: dict[str, Extent], container: str, found: Discovery) -> None
                 f"pieces beside it are unusable ({problem}); read the merged zip",)))
             continue
         notes = (f"pieces used; the merged {zip_name} beside them was not read",) if whole else ()
-        extents = tuple(extent for _, _, extent in sorted(parts, key=lambda p: p[0]))
-        archive = Archive(zip_name, f"{kind_prefix}pieces", extents, notes=notes)
         if problem:
-            found.rejects.append(Reject("", "bad-archive", zip_name, "",
-                                        f"pieces of {zip_name}: {problem}; archive skipped"))
-        else:
-            found.archives.append(archive)
+            # Skipped, but its directory is still read where the pieces allow, so its members
+            # are listed (as rejects) instead of their partners turning into orphans.
+            found.archives.append(Archive(zip_name, f"{kind_prefix}pieces (broken)",
+                                          _positioned(parts), broken=(
+                                              f"pieces of {zip_name}: {problem}; archive "
+                                              "skipped")))
+            continue
+        extents = tuple(extent for _, _, extent in sorted(parts, key=lambda p: p[0]))
+        found.archives.append(Archive(zip_name, f"{kind_prefix}pieces", extents, notes=notes))
     for zip_name, parts in volumes.items():
         last = zips.pop(zip_name, None)
         numbers = sorted(number for number, _ in parts)
@@ -243,6 +250,21 @@ def _collect(files: dict[str, Extent], container: str, found: Discovery) -> None
     for zip_name, extent in zips.items():
         kind = f"{kind_prefix}zip" if container else "zip"
         found.archives.append(Archive(zip_name, kind, (extent,)))
+
+
+def _positioned(parts: list[tuple[int, str, Extent]]) -> tuple[Extent, ...]:
+    """Pieces placed at the offsets their names give: gaps become holes, overlaps are trimmed."""
+    extents: list[Extent] = []
+    end = 0
+    for offset, _, extent in sorted(parts, key=lambda p: p[0]):
+        if offset > end:
+            extents.append(Extent(None, 0, offset - end))
+            end = offset
+        skip = end - offset
+        if extent.length > skip:
+            extents.append(Extent(extent.path, extent.offset + skip, extent.length - skip))
+            end = offset + extent.length
+    return tuple(extents)
 
 
 def _piece_problem(parts: list[tuple[int, str, Extent]]) -> str | None:
@@ -365,7 +387,8 @@ class ArchiveReader:
             if offset < end and size > 0:
                 skip = max(0, offset - start)
                 take = min(size, extent.length - skip)
-                chunk = os.pread(self._fd(extent.path), take, extent.offset + skip)
+                chunk = bytes(take) if extent.path is None else os.pread(
+                    self._fd(extent.path), take, extent.offset + skip)
                 chunks.append(chunk)
                 size -= len(chunk)
                 offset += len(chunk)

@@ -157,6 +157,8 @@ def index_archives(archives: list[Archive], reader: ArchiveReader) -> Index:
                      f"{MAX_NESTED_INFLATE >> 20} MiB and would be inflated in memory: unzip the "
                      "outer zip once, or store the inner one"))
                 index.rejects.append(Reject("", reason, archive.name, member.name, detail))
+        if archive.broken is not None:
+            index.rejects.append(Reject("", "bad-archive", archive.name, "", archive.broken))
         if any(note.startswith("truncated") for note in archive.notes):
             index.rejects.append(Reject("", "truncated", archive.name, "", archive.notes[-1]))
     return index
@@ -189,7 +191,17 @@ def _slice(archive: Archive, offset: int, length: int) -> tuple[Extent, ...]:
 
 
 def list_members(archive: Archive, reader: ArchiveReader) -> tuple[Archive, list[Member]]:
-    """(the archive, possibly re-ordered or annotated; its members with problems flagged)."""
+    """(the archive, possibly re-ordered or annotated; its members with problems flagged).
+
+    The members of a broken piece set are listed if its directory can be read, each marked
+    unreadable; if it cannot, the whole archive is an ArchiveError.
+    """
+    if archive.broken is not None:
+        try:
+            members = _central_directory(archive, reader)
+        except ArchiveError:
+            raise ArchiveError(archive.broken) from None
+        return archive, [m._replace(problem=("bad-archive", archive.broken)) for m in members]
     try:
         members = _central_directory(archive, reader)
         if not _local_headers_found(archive, members, reader):
