@@ -25,10 +25,7 @@ from .convert import (
     convert,
 )
 from .progress import human_bytes
-from .report import format_text, load_manifest, report_data, write_html
-from .scan import format_scan, scan
 from .split import SPLITS, parse_ratios
-from .verify import OutputMissing, verify_output
 
 EXIT_OK = 0
 EXIT_REJECTS = 1
@@ -273,6 +270,8 @@ def format_report(report: ConvertReport) -> str:
 
 def _scan(args: argparse.Namespace) -> int:
     """Print the scan report as text or JSON; scanning never fails on bad inputs (exit 0)."""
+    from .scan import format_scan, scan  # each subcommand imports only what it needs
+
     report = scan(args.sources)
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
@@ -282,6 +281,8 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .report import format_text, load_manifest, report_data, write_html
+
     try:
         manifest = load_manifest(args.out)
     except FileNotFoundError as error:
@@ -295,6 +296,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from .verify import OutputMissing, verify_output
+
     try:
         checked, problems = verify_output(args.out, args.sources)
     except (OutputMissing, FileNotFoundError) as error:
