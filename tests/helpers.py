@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+import zipfile
 from pathlib import Path
 
 
@@ -21,3 +22,14 @@ def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
                 assert ext not in samples.setdefault(key, {}), f"{info.name} written twice"
                 samples[key][ext] = member.read()
     return samples
+
+
+def zip_member(archive: Path, member: str) -> bytes:
+    """The member's bytes as `zipfile` reads them (names without the UTF-8 flag are CP949)."""
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            raw = info.orig_filename
+            name = raw if info.flag_bits & 0x800 else raw.encode("cp437").decode("cp949")
+            if name.replace("\\", "/") == member:
+                return zf.read(info)
+    raise KeyError(member)

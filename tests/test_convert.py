@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from helpers import zip_member
 
 from shardify.cli import main
 from shardify.labels import strip_bom
@@ -40,17 +41,6 @@ def manifest_rows(out: Path) -> list[dict]:
     return pq.read_table(out / "manifest.parquet").to_pylist()
 
 
-def zip_member(root: Path, archive: str, member: str) -> bytes:
-    """The member's bytes as `zipfile` reads them (an independent reader)."""
-    with zipfile.ZipFile(root / archive) as zf:
-        for info in zf.infolist():
-            raw = info.orig_filename
-            name = raw if info.flag_bits & 0x800 else raw.encode("cp437").decode("cp949")
-            if name.replace("\\", "/") == member:
-                return zf.read(info)
-    raise KeyError(member)
-
-
 def shard_samples(out: Path) -> dict[str, dict]:
     """Every sample of every shard, read with webdataset, keyed by sample key."""
     samples: dict[str, dict] = {}
@@ -68,8 +58,8 @@ def test_every_sample_equals_its_zip_members(dataset: SynthResult, converted: Pa
     for row in rows:
         sample = samples[row["key"]]
         assert sample["shard"] == row["shard"]
-        image = zip_member(dataset.root, row["source_archive"], row["source_member"])
-        label = zip_member(dataset.root, row["label_archive"], row["label_member"])
+        image = zip_member(dataset.root / row["source_archive"], row["source_member"])
+        label = zip_member(dataset.root / row["label_archive"], row["label_member"])
         assert sample[row["image_ext"]] == image
         assert sample["json"] == strip_bom(label)
         assert sample["cls"] == str(row["label"]).encode()

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import types
-import zipfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from helpers import zip_member
 from PIL import Image
 
 import shardify
@@ -217,17 +217,6 @@ def test_wids_index_files(small: Path, dataset: SynthResult, tmp_path: Path) -> 
     assert (out / "val.wids.json").is_file()
     convert(dataset, out, "1MiB", "--split", "80/0/20", "--overwrite")
     assert not (out / "val.wids.json").exists() and (out / "test.wids.json").is_file()
-
-
-def zip_member(archive: Path, member: str) -> bytes:
-    """The member's bytes as `zipfile` reads them (names without the UTF-8 flag are CP949)."""
-    with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            raw = info.orig_filename
-            name = raw if info.flag_bits & 0x800 else raw.encode("cp437").decode("cp949")
-            if name.replace("\\", "/") == member:
-                return zf.read(info)
-    raise KeyError(member)
 
 
 @pytest.fixture

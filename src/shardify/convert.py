@@ -267,10 +267,7 @@ def _check_space(out: Path, todo: list[PlannedShard], samples: int) -> None:
 
 def _free_bytes(out: Path) -> int:
     """Free bytes on the filesystem that holds (or will hold) OUT."""
-    existing = out.resolve()
-    while not existing.exists():
-        existing = existing.parent
-    return shutil.disk_usage(existing).free
+    return shutil.disk_usage(_nearest_existing(out)).free
 
 
 def _check_output_folder(out: Path, sources: list[str]) -> None:
@@ -297,12 +294,18 @@ def _check_manifest_path(manifest: Path | None) -> None:
         _check_writable(manifest.parent, "--manifest")
 
 
-def _check_writable(path: Path, option: str) -> None:
-    """Fail now, not after hours of work, if `path` (or its nearest existing parent) is read-only.
-    """
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or the closest folder above it that exists (OUT may not be created yet)."""
     existing = path.resolve()
     while not existing.exists():
         existing = existing.parent
+    return existing
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Fail now, not after hours of work, if `path` (or its nearest existing parent) is read-only.
+    """
+    existing = _nearest_existing(path)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path}: {existing} is not writable")
 

@@ -282,7 +282,7 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
     images, labels = job.images.tolist(), job.labels.tolist()
     fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        offset = crc = flushed = 0
+        offset = flushed = 0
         for i, key in enumerate(job.keys):
             image = _member(job, images[i], job.problems.get((i, 0)))
             label = _member(job, labels[i], job.problems.get((i, 1)))
@@ -292,15 +292,12 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
                 continue
             chunks = _sample_chunks(key, job.image_exts[i], job.classes[i : i + 1], *payloads)
             size = _write_all(fd, chunks)
-            for chunk in chunks:
-                crc = deflate.crc32(chunk, crc)
             written.append([key, offset, size, image.crc32])
             offset += size
             if offset - flushed >= WRITEBACK_STEP:
                 _start_writeback(fd, flushed, offset - flushed)
                 flushed = offset
-        end = bytes(TAR_END_SIZE)
-        _write_all(fd, [end])
+        _write_all(fd, [bytes(TAR_END_SIZE)])
         os.fdatasync(fd)
         size = offset + TAR_END_SIZE
         tail = os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES))  # from the page cache
@@ -311,8 +308,8 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
     os.close(fd)
     os.replace(partial, final)
     _fsync_dir(final.parent)
-    return {"shard": job.name, "bytes": size, "crc32": deflate.crc32(end, crc),
-            "tail_crc32": deflate.crc32(tail), "samples": written, "rejects": rejects}
+    return {"shard": job.name, "bytes": size, "tail_crc32": deflate.crc32(tail),
+            "samples": written, "rejects": rejects}
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
