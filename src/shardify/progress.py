@@ -41,6 +41,8 @@ class Progress:
                              file=self.stream, dynamic_ncols=True)
 
     def advance(self, amount: int) -> None:
+        if self.done == 0:  # the rate counts from the first unit of work, not from creation
+            self.started = self._last_line = time.monotonic()
         self.done += amount
         if self._bar is not None:
             self._bar.update(amount)
@@ -52,8 +54,9 @@ class Progress:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = self.done / elapsed
         share = self.done / self.total if self.total else 1.0
-        eta = f"{(self.total - self.done) / rate:.0f} s" if rate else "?"
-        return (f"{self.description}: {self._amount(self.done)}/{self._amount(self.total)} "
+        eta = f"{(self.total - self.done) / rate:.0f} s" if rate and elapsed > 1 else "?"
+        done = human_bytes(self.done) if self.unit == "B" else f"{self.done}"
+        return (f"{self.description}: {done}/{self._amount(self.total)} "
                 f"({share:.0%}), {self._amount(rate)}/s, ETA {eta}")
 
     def _amount(self, value: float) -> str:
