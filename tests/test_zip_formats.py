@@ -147,9 +147,9 @@ def member_listing(path: Path) -> list[tuple[str, int, int, int, int, int]]:
     """The same facts as `listing`, from shardify's own central-directory parser."""
     (archive,) = find_archives([str(path)]).archives
     with ArchiveReader() as reader:
-        _, members = list_members(archive, reader)
+        _, table = list_members(archive, reader)
     return [(m.name, m.header_offset, m.compressed_size, m.file_size, m.crc32, m.method)
-            for m in members]
+            for m in table.members()]
 
 
 @dataclass(frozen=True)

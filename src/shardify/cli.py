@@ -11,20 +11,16 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 
 from . import __version__
-from .convert import (
-    ConvertOptions,
-    ConvertReport,
-    NotEnoughSpace,
-    RunFailed,
-    UsageError,
-    convert,
-)
 from .progress import human_bytes
+from .scan import UsageError
+
+if TYPE_CHECKING:
+    from .convert import ConvertReport
 from .split import SPLITS, parse_ratios
 
 EXIT_OK = 0
@@ -206,12 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"shardify: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except RunFailed as error:
-        print(f"shardify: error: {error}", file=sys.stderr)
-        return EXIT_REJECTS
-    except NotEnoughSpace as error:
-        print(f"shardify: error: {error}", file=sys.stderr)
-        return EXIT_NO_SPACE
     except KeyboardInterrupt:
         print("shardify: interrupted; complete shards are kept: re-run the same command to "
               "resume", file=sys.stderr)
@@ -222,13 +212,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertOptions, NotEnoughSpace, RunFailed, convert
+
     options = ConvertOptions(
         sources=args.sources, out=args.out, shard_size=args.shard_size, split=args.split.text,
         ratios=args.split.ratios, seed=args.seed, manifest=args.manifest, strict=args.strict,
         quiet=args.quiet, overwrite=args.overwrite, space_check=args.space_check,
         workers=args.workers,
     )
-    report = convert(options)
+    try:
+        report = convert(options)
+    except RunFailed as error:
+        print(f"shardify: error: {error}", file=sys.stderr)
+        return EXIT_REJECTS
+    except NotEnoughSpace as error:
+        print(f"shardify: error: {error}", file=sys.stderr)
+        return EXIT_NO_SPACE
     print(format_report(report))
     return EXIT_REJECTS if args.strict and report.rejects else EXIT_OK
 

@@ -10,8 +10,7 @@ import errno
 import os
 import shutil
 import time
-from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from .manifest import (
     write_parquet,
     write_wids_indexes,
 )
-from .pairing import Pairing, pair_members
+from .pairing import Pairing
 from .plan import PlannedShard, plan_shards
 from .progress import Progress, human_bytes
 from .resume import (
@@ -41,26 +40,16 @@ from .resume import (
     reset_journal,
     start_run,
 )
-from .sources import (
-    SUPPORTED_METHODS,
-    ArchiveReader,
-    Member,
-    MemberError,
-    Reject,
-    find_archives,
-)
+from .scan import UsageError, archive_table, survey
+from .sources import ArchiveReader, Reject
 from .split import SPLITS, assign_splits
 from .write import ShardResult, expand, worker_pool, write_shards
-from .zipindex import Index, index_archives
+from .zipindex import Index
 
 OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json",
              *(f"{split}.wids.json" for split in SPLITS))
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk check
-
-
-class UsageError(Exception):
-    """A problem with the command line or the folders given; reported in one line, exit 2."""
 
 
 class RunFailed(Exception):
@@ -114,7 +103,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
     try:
         with worker_pool(options.workers) as pool, ArchiveReader() as reader:
             index, pairing = survey(options.sources, reader, quiet=options.quiet)
-            rejects = index.rejects + pairing.rejects
+            rejects = index.rejects + pairing.all_rejects()
             split_of_group = assign_splits(_groups(pairing), options.ratios, options.seed)
             shards = plan_shards(pairing.samples, split_of_group, options.shard_size)
             run = RunRecord(plan_fingerprint(shards, options.shaping()), options.shaping())
@@ -154,41 +143,6 @@ def _write_index_files(options: ConvertOptions, manifest: pa.Table, rejects: lis
         write_parquet(manifest, options.manifest)
         write_json(summary, options.manifest.with_suffix(".summary.json"))
     write_json(summary, options.out / "summary.json")
-
-
-def survey(sources: list[str], reader: ArchiveReader, *,
-           quiet: bool = True) -> tuple[Index, Pairing]:
-    """Find and list every archive, read the labels and pair: everything but the image bytes.
-
-    Raises UsageError when there is nothing to convert, saying what was found instead.
-    """
-    try:
-        discovery = find_archives(sources)
-    except FileNotFoundError as error:
-        raise UsageError(str(error)) from None
-    if not discovery.archives and not discovery.rejects:
-        raise UsageError(f"no zip archives (.zip, .zip.partN, .z01, .tar) found in: "
-                         f"{' '.join(sources)}")
-    index = index_archives(discovery.archives, reader)
-    index.rejects[:0] = discovery.rejects
-    labels = sum(m.name.lower().endswith(".json") for m in index.members)
-    progress = Progress(labels, "labels", "reading labels", enabled=not quiet)
-
-    def read_labels(members: list[Member]) -> Iterator[tuple[Member, bytes | MemberError]]:
-        for item in reader.read_many(members):
-            progress.advance(1)
-            yield item
-
-    try:
-        pairing = pair_members(index.members, read_labels)
-    finally:
-        progress.close()
-    if not pairing.images and not pairing.labels:
-        unreadable = (f" ({len(index.rejects)} unreadable: {index.rejects[0].detail})"
-                      if index.rejects else "")
-        raise UsageError(f"no images (.jpg/.jpeg/.png) or labels (.json) in the "
-                         f"{len(index.archives)} zip archives found{unreadable}")
-    return index, pairing
 
 
 def _groups(pairing: Pairing) -> list[tuple[str, str, bool]]:
@@ -384,18 +338,3 @@ def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
                         and not a.kind.startswith("nested")),
         "bytes_out": sum(s["bytes"] for s in splits.values()),
     }
-
-
-def archive_table(index: Index) -> list[dict]:
-    """Per archive: kind, bytes, members, methods and notes (truncation, wrong order, ...)."""
-    members: Counter[str] = Counter()
-    methods: dict[str, Counter[str]] = defaultdict(Counter)
-    for (archive, method), count in Counter((m.archive.name, m.method)
-                                            for m in index.members).items():
-        members[archive] += count
-        methods[archive][SUPPORTED_METHODS.get(method, str(method))] += count
-    return [
-        {"name": a.name, "kind": a.kind, "bytes": a.size, "members": members[a.name],
-         "methods": dict(sorted(methods[a.name].items())), "notes": list(a.notes)}
-        for a in index.archives
-    ]

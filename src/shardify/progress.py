@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 LOG_INTERVAL_S = 5.0
-tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked while a bar is open
 
 
 def human_bytes(size: float) -> str:
@@ -36,6 +36,9 @@ class Progress:
         self.started = self._last_line = time.monotonic()
         self._bar: tqdm | None = None
         if enabled and self.stream.isatty():
+            from tqdm import tqdm  # only for a terminal: tqdm's import costs 40-60 ms
+
+            tqdm.monitor_interval = 0  # no monitor thread: workers are forked while a bar is open
             self._bar = tqdm(total=total, unit=unit, unit_scale=True,
                              unit_divisor=1024 if unit == "B" else 1000, desc=description,
                              file=self.stream, dynamic_ncols=True)

@@ -1,4 +1,4 @@
-"""`shardify scan`: what a conversion would find, without writing anything.
+"""`shardify scan`, and the survey that starts every conversion: what the sources hold.
 
 It reads only central directories and labels (never image bytes), so it is quick on the full
 dataset and shows the download's problems before hours are spent converting it.
@@ -7,14 +7,72 @@ dataset and shows the download's problems before hours are spent converting it.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from operator import itemgetter
 
-from .convert import archive_table, survey
-from .progress import human_bytes
-from .sources import ArchiveReader
+import numpy as np
+
+from .pairing import Pairing, pair_members
+from .progress import Progress, human_bytes
+from .sources import SUPPORTED_METHODS, ArchiveReader, Member, MemberError, find_archives
 from .split import SPLITS
 from .write import TAR_END_SIZE, sample_tar_size
+from .zipindex import Index, index_archives
 
 SHOWN_PROBLEMS = 20
+
+
+class UsageError(Exception):
+    """A problem with the command line or the folders given; reported in one line, exit 2."""
+
+
+def survey(sources: list[str], reader: ArchiveReader, *,
+           quiet: bool = True) -> tuple[Index, Pairing]:
+    """Find and list every archive, read the labels and pair: everything but the image bytes.
+
+    Raises UsageError when there is nothing to convert, saying what was found instead.
+    """
+    try:
+        discovery = find_archives(sources)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    if not discovery.archives and not discovery.rejects:
+        raise UsageError(f"no zip archives (.zip, .zip.partN, .z01, .tar) found in: "
+                         f"{' '.join(sources)}")
+    index = index_archives(discovery.archives, reader)
+    index.rejects[:0] = discovery.rejects
+    progress: list[Progress] = []
+
+    def read_labels(members: list[Member]) -> Iterator[tuple[Member, bytes | MemberError]]:
+        progress.append(Progress(len(members), "labels", "reading labels", enabled=not quiet))
+        for item in reader.read_many(members):
+            progress[0].advance(1)
+            yield item
+
+    try:
+        pairing = pair_members(index.tables, read_labels)
+    finally:
+        for bar in progress:
+            bar.close()
+    if not pairing.images and not pairing.labels:
+        unreadable = (f" ({len(index.rejects)} unreadable: {index.rejects[0].detail})"
+                      if index.rejects else "")
+        raise UsageError(f"no images (.jpg/.jpeg/.png) or labels (.json) in the "
+                         f"{len(index.archives)} zip archives found{unreadable}")
+    return index, pairing
+
+
+def archive_table(index: Index) -> list[dict]:
+    """Per archive: kind, bytes, members, methods and notes (truncation, wrong order, ...)."""
+    rows = []
+    for archive, table in zip(index.archives, index.tables, strict=True):
+        methods, counts = np.unique(table.columns["method"], return_counts=True)
+        rows.append({"name": archive.name, "kind": archive.kind, "bytes": archive.size,
+                     "members": len(table), "notes": list(archive.notes),
+                     "methods": dict(sorted((SUPPORTED_METHODS.get(m, str(m)), n) for m, n
+                                            in zip(methods.tolist(), counts.tolist(),
+                                                   strict=True)))})
+    return rows
 
 
 def scan(sources: list[str]) -> dict:
@@ -29,10 +87,10 @@ def scan(sources: list[str]) -> dict:
     batteries: dict[str, set[int]] = defaultdict(set)
     for sample in pairing.samples:
         batteries[sample.fields.data_type].add(sample.fields.battery_id)
-    reasons = Counter(r.reason for r in rejects)
+    reasons = Counter(map(itemgetter(1), index.rejects)) + pairing.reject_counts()
     return {
         "archives": archives,
-        "members": len(index.members),
+        "members": index.member_count,
         "images": pairing.images,
         "labels": pairing.labels,
         "pairs": len(pairing.samples),

@@ -14,11 +14,12 @@ import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
 import deflate
-import inflate64
+import numpy as np
 
 METHOD_STORED = 0
 METHOD_DEFLATED = 8
@@ -108,6 +109,92 @@ class Member(NamedTuple):
     @property
     def base_name(self) -> str:
         return self.name.rsplit("/", 1)[-1]
+
+
+MEMBER_COLUMNS = np.dtype([("header_offset", "<i8"), ("compressed_size", "<i8"),
+                           ("file_size", "<i8"), ("crc32", "<u4"), ("method", "<u2"),
+                           ("flags", "<u2"), ("raw_name_len", "<u2")])
+
+
+@dataclass(eq=False)
+class MemberTable:
+    """The members of one archive as columns: names, one numpy record per member, problems.
+
+    Names are stored as Arrow stores strings: UTF-8 bytes back to back (`name_data`) and n + 1
+    offsets (`name_offsets`). A 200k-member archive costs ~34 bytes a member plus its name,
+    instead of several Python objects per member, and is classified and paired with vectorised
+    operations; `names` and `member(row)` build Python objects only where they are needed.
+    """
+
+    archive: Archive
+    name_data: bytes
+    name_offsets: np.ndarray  # int64, len(columns) + 1
+    columns: np.ndarray  # MEMBER_COLUMNS, one row per member
+    problems: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_names(cls, archive: Archive, names: list[str], columns: np.ndarray,
+                   problems: dict[int, tuple[str, str]] | None = None) -> MemberTable:
+        data = "".join(names).encode()
+        lengths = map(len, names) if len(data) == sum(map(len, names)) else (
+            len(name.encode()) for name in names)
+        offsets = np.zeros(len(names) + 1, np.int64)
+        offsets[1:] = np.cumsum(np.fromiter(lengths, np.int64, len(names)))
+        table = cls(archive, data, offsets, columns, problems or {})
+        table.__dict__["names"] = names
+        return table
+
+    @classmethod
+    def from_members(cls, archive: Archive, members: list[Member]) -> MemberTable:
+        columns = np.array([m[2:9] for m in members], dtype=MEMBER_COLUMNS) if members \
+            else np.zeros(0, MEMBER_COLUMNS)
+        return cls.from_names(archive, [m.name for m in members], columns,
+                              {row: m.problem for row, m in enumerate(members)
+                               if m.problem is not None})
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    @cached_property
+    def names(self) -> list[str]:
+        """Every name as a str, built on first use (slicing one decoded text when it is ASCII)."""
+        bounds = zip(self.name_offsets[:-1].tolist(), self.name_offsets[1:].tolist(),
+                     strict=True)
+        if self.name_data.isascii():
+            text = self.name_data.decode("ascii")
+            return [text[a:b] for a, b in bounds]
+        return [self.name_data[a:b].decode() for a, b in bounds]
+
+    def name(self, row: int) -> str:
+        """One name, without building them all."""
+        if "names" in self.__dict__:
+            return self.names[row]
+        return self.name_data[self.name_offsets[row] : self.name_offsets[row + 1]].decode()
+
+    def member(self, row: int) -> Member:
+        return Member(self.archive, self.name(row), *self.columns[row].tolist(),
+                      self.problems.get(row))
+
+    def names_of(self, rows: list[int]) -> list[str]:
+        """The names of `rows`: each decoded on its own when they are few, else from `names`."""
+        if len(rows) * 4 < len(self) and "names" not in self.__dict__:
+            return list(map(self.name, rows))
+        return list(map(self.names.__getitem__, rows))
+
+    def members(self, rows: list[int] | None = None) -> list[Member]:
+        """Member records for `rows` (all by default), built in bulk."""
+        rows = list(range(len(self))) if rows is None else rows
+        archive, problems = self.archive, self.problems
+        return [Member(archive, name, *values, problems.get(row)) for row, name, values
+                in zip(rows, self.names_of(rows), self.columns[rows].tolist(), strict=True)]
+
+    def take(self, rows: np.ndarray) -> MemberTable:
+        """The table of the given rows only (ascending), their problems kept."""
+        renumber = {int(old): new for new, old in enumerate(rows.tolist())}
+        return MemberTable.from_names(
+            self.archive, [self.names[row] for row in rows.tolist()], self.columns[rows],
+            {renumber[row]: problem for row, problem in self.problems.items()
+             if row in renumber})
 
 
 class Reject(NamedTuple):
@@ -519,6 +606,8 @@ def inflate(raw: bytes, method: int, size: int) -> bytes:
 
 def _inflate64(raw: bytes, size: int) -> bytes:
     """Deflate64 has no output limit: feed small input chunks, stop once past `size` bytes."""
+    import inflate64  # Deflate64 is rare; its import costs ~40 ms (importlib.metadata)
+
     inflater = inflate64.Inflater()
     out: list[bytes] = []
     produced = 0

@@ -79,7 +79,7 @@ def _check_sources(rows: list[dict], sources: list[str],
     """Each sample's image and label against the source members' size and CRC-32."""
     with ArchiveReader() as reader:
         index = index_archives(find_archives(sources).archives, reader)
-    members = {(m.archive.name, m.name): m for m in index.members}
+    members = {(m.archive.name, m.name): m for table in index.tables for m in table.members()}
     problems = []
     for row in rows:
         where = f"{row['shard']}:{row['key']}"

@@ -1,0 +1,160 @@
+"""The columnar member index: vectorised parsing and classification agree with plain rules.
+
+The fast paths (signature search over the central directory, names cut out in one step, kinds and
+stems found by byte position) are checked here against `zipfile` and against a name-by-name
+statement of the pairing rules, on tricky and on random names.
+"""
+
+from __future__ import annotations
+
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shardify.pairing import (
+    IMAGE,
+    IMAGE_EXTENSIONS,
+    JUNK,
+    KNOWN_EXTENSIONS,
+    LABEL,
+    LABEL_EXTENSION,
+    OTHER,
+    SAFE_KEY,
+    classify,
+    split_name,
+)
+from shardify.sources import (
+    MEMBER_COLUMNS,
+    Archive,
+    ArchiveError,
+    ArchiveReader,
+    MemberTable,
+    find_archives,
+)
+from shardify.zipindex import _entry_starts, is_junk, list_members
+
+TRICKY_NAMES = [
+    "CT/CT_cell_pouch_101_x_006.jpg", "CT_1.JPG", "x.jpeg", "x.JPEG", "y.Json", "z.png", "Z.PnG",
+    "noext", "dir/", "dir/sub/", ".jpg", "a/.jpg", "._CT.jpg", "a/._CT.json", "__MACOSX/a/CT.jpg",
+    "a/__MACOSX/b.png", "Thumbs.db", "a/desktop.ini", "a/.DS_Store", "a b.png", "a.b.c.json",
+    "x" * 80 + ".json", "x" * 81 + ".jpg", "weird.jp", "weird.jpgx", "f.tar.gz", "a/b.c/d",
+    "a.d/b.jpg", "trailing.", "a/b/", "-_-.png", "json", ".json.jpg", "a..jpg", "x.json/y",
+]
+
+
+def reference_kind(name: str) -> tuple[int, str | None]:
+    """The pairing rules, one name at a time: (kind, stem for images and labels)."""
+    base = name.rsplit("/", 1)[-1]
+    stem, ext = split_name(base)
+    if base.startswith("._") or name.endswith("/") or (
+            ("__MACOSX/" in name or ext not in KNOWN_EXTENSIONS) and is_junk(name)):
+        return JUNK, None
+    if ext == LABEL_EXTENSION:
+        return LABEL, stem
+    if ext in IMAGE_EXTENSIONS:
+        return IMAGE, stem
+    return OTHER, None
+
+
+def check_against_reference(names: list[str]) -> None:
+    table = MemberTable.from_names(Archive("t.zip", "zip"), names,
+                                   np.zeros(len(names), MEMBER_COLUMNS))
+    table.__dict__.pop("names")  # classify must work from the name bytes alone
+    found = classify(table)
+    expected = [reference_kind(name) for name in names]
+    assert found.kinds.tolist() == [kind for kind, _ in expected]
+    for kind in (IMAGE, LABEL):
+        rows = [row for row, (k, _) in enumerate(expected) if k == kind]
+        assert found.rows[kind].tolist() == rows
+        assert found.stems[kind] == [expected[row][1] for row in rows]
+    stems = found.stems[IMAGE] + found.stems[LABEL]
+    assert found.unsafe == {stem for stem in stems if not SAFE_KEY.fullmatch(stem)}
+
+
+@pytest.mark.parametrize("extra", [[], ["배터리_01.jpg", "폴더/CT_2.json", "été.png"]],
+                         ids=["ascii", "unicode"])
+def test_classify_tricky_names(extra: list[str]) -> None:
+    check_against_reference(TRICKY_NAMES + extra)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classify_random_names(seed: int) -> None:
+    rng = random.Random(seed)
+    pieces = ["/", ".", "._", "jpg", "JPEG", "png", "json", "Json", "a", "Z", "_", "-", " ",
+              "__MACOSX/", "thumbs.db", "가", "x" * 40]
+    names = ["".join(rng.choices(pieces, k=rng.randint(1, 8))) for _ in range(3000)]
+    if seed % 2:
+        names = [name for name in names if name.isascii()]
+    check_against_reference(names)
+
+
+def test_table_names_round_trip() -> None:
+    names = ["a.jpg", "배터리/b.json", "", "c/d.png"]
+    table = MemberTable.from_names(Archive("t.zip", "zip"), names,
+                                   np.zeros(len(names), MEMBER_COLUMNS))
+    assert [table.name(row) for row in range(len(names))] == names
+    table.__dict__.pop("names")
+    assert table.names == names
+    assert [table.name(row) for row in range(len(names))] == names
+    assert table.take(np.array([1, 3])).names == ["배터리/b.json", "c/d.png"]
+
+
+def directory_listing(path: Path) -> list[tuple[str, int, int, int, int, int]]:
+    (archive,) = find_archives([str(path)]).archives
+    with ArchiveReader() as reader:
+        _, table = list_members(archive, reader)
+    return [(m.name, m.header_offset, m.compressed_size, m.file_size, m.crc32, m.method)
+            for m in table.members()]
+
+
+def test_entry_signature_inside_names_and_extra_fields(tmp_path: Path) -> None:
+    """A central-directory signature inside a name or extra field must not start an entry."""
+    path = tmp_path / "tricky.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for number in range(50):
+            info = zipfile.ZipInfo(f"PK\x01\x02/{number:03d}PK\x01\x02.jpg")
+            if number % 3 == 0:
+                info.extra = b"\xfe\xca\x08\x00PK\x01\x02PK\x01\x02"  # a private 8-byte field
+            archive.writestr(info, bytes([number]) * (number + 1))
+    with zipfile.ZipFile(path) as archive:
+        expected = [(i.filename, i.header_offset, i.compress_size, i.file_size, i.CRC,
+                     i.compress_type) for i in archive.infolist()]
+    assert directory_listing(path) == expected
+
+
+def forty_member_zip(path: Path) -> tuple[list[tuple], int]:
+    """A 40-member zip; its listing by zipfile and where its central directory starts."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for number in range(40):
+            archive.writestr(f"CT_{number:03d}.jpg", bytes([number]) * 50)
+    with zipfile.ZipFile(path) as archive:
+        return [(i.filename, i.header_offset, i.compress_size, i.file_size, i.CRC,
+                 i.compress_type) for i in archive.infolist()], archive.start_dir
+
+
+def test_damaged_directory_entry_is_found_and_members_recovered(tmp_path: Path) -> None:
+    """A damaged entry makes the directory unusable; the local headers still list every member."""
+    path = tmp_path / "damaged.zip"
+    expected, start_dir = forty_member_zip(path)
+    data = bytearray(path.read_bytes())
+    entry_20 = start_dir + 20 * (46 + len("CT_000.jpg"))
+    data[entry_20 : entry_20 + 4] = b"PK\x09\x09"
+    path.write_bytes(bytes(data))
+    assert directory_listing(path) == expected
+    (archive,) = find_archives([str(path)]).archives
+    with ArchiveReader() as reader:
+        found, _ = list_members(archive, reader)
+    assert any("entry 20 is damaged" in note and "nothing lost" in note for note in found.notes)
+
+
+@pytest.mark.parametrize(("cut", "entry"), [(10, 39), (50, 39), (60, 38)])
+def test_cut_off_directory_names_the_cut_entry(tmp_path: Path, cut: int, entry: int) -> None:
+    path = tmp_path / "whole.zip"
+    _, start_dir = forty_member_zip(path)
+    data = path.read_bytes()
+    directory = data[start_dir : data.rfind(b"PK\x05\x06")]
+    with pytest.raises(ArchiveError, match=f"entry {entry} is cut off"):
+        _entry_starts(Archive("cut.zip", "zip"), directory[:-cut])
