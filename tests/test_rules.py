@@ -16,7 +16,7 @@ from shardify.cli import main, parse_size
 from shardify.labels import BadLabel, LabelFields, parse_label
 from shardify.pairing import SAFE_KEY, Sample, safe_key
 from shardify.plan import plan_shards
-from shardify.sources import Archive, Member
+from shardify.sources import Archive, Member, MemberTable
 from shardify.split import assign_splits, parse_ratios
 from shardify.synth import SynthResult
 from shardify.write import TAR_END_SIZE, image_problem, sample_tar_size
@@ -114,7 +114,8 @@ def sample(battery: int, index: int, image_size: int) -> Sample:
     key = f"CT_cell_pouch_{battery:03d}_x_{index:03d}"
     image = Member(ARCHIVE, f"{key}.jpg", 0, image_size, image_size, 0, 0, 0, len(key) + 4)
     label = Member(ARCHIVE, f"{key}.json", 0, 100, 100, 0, 0, 0, len(key) + 5)
-    return Sample(key, image, label, "jpg", 100, fields)
+    table = MemberTable.from_members(ARCHIVE, [image, label])
+    return Sample(key, table, 0, table, 1, image_size, 100, "jpg", fields)
 
 
 def test_plan_keeps_batteries_whole_and_respects_the_limit() -> None:

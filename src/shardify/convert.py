@@ -119,11 +119,11 @@ def convert(options: ConvertOptions) -> ConvertReport:
             _remove_partial_shards(out)  # after the workers are gone: none can be writing
             os.close(lock)
 
-    written = [item for result in results for item in result.written]
     rejects += [reject for result in results for reject in result.rejects]
     summary = _summary(options, index, pairing, results, rejects)
+    del index, pairing, shards  # the results hold what the manifest needs
     try:
-        _write_index_files(options, manifest_table(written), rejects, summary)
+        _write_index_files(options, manifest_table(results), rejects, summary)
     except OSError as error:
         if error.errno in DISK_FULL:
             raise NotEnoughSpace(f"disk full on {out} while writing the manifest: all shards "
@@ -307,14 +307,14 @@ def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
     """Per split counts and shard names, reject counts, and the options: no times, no hosts."""
     splits: dict[str, dict] = {}
     for split in SPLITS:
-        mine = [r for r in results if r.name.startswith(f"{split}/")]
-        rows = [w for r in mine for w in r.written]
+        mine = [r for r in results if r.split == split]
+        labels = Counter(s.fields.label for r in mine for s in r.samples)
         splits[split] = {
             "shards": [r.name for r in mine],
-            "samples": len(rows),
-            "batteries": len({w.sample.fields.group for w in rows}),
-            "normal": sum(w.sample.fields.label == 0 for w in rows),
-            "defect": sum(w.sample.fields.label == 1 for w in rows),
+            "samples": labels.total(),
+            "batteries": len({s.fields.group for r in mine for s in r.samples}),
+            "normal": labels[0],
+            "defect": labels[1],
             "bytes": sum(r.bytes_out for r in mine),
         }
     return {

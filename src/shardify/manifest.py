@@ -7,7 +7,6 @@ Nothing time- or host-dependent goes in, so the same inputs give byte-identical 
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,9 +14,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .pairing import IMAGE, LABEL, member_refs
 from .sources import Reject
 from .split import SPLITS
-from .write import WrittenSample
+from .write import ShardResult
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -47,24 +47,34 @@ MANIFEST_SCHEMA = pa.schema(
         ("label_member", pa.string()),
     ]
 )
+MANIFEST_BATCH = 65536
 REJECT_SCHEMA = pa.schema(
     [(name, pa.string()) for name in ("key", "reason", "source_archive", "source_member", "detail")]
 )
 
 
-def manifest_table(written: list[WrittenSample]) -> pa.Table:
-    """One row per written sample, in shard order, built column by column.
+def manifest_table(results: list[ShardResult]) -> pa.Table:
+    """One row per written sample, in shard order, built column by column a batch at a time.
 
-    Columns, not one dict per row: at 400k samples row dicts alone would take ~500 MB.
+    Columns, not one dict per row, and Python lists for one batch only: at 400k samples, whole
+    columns of Python objects would take ~150 MB on top of the table.
     """
-    samples = [item.sample for item in written]
+    return pa.Table.from_batches(
+        [_manifest_batch(result, start, start + MANIFEST_BATCH) for result in results
+         for start in range(0, len(result.samples), MANIFEST_BATCH)], schema=MANIFEST_SCHEMA)
+
+
+def _manifest_batch(result: ShardResult, start: int, stop: int) -> pa.RecordBatch:
+    samples = result.samples[start:stop]
     fields = [sample.fields for sample in samples]
+    sources = [member_refs(samples, [role]) for role in (IMAGE, LABEL)]
+    archives = [[table.archive.name for table in refs.tables] for refs in sources]
     columns = {
         "key": [s.key for s in samples],
-        "split": [item.shard.split("/", 1)[0] for item in written],
-        "shard": [item.shard for item in written],
-        "offset": [item.offset for item in written],
-        "sample_bytes": [item.size for item in written],
+        "split": [result.split] * len(samples),
+        "shard": [result.name] * len(samples),
+        "offset": result.offsets[start:stop],
+        "sample_bytes": result.sizes[start:stop],
         "group": [f.group for f in fields],
         "battery_id": [f.battery_id for f in fields],
         "data_type": [f.data_type for f in fields],
@@ -77,15 +87,15 @@ def manifest_table(written: list[WrittenSample]) -> pa.Table:
         "width": [f.width for f in fields],
         "height": [f.height for f in fields],
         "image_ext": [s.image_ext for s in samples],
-        "image_bytes": [s.image.file_size for s in samples],
-        "crc32": [item.image_crc32 for item in written],
+        "image_bytes": [s.image_size for s in samples],
+        "crc32": result.image_crc32s[start:stop],
         "label_bytes": [s.label_size for s in samples],
-        "source_archive": [s.image.archive.name for s in samples],
-        "source_member": [s.image.name for s in samples],
-        "label_archive": [s.label.archive.name for s in samples],
-        "label_member": [s.label.name for s in samples],
+        "source_archive": pa.DictionaryArray.from_arrays(sources[IMAGE].which, archives[IMAGE]),
+        "source_member": sources[IMAGE].names(),
+        "label_archive": pa.DictionaryArray.from_arrays(sources[LABEL].which, archives[LABEL]),
+        "label_member": sources[LABEL].names(),
     }
-    return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
+    return pa.RecordBatch.from_pydict(columns, schema=MANIFEST_SCHEMA)
 
 
 def rejects_table(rejects: Iterable[Reject]) -> pa.Table:
@@ -125,7 +135,9 @@ def wids_index(split: str, shards: list[tuple[str, int, int]]) -> dict:
 def write_wids_indexes(out: Path, manifest: pa.Table) -> None:
     """OUT/{split}.wids.json for each split with samples, atomically; an empty split's is removed,
     so a stale index never points at shards a later run deleted."""
-    samples = Counter(manifest.column("shard").to_pylist())
+    counts = manifest.group_by("shard").aggregate([("shard", "count")])
+    samples = dict(zip(counts["shard"].to_pylist(), counts["shard_count"].to_pylist(),
+                       strict=True))
     for split in SPLITS:
         path = out / f"{split}.wids.json"
         shards = sorted(name for name in samples if name.startswith(f"{split}/"))

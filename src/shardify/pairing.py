@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise, repeat
 from operator import itemgetter
@@ -19,7 +19,7 @@ from typing import NamedTuple, cast
 import numpy as np
 
 from .labels import BadLabel, LabelFields, parse_label, strip_bom
-from .sources import Member, MemberError, MemberTable, Reject
+from .sources import Member, MemberError, MemberRefs, MemberTable, Reject
 from .zipindex import is_junk
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
@@ -30,14 +30,29 @@ UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 class Sample(NamedTuple):
-    """A paired image and label, with the label fields parsed; payloads are not held."""
+    """A paired image and label: where both are, and the label's parsed fields.
+
+    Members are (table, row), not Member records, and equal label fields are one shared object:
+    at 400k pairs a sample costs ~300 bytes instead of ~1 KB. Payloads are never held.
+    """
 
     key: str
-    image: Member
-    label: Member
-    image_ext: str
+    image_table: MemberTable
+    image_row: int
+    label_table: MemberTable
+    label_row: int
+    image_size: int
     label_size: int
+    image_ext: str
     fields: LabelFields
+
+    @property
+    def image(self) -> Member:
+        return self.image_table.member(self.image_row)
+
+    @property
+    def label(self) -> Member:
+        return self.label_table.member(self.label_row)
 
 
 @dataclass
@@ -106,10 +121,25 @@ def safe_key(stem: str) -> str:
     return f"{readable}-{hashlib.sha1(stem.encode()).hexdigest()[:12]}"
 
 
-LabelReader = Callable[[list[Member]], Iterable[tuple[Member, "bytes | MemberError"]]]
+# Reads labels: given chunks of label members and their total count, yields each member with
+# its bytes or its MemberError, in order.
+LabelReader = Callable[[Iterable[list[Member]], int],
+                       Iterable[tuple[Member, "bytes | MemberError"]]]
 
 IMAGE, LABEL, OTHER, JUNK = range(4)
 KINDS = ("images", "labels", "other", "junk")
+
+
+def member_refs(samples: Sequence[Sample], roles: Sequence[int] = (IMAGE, LABEL)) -> MemberRefs:
+    """The samples' images then labels (or only the given roles), to read columns in bulk."""
+    tables: list[MemberTable] = []
+    rows: list[int] = []
+    for role in roles:
+        tables += [s.label_table if role else s.image_table for s in samples]
+        rows += [s.label_row if role else s.image_row for s in samples]
+    return MemberRefs.of(tables, rows)
+
+
 KEY_BYTES = np.zeros(256, bool)
 KEY_BYTES[list(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")] = True
 MAX_KEY = 80  # as SAFE_KEY
@@ -122,6 +152,7 @@ def _extension_code(extension: str) -> int:
 IMAGE_CODES_3 = [_extension_code(e[1:]) for e in IMAGE_EXTENSIONS if len(e) == 4]
 IMAGE_CODES_4 = [_extension_code(e[1:]) for e in IMAGE_EXTENSIONS if len(e) == 5]
 LABEL_CODE = _extension_code(LABEL_EXTENSION[1:])
+PNG_CODE = _extension_code("png")
 
 
 class Classified(NamedTuple):
@@ -131,6 +162,7 @@ class Classified(NamedTuple):
     rows: tuple[np.ndarray, np.ndarray]  # the image rows, the label rows
     stems: tuple[list[str], list[str]]  # their stems, in the same order
     unsafe: set[str]  # stems that cannot be keys as they are (see safe_key)
+    png: np.ndarray  # per image row: a PNG (else a JPEG)
 
 
 def classify(table: MemberTable) -> Classified:
@@ -170,7 +202,8 @@ def classify(table: MemberTable) -> Classified:
     unsafe = {stem for kind in (IMAGE, LABEL)
               for stem, bad in zip(stems[kind], unsafe_rows[rows[kind]].tolist(), strict=True)
               if bad} if unsafe_rows.any() else set()
-    return Classified(kinds, rows, (stems[IMAGE], stems[LABEL]), unsafe)
+    png = (extension_len[rows[IMAGE]] == 3) & (code[rows[IMAGE]] & 0xFFFFFF == PNG_CODE)
+    return Classified(kinds, rows, (stems[IMAGE], stems[LABEL]), unsafe, png)
 
 
 def _last_before(data: np.ndarray, byte: int, ends: np.ndarray) -> np.ndarray:
@@ -191,6 +224,7 @@ def pair_members(tables: list[MemberTable], read_labels: LabelReader) -> Pairing
     first = np.cumsum([0, *map(len, tables)])
     stems: tuple[list[str], list[str]] = ([], [])
     numbers: tuple[list[np.ndarray], ...] = ([np.zeros(0, np.int64)], [np.zeros(0, np.int64)])
+    pngs: list[np.ndarray] = [np.zeros(0, bool)]
     unsafe: set[str] = set()
     for table, start in zip(tables, first.tolist(), strict=False):
         found = classify(table)
@@ -204,6 +238,7 @@ def pair_members(tables: list[MemberTable], read_labels: LabelReader) -> Pairing
         for kind in (IMAGE, LABEL):
             stems[kind].extend(found.stems[kind])
             numbers[kind].append(found.rows[kind] + start)
+        pngs.append(found.png)
         unsafe |= found.unsafe
     image_numbers, label_numbers = (np.concatenate(n) for n in numbers)
     result.images, result.labels = len(image_numbers), len(label_numbers)
@@ -229,29 +264,44 @@ def pair_members(tables: list[MemberTable], read_labels: LabelReader) -> Pairing
                 result.orphans.append(Orphans(reason, f"no {other} with this stem", tables[t],
                                               orphans[lo:hi] - first[t], keys[lo:hi]))
     paired = np.flatnonzero(regular[IMAGE] & (partner >= 0))
-    order = paired[members.location_order(partner[paired])]
-    candidates = list(zip(_keys(map(stems[IMAGE].__getitem__, order.tolist()), unsafe),
-                          members.members(image_numbers[order]),
-                          members.members(partner[order]), strict=True))
+    keys = _keys(map(stems[IMAGE].__getitem__, paired.tolist()), unsafe)
+    images, labels = image_numbers[paired], partner[paired]
     if special:
-        candidates += _pair_special(special, stems, (image_numbers, label_numbers), members,
-                                    result)
-        # Labels are read in archive order: sequential reads, whatever the stems' order.
-        candidates.sort(key=lambda c: _location(c[2]))
-    read = read_labels([label for _, _, label in candidates])
-    for (key, image, label), (_, raw) in zip(candidates, read, strict=True):
+        extra = _pair_special(special, stems, (image_numbers, label_numbers), members, result)
+        keys += [key for key, _, _ in extra]
+        images = np.concatenate([images, np.array([n for _, n, _ in extra], np.int64)])
+        labels = np.concatenate([labels, np.array([n for _, _, n in extra], np.int64)])
+    # Labels are read in archive order: sequential reads, whatever the stems' order.
+    order = members.location_order(labels)
+    png = np.zeros(first[-1], bool)
+    png[image_numbers] = np.concatenate(pngs)
+    _add_samples(result, [keys[i] for i in order.tolist()], images[order], labels[order],
+                 png, members, read_labels)
+    _reject_key_collisions(result)
+    return result
+
+
+def _add_samples(result: Pairing, keys: list[str], images: np.ndarray, labels: np.ndarray,
+                 png: np.ndarray, members: _MemberLookup, read_labels: LabelReader) -> None:
+    """Read and parse each pair's label: a sample for each that parses, rejects for the rest."""
+    image_tables, image_rows = members.locate(images)
+    label_tables, label_rows = members.locate(labels)
+    image_sizes = members.file_sizes(images)
+    image_exts = [("jpg", "png")[p] for p in png[images].tolist()]
+    shared: dict[LabelFields, LabelFields] = {}  # equal fields (a battery's labels) stored once
+    read = read_labels(members.chunks(labels), len(labels))
+    for i, (key, (label, raw)) in enumerate(zip(keys, read, strict=True)):
         if isinstance(raw, MemberError):
-            _reject(result, key, raw.reason, [label, image], f"label: {raw}")
+            _reject(result, key, raw.reason, [label, members.member(images[i])], f"label: {raw}")
             continue
         try:
             fields = parse_label(raw)
         except BadLabel as error:
-            _reject(result, key, "bad-label", [label, image], str(error))
+            _reject(result, key, "bad-label", [label, members.member(images[i])], str(error))
             continue
-        ext = IMAGE_EXTENSIONS[split_name(image.base_name)[1]]
-        result.samples.append(Sample(key, image, label, ext, len(strip_bom(raw)), fields))
-    _reject_key_collisions(result)
-    return result
+        result.samples.append(Sample(
+            key, image_tables[i], image_rows[i], label_tables[i], label_rows[i], image_sizes[i],
+            len(strip_bom(raw)), image_exts[i], shared.setdefault(fields, fields)))
 
 
 def _keys(stems: Iterable[str], unsafe: set[str]) -> list[str]:
@@ -281,18 +331,27 @@ def _special_stems(stems: tuple[list[str], list[str]], numbers: tuple[np.ndarray
 
 def _pair_special(special: set[str], stems: tuple[list[str], list[str]],
                   numbers: tuple[np.ndarray, np.ndarray], members: _MemberLookup,
-                  result: Pairing) -> list[tuple[str, Member, Member]]:
-    """The general path for the special stems, in stem order."""
+                  result: Pairing) -> list[tuple[str, int, int]]:
+    """The general path for the special stems, in stem order: (key, image, label) numbers.
+
+    Equal Member records are interchangeable (same archive, name and location), so a chosen
+    record's number is found by value.
+    """
     copies: dict[str, tuple[list[Member], list[Member]]] = {s: ([], []) for s in special}
+    number_of: dict[Member, int] = {}
     for kind in (IMAGE, LABEL):
         picked = [i for i, stem in enumerate(stems[kind]) if stem in special]
-        for i, member in zip(picked, members.members(numbers[kind][picked]), strict=True):
+        picked_numbers = numbers[kind][picked]
+        for i, number, member in zip(picked, picked_numbers.tolist(),
+                                     members.members(picked_numbers), strict=True):
             copies[stems[kind][i]][kind].append(member)
+            number_of[member] = number
     candidates = []
     for stem in sorted(special):
         candidate = _pair_stem(stem, *copies[stem], result)
         if candidate:
-            candidates.append(candidate)
+            key, image, label = candidate
+            candidates.append((key, number_of[image], number_of[label]))
     return candidates
 
 
@@ -301,8 +360,9 @@ class _MemberLookup:
 
     def __init__(self, tables: list[MemberTable], first: np.ndarray) -> None:
         self.tables, self.first = tables, first
-        self.offsets = np.concatenate([np.zeros(0, np.int64)]
-                                      + [t.columns["header_offset"] for t in tables])
+        self.offsets, self.sizes = (np.concatenate([np.zeros(0, np.int64)]
+                                                   + [t.columns[column] for t in tables])
+                                    for column in ("header_offset", "file_size"))
         self.archive_rank = np.argsort(np.argsort([t.archive.name for t in tables]))
 
     def flawed(self) -> np.ndarray:
@@ -326,12 +386,26 @@ class _MemberLookup:
                 found[i] = member
         return cast(list[Member], found)
 
+    def member(self, number: int) -> Member:
+        t = int(self._table_of(np.array([number]))[0])
+        return self.tables[t].member(int(number - self.first[t]))
+
+    def chunks(self, numbers: np.ndarray, size: int = 4096) -> Iterator[list[Member]]:
+        """Member records for `numbers`, a chunk at a time: 400k records at once take 150 MB."""
+        for start in range(0, len(numbers), size):
+            yield self.members(numbers[start : start + size])
+
+    def locate(self, numbers: np.ndarray) -> tuple[list[MemberTable], list[int]]:
+        """(table, row) of each number, as two lists."""
+        which = self._table_of(numbers)
+        return list(map(self.tables.__getitem__, which.tolist())), \
+            (numbers - self.first[which]).tolist()
+
+    def file_sizes(self, numbers: np.ndarray) -> list[int]:
+        return self.sizes[numbers].tolist()
+
     def _table_of(self, numbers: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.first, numbers, "right") - 1
-
-
-def _location(member: Member) -> tuple[str, int]:
-    return member.archive.name, member.header_offset
 
 
 def _pair_stem(

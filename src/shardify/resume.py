@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import deflate
 import orjson
 
 from . import __version__
+from .pairing import IMAGE, LABEL, member_refs
 from .plan import PlannedShard
-from .sources import Member
+from .sources import MemberRefs
 from .write import TAIL_BYTES, ShardResult, expand
 
 STATE_DIR = ".shardify"
@@ -50,14 +52,19 @@ def plan_fingerprint(shards: list[PlannedShard], options: dict) -> str:
     digest.update(orjson.dumps(options, option=orjson.OPT_SORT_KEYS))
     for shard in shards:
         digest.update(shard.name.encode())
-        for sample in shard.samples:
-            digest.update(orjson.dumps([sample.key, _identity(sample.image),
-                                        _identity(sample.label)]))
+        samples = shard.samples
+        images, labels = (_identities(member_refs(samples, [role])) for role in (IMAGE, LABEL))
+        for sample, image, label in zip(samples, images, labels, strict=True):
+            digest.update(orjson.dumps([sample.key, image, label]))
     return digest.hexdigest()
 
 
-def _identity(member: Member) -> list:
-    return [member.archive.name, member.name, member.file_size, member.crc32]
+def _identities(refs: MemberRefs) -> Iterator[list]:
+    """[archive, member name, size, CRC-32] of each referenced member."""
+    archives = [table.archive.name for table in refs.tables]
+    records = refs.records()
+    return map(list, zip(map(archives.__getitem__, refs.which.tolist()), refs.names(),
+                         records["file_size"].tolist(), records["crc32"].tolist(), strict=True))
 
 
 def read_run(out: Path) -> RunRecord | None:

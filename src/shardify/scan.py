@@ -7,7 +7,7 @@ dataset and shows the download's problems before hours are spent converting it.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from operator import itemgetter
 
 import numpy as np
@@ -43,11 +43,12 @@ def survey(sources: list[str], reader: ArchiveReader, *,
     index.rejects[:0] = discovery.rejects
     progress: list[Progress] = []
 
-    def read_labels(members: list[Member]) -> Iterator[tuple[Member, bytes | MemberError]]:
-        progress.append(Progress(len(members), "labels", "reading labels", enabled=not quiet))
-        for item in reader.read_many(members):
-            progress[0].advance(1)
-            yield item
+    def read_labels(chunks: Iterable[list[Member]], count: int
+                    ) -> Iterator[tuple[Member, bytes | MemberError]]:
+        progress.append(Progress(count, "labels", "reading labels", enabled=not quiet))
+        for members in chunks:
+            yield from reader.read_many(members)
+            progress[0].advance(len(members))
 
     try:
         pairing = pair_members(index.tables, read_labels)
@@ -106,7 +107,7 @@ def scan(sources: list[str]) -> dict:
              "detail": r.detail}
             for r in rejects if r.reason not in ("orphan-image", "orphan-label")
         ],
-        "estimated_output_bytes": sum(sample_tar_size(s) for s in pairing.samples)
+        "estimated_output_bytes": sum(map(sample_tar_size, pairing.samples))
         + len(SPLITS) * TAR_END_SIZE,
     }
 

@@ -157,9 +157,13 @@ class MemberTable:
 
     @cached_property
     def names(self) -> list[str]:
-        """Every name as a str, built on first use (slicing one decoded text when it is ASCII)."""
-        bounds = zip(self.name_offsets[:-1].tolist(), self.name_offsets[1:].tolist(),
-                     strict=True)
+        """Every name as a str, built on first use and kept (for callers that need them all)."""
+        return self._names_of(slice(None))
+
+    def _names_of(self, rows: np.ndarray | slice) -> list[str]:
+        """Names of `rows` in bulk: slices of one decoded text when the names are ASCII."""
+        starts, ends = self.name_offsets[:-1], self.name_offsets[1:]
+        bounds = zip(starts[rows].tolist(), ends[rows].tolist(), strict=True)
         if self.name_data.isascii():
             text = self.name_data.decode("ascii")
             return [text[a:b] for a, b in bounds]
@@ -176,10 +180,12 @@ class MemberTable:
                       self.problems.get(row))
 
     def names_of(self, rows: list[int]) -> list[str]:
-        """The names of `rows`: each decoded on its own when they are few, else from `names`."""
-        if len(rows) * 4 < len(self) and "names" not in self.__dict__:
+        """The names of `rows`, without keeping every name (400k names take ~40 MB)."""
+        if "names" in self.__dict__:
+            return list(map(self.names.__getitem__, rows))
+        if len(rows) * 4 < len(self):
             return list(map(self.name, rows))
-        return list(map(self.names.__getitem__, rows))
+        return self._names_of(np.asarray(rows, np.int64))
 
     def members(self, rows: list[int] | None = None) -> list[Member]:
         """Member records for `rows` (all by default), built in bulk."""
@@ -195,6 +201,50 @@ class MemberTable:
             self.archive, [self.names[row] for row in rows.tolist()], self.columns[rows],
             {renumber[row]: problem for row, problem in self.problems.items()
              if row in renumber})
+
+
+@dataclass
+class MemberRefs:
+    """Many (table, row) references, grouped by table so their columns are read in bulk."""
+
+    tables: list[MemberTable]  # the distinct tables referenced
+    which: np.ndarray  # int32 per reference: its table's position in `tables`
+    rows: np.ndarray  # int64 per reference
+
+    @classmethod
+    def of(cls, tables: list[MemberTable], rows: list[int]) -> MemberRefs:
+        distinct = list(dict.fromkeys(tables))
+        number = {id(table): i for i, table in enumerate(distinct)}
+        return cls(distinct, np.fromiter(map(number.__getitem__, map(id, tables)), np.int32,
+                                         len(tables)), np.array(rows, np.int64))
+
+    def _groups(self) -> Iterator[tuple[MemberTable, np.ndarray]]:
+        """Each table with the positions of the references into it."""
+        if len(self.tables) == 1:
+            yield self.tables[0], np.arange(len(self.rows))
+            return
+        for t, table in enumerate(self.tables):
+            yield table, np.flatnonzero(self.which == t)
+
+    def records(self) -> np.ndarray:
+        """The MEMBER_COLUMNS record of each reference."""
+        found = np.zeros(len(self.rows), MEMBER_COLUMNS)
+        for table, at in self._groups():
+            found[at] = table.columns[self.rows[at]]
+        return found
+
+    def names(self) -> list[str]:
+        found = [""] * len(self.rows)
+        for table, at in self._groups():
+            for i, name in zip(at.tolist(), table.names_of(self.rows[at].tolist()), strict=True):
+                found[i] = name
+        return found
+
+    def problems(self) -> dict[int, tuple[str, str]]:
+        """The known problem of each flawed reference, by position."""
+        return {i: problem for table, at in self._groups() if table.problems
+                for i, row in zip(at.tolist(), self.rows[at].tolist(), strict=True)
+                if (problem := table.problems.get(row)) is not None}
 
 
 class Reject(NamedTuple):

@@ -27,7 +27,7 @@ import deflate
 import numpy as np
 
 from .labels import strip_bom
-from .pairing import Sample
+from .pairing import Sample, member_refs
 from .sources import Archive, ArchiveReader, Member, MemberError, Reject
 
 BLOCK = 512
@@ -47,28 +47,30 @@ _SYNC_FILE_RANGE = getattr(ctypes.CDLL(None), "sync_file_range", None) \
     if sys.platform == "linux" else None
 
 
-class WrittenSample(NamedTuple):
-    """Where a sample landed: enough for a manifest row and for random access."""
-
-    sample: Sample
-    shard: str
-    offset: int
-    size: int
-    image_crc32: int
-
-
 @dataclass
 class ShardResult:
-    """A finished shard: its samples, its rejects and its size."""
+    """A finished shard: the samples written, in shard order, where each landed (offset, size
+    and image CRC-32 as columns: enough for a manifest row and random access), its rejects and
+    its size."""
 
     name: str
-    written: list[WrittenSample] = field(default_factory=list)
+    samples: list[Sample]
+    offsets: np.ndarray  # int64
+    sizes: np.ndarray  # int64
+    image_crc32s: np.ndarray  # uint32
     rejects: list[Reject] = field(default_factory=list)
     bytes_out: int = 0
+
+    @property
+    def split(self) -> str:
+        return self.name.split("/", 1)[0]
 
 
 LOCATION = np.dtype([("archive", "i4"), ("offset", "i8"), ("compressed", "i8"), ("size", "i8"),
                      ("crc", "u4"), ("method", "u2"), ("flags", "u2"), ("name_len", "u2")])
+LOCATION_COLUMNS = (("offset", "header_offset"), ("compressed", "compressed_size"),
+                    ("size", "file_size"), ("crc", "crc32"), ("method", "method"),
+                    ("flags", "flags"), ("name_len", "raw_name_len"))
 
 
 class ShardJob(NamedTuple):
@@ -90,20 +92,18 @@ class ShardJob(NamedTuple):
 
 
 def shard_job(name: str, samples: tuple[Sample, ...]) -> ShardJob:
-    archives = tuple(dict.fromkeys(m.archive for s in samples for m in (s.image, s.label)))
-    number = {archive: i for i, archive in enumerate(archives)}
-    problems = {(i, role): member.problem for i, s in enumerate(samples)
-                for role, member in enumerate((s.image, s.label)) if member.problem}
-
-    def locations(members: list[Member]) -> np.ndarray:
-        return np.array([(number[m.archive], m.header_offset, m.compressed_size, m.file_size,
-                          m.crc32, m.method, m.flags, m.raw_name_len) for m in members],
-                        dtype=LOCATION)
-
+    """The job for a shard, its member locations read from the tables' columns in bulk."""
+    refs = member_refs(samples)
+    records, count = refs.records(), len(samples)
+    locations = np.zeros(2 * count, LOCATION)
+    locations["archive"] = refs.which
+    for ours, theirs in LOCATION_COLUMNS:
+        locations[ours] = records[theirs]
+    problems = {divmod(i, count)[::-1]: problem for i, problem in refs.problems().items()}
     return ShardJob(name, [s.key for s in samples], [s.image_ext for s in samples],
                     b"".join(CLASS_BYTES[s.fields.label] for s in samples),
-                    locations([s.image for s in samples]), locations([s.label for s in samples]),
-                    problems, archives)
+                    locations[:count], locations[count:], problems,
+                    tuple(table.archive for table in refs.tables))
 
 
 def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
@@ -113,13 +113,13 @@ def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
     come from the plan, so workers never need them.
     """
     by_key = {sample.key: sample for sample in samples}
-    name = entry["shard"]
-    written = [WrittenSample(by_key[key], name, offset, size, crc)
-               for key, offset, size, crc in entry["samples"]]
+    rows = entry["samples"]
+    numbers = np.array([row[1:] for row in rows], np.int64).reshape(len(rows), 3)
     rejects = [Reject(samples[i].key, reason, member.archive.name, member.name, detail)
                for i, reason, detail in entry["rejects"]
                for member in (samples[i].image, samples[i].label)]
-    return ShardResult(name, written, rejects, entry["bytes"])
+    return ShardResult(entry["shard"], [by_key[row[0]] for row in rows], numbers[:, 0],
+                       numbers[:, 1], numbers[:, 2].astype(np.uint32), rejects, entry["bytes"])
 
 
 def padded(size: int) -> int:
@@ -128,7 +128,7 @@ def padded(size: int) -> int:
 
 def sample_tar_size(sample: Sample) -> int:
     """Bytes a sample takes in a tar: three headers plus the padded image, label and class."""
-    return 3 * BLOCK + padded(sample.image.file_size) + padded(sample.label_size) + padded(1)
+    return 3 * BLOCK + padded(sample.image_size) + padded(sample.label_size) + padded(1)
 
 
 NAME_FIELD, SIZE_FIELD, CHECKSUM_FIELD = slice(0, 100), slice(124, 136), slice(148, 156)
