@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,10 +169,11 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
     jobs = [(shard.name, shard.samples) for shard in sorted(
         shards, key=lambda s: -s.expected_bytes) if shard.name not in finished]
     try:
-        for samples, entry in write_shards(jobs, options.out, pool):
-            append_journal(options.out, entry)
-            result = results[entry["shard"]] = expand(samples, entry)
-            progress.advance(expected[result.name])
+        with closing(write_shards(jobs, options.out, pool)) as finished_shards:
+            for samples, entry in finished_shards:
+                append_journal(options.out, entry)
+                result = results[entry["shard"]] = expand(samples, entry)
+                progress.advance(expected[result.name])
     except BrokenProcessPool:
         raise RunFailed(f"a worker process died (killed, or out of memory?); {len(results)} of "
                         f"{len(shards)} shards are complete and kept: re-run the same command "

@@ -585,9 +585,10 @@ class ArchiveReader:
                 + int.from_bytes(chunk[28:30], "little")
             raw = bytes(chunk[start : start + member.compressed_size])
             if len(raw) < member.compressed_size:
-                rest = self.pread(member.archive, member.compressed_size - len(raw),
-                                  member.header_offset + start + len(raw))
-                raw = raw + rest if raw else rest  # a large member is not copied again
+                # Not all in the chunk (a large member): one read of exactly the payload, so its
+                # bytes are not copied again; the few bytes already read are read twice.
+                raw = self.pread(member.archive, member.compressed_size,
+                                 member.header_offset + start)
         except OSError as error:
             raise MemberError("bad-crc", f"read error: {error}") from None
         if len(raw) != member.compressed_size:

@@ -16,8 +16,9 @@ import os
 import signal
 import sys
 import tarfile
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,8 +242,34 @@ def write_shards(jobs: list[Job], out_dir: Path,
     """Write every (shard name, samples) job, yielding (samples, entry) as each shard is done.
 
     With a pool, each worker is sent a compact ShardJob and writes whole shards with its own file
-    descriptors. Leaving it early leaves the rest to `worker_pool`, which stops the workers.
+    descriptors. A shard is written under a temporary name; a thread of this process then makes
+    it durable and renames it into place (`publish`), so no writer waits for the disk. Leaving
+    early waits for the shard being published and leaves the rest to `worker_pool`, which stops
+    the workers.
     """
+    publisher = ThreadPoolExecutor(1, thread_name_prefix="shardify-publish")
+    pending: deque[tuple[tuple[Sample, ...], Future[dict]]] = deque()
+    failure: Exception | None = None
+    try:
+        try:
+            for samples, entry in _written(jobs, out_dir, pool):
+                pending.append((samples, publisher.submit(publish, out_dir, entry)))
+                while pending and pending[0][1].done():
+                    samples, published = pending.popleft()
+                    yield samples, published.result()
+        except Exception as error:  # shards written before the failure are still kept
+            failure = error
+        for samples, published in pending:
+            yield samples, published.result()
+        if failure is not None:
+            raise failure
+    finally:
+        publisher.shutdown(wait=True, cancel_futures=True)
+
+
+def _written(jobs: list[Job], out_dir: Path, pool: ProcessPoolExecutor | None
+             ) -> Iterator[tuple[tuple[Sample, ...], dict]]:
+    """(samples, entry) of each job once its temporary file is written, in order of completion."""
     if pool is None or len(jobs) <= 1:
         with ArchiveReader() as reader:
             for name, samples in jobs:
@@ -269,14 +296,19 @@ def _write_job(job: ShardJob, out_dir: Path) -> dict:
     return write_shard(job, out_dir, _WORKER_READER)
 
 
+def partial_path(out_dir: Path, name: str) -> Path:
+    """Where shard `name` is written before `publish` renames it into place."""
+    final = out_dir / name
+    return final.with_name(f".{final.name}.partial")
+
+
 def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
-    """Write `out_dir/job.name` atomically; return its entry (see `expand`).
+    """Write shard `job.name` to its partial path; return its entry (see `expand`).
 
     Samples whose members fail a check are left out and listed as rejects.
     """
-    final = out_dir / job.name
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(f".{final.name}.partial")
+    partial = partial_path(out_dir, job.name)
+    partial.parent.mkdir(parents=True, exist_ok=True)
     written: list[list] = []
     rejects: list[list] = []
     images, labels = job.images.tolist(), job.labels.tolist()
@@ -298,7 +330,6 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
                 _start_writeback(fd, flushed, offset - flushed)
                 flushed = offset
         _write_all(fd, [bytes(TAR_END_SIZE)])
-        os.fdatasync(fd)
         size = offset + TAR_END_SIZE
         tail = os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES))  # from the page cache
     except BaseException:
@@ -306,10 +337,23 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
         partial.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(partial, final)
-    _fsync_dir(final.parent)
     return {"shard": job.name, "bytes": size, "tail_crc32": deflate.crc32(tail),
             "samples": written, "rejects": rejects}
+
+
+def publish(out_dir: Path, entry: dict) -> dict:
+    """Make a written shard durable, then rename it into place: a file named `shard-*.tar`
+    is always complete, even after a power cut. Returns the entry."""
+    final = out_dir / entry["shard"]
+    partial = partial_path(out_dir, entry["shard"])
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, final)
+    _fsync_dir(final.parent)
+    return entry
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
