@@ -17,8 +17,6 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-
 from . import __version__
 from .manifest import (
     manifest_table,
@@ -124,7 +122,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
     summary = _summary(options, index, pairing, results, rejects)
     del index, pairing, shards  # the results hold what the manifest needs
     try:
-        _write_index_files(options, manifest_table(results), rejects, summary)
+        _write_index_files(options, results, rejects, summary)
     except OSError as error:
         if error.errno in DISK_FULL:
             raise NotEnoughSpace(f"disk full on {out} while writing the manifest: all shards "
@@ -134,12 +132,13 @@ def convert(options: ConvertOptions) -> ConvertReport:
     return ConvertReport(out, summary, rejects, time.monotonic() - started, len(finished))
 
 
-def _write_index_files(options: ConvertOptions, manifest: pa.Table, rejects: list[Reject],
-                       summary: dict) -> None:
+def _write_index_files(options: ConvertOptions, results: list[ShardResult],
+                       rejects: list[Reject], summary: dict) -> None:
     """Manifest, rejects and summary, each atomically; summary.json last, as the sign of done."""
+    manifest = manifest_table(results)
     write_parquet(rejects_table(rejects), options.out / "rejects.parquet")
     write_parquet(manifest, options.out / "manifest.parquet")
-    write_wids_indexes(options.out, manifest)
+    write_wids_indexes(options.out, {result.name: len(result.samples) for result in results})
     if options.manifest is not None:
         write_parquet(manifest, options.manifest)
         write_json(summary, options.manifest.with_suffix(".summary.json"))

@@ -132,12 +132,11 @@ def wids_index(split: str, shards: list[tuple[str, int, int]]) -> dict:
     }
 
 
-def write_wids_indexes(out: Path, manifest: pa.Table) -> None:
-    """OUT/{split}.wids.json for each split with samples, atomically; an empty split's is removed,
-    so a stale index never points at shards a later run deleted."""
-    counts = manifest.group_by("shard").aggregate([("shard", "count")])
-    samples = dict(zip(counts["shard"].to_pylist(), counts["shard_count"].to_pylist(),
-                       strict=True))
+def write_wids_indexes(out: Path, samples: dict[str, int]) -> None:
+    """OUT/{split}.wids.json for each split with samples (`samples`: per shard, how many),
+    atomically; an empty split's is removed, so a stale index never points at shards a later
+    run deleted."""
+    samples = {name: count for name, count in samples.items() if count}
     for split in SPLITS:
         path = out / f"{split}.wids.json"
         shards = sorted(name for name in samples if name.startswith(f"{split}/"))
