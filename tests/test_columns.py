@@ -27,10 +27,12 @@ from shardify.pairing import (
     split_name,
 )
 from shardify.sources import (
+    INLINE_READ,
     MEMBER_COLUMNS,
     Archive,
     ArchiveError,
     ArchiveReader,
+    MemberRefs,
     MemberTable,
     find_archives,
 )
@@ -100,6 +102,46 @@ def test_table_names_round_trip() -> None:
     assert table.names == names
     assert [table.name(row) for row in range(len(names))] == names
     assert table.take(np.array([1, 3])).names == ["배터리/b.json", "c/d.png"]
+
+
+def test_member_refs_agree_with_row_lookups() -> None:
+    """Bulk reads of (table, row) references across tables give what member(row) gives."""
+    rng = random.Random(3)
+    tables = []
+    for number in range(3):
+        names = [f"t{number}/{'배' if row % 7 == 0 else ''}m{row}.jpg" for row in range(50)]
+        columns = np.zeros(len(names), MEMBER_COLUMNS)
+        columns["header_offset"] = np.arange(len(names)) * 1000 + number
+        columns["crc32"] = [rng.getrandbits(32) for _ in names]
+        tables.append(MemberTable.from_names(Archive(f"{number}.zip", "zip"), names, columns,
+                                             {5: ("bad-crc", "x")} if number == 1 else {}))
+        tables[-1].__dict__.pop("names")
+    refs = [(rng.choice(tables), rng.randrange(50)) for _ in range(400)] + [(tables[1], 5)]
+    found = MemberRefs.of([t for t, _ in refs], [row for _, row in refs])
+    members = [table.member(row) for table, row in refs]
+    assert found.names() == [m.name for m in members]
+    assert found.records().tolist() == [tuple(m[2:9]) for m in members]
+    assert [found.tables[t].archive for t in found.which] == [m.archive for m in members]
+    assert found.problems() == {i: m.problem for i, m in enumerate(members) if m.problem}
+    assert not any("names" in table.__dict__ for table in tables)  # names were not all kept
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_large_members_with_local_extra_fields_read_exactly(tmp_path: Path,
+                                                            method: int) -> None:
+    """Members larger than one inline read, behind local extra fields of several sizes."""
+    path = tmp_path / "large.zip"
+    payloads = {f"m{n}.png": random.Random(n).randbytes(INLINE_READ * 3 + n) for n in range(4)}
+    with zipfile.ZipFile(path, "w", method) as archive:
+        for n, (name, payload) in enumerate(payloads.items()):
+            info = zipfile.ZipInfo(name)
+            info.compress_type = method
+            info.extra = b"\xfe\xca" + (n * 30).to_bytes(2, "little") + bytes(n * 30)
+            archive.writestr(info, payload)
+    (archive,) = find_archives([str(path)]).archives
+    with ArchiveReader() as reader:
+        _, table = list_members(archive, reader)
+        assert {m.name: reader.read(m) for m in table.members()} == payloads
 
 
 def directory_listing(path: Path) -> list[tuple[str, int, int, int, int, int]]:

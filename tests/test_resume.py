@@ -80,6 +80,7 @@ def run_child_killed(dataset: SynthResult, out: Path, target: str, nth: int, whe
         ("shardify.convert.append_journal", 3, "after", "2"),   # the same, 2 workers busy
         ("shardify.convert.append_journal", 4, "before", "2"),  # shard 4 renamed, not journaled
         ("shardify.write._write_all", 20, "before", "1"),       # in the middle of a shard
+        ("shardify.write.publish", 2, "before", "2"),           # shard 2 written, not durable
         ("shardify.manifest._publish", 2, "before", "2"),       # manifest written, not renamed
         ("shardify.manifest._publish", 2, "after", "2"),        # manifest in place, summary not
     ],
@@ -100,6 +101,40 @@ def test_sigkill_then_resume_gives_identical_output(dataset: SynthResult, clean_
     if target.endswith("append_journal") and when == "after":
         assert f"resumed: {nth} complete shards" in kept
     assert len(complete_before) <= len(list(out.rglob("shard-*.tar")))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_shards_are_durable_before_they_are_renamed_into_place(
+        dataset: SynthResult, clean_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        workers: str) -> None:
+    """A shard file under its final name must survive a power cut: its data is flushed
+    (fdatasync of the partial file) before the rename, and the folder after it."""
+    out, events = tmp_path / "out", []
+    real_sync, real_fsync, real_replace = os.fdatasync, os.fsync, os.replace
+
+    def fdatasync(fd: int) -> None:
+        events.append(("data", os.readlink(f"/proc/self/fd/{fd}")))
+        real_sync(fd)
+
+    def fsync(fd: int) -> None:
+        events.append(("folder", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source: Path, target: Path) -> None:
+        events.append(("rename", str(source), str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(convert_args(dataset, out, "--workers", workers)) == 0
+    renames = [(i, e) for i, e in enumerate(events)
+               if e[0] == "rename" and Path(e[2]).name.startswith("shard-")]
+    assert len(renames) == len(list(out.rglob("shard-*.tar"))) > 1
+    for i, (_, partial, final) in renames:
+        assert ("data", partial) in events[:i]
+        assert ("folder", str(Path(final).parent)) in events[i + 1:]
+    assert output_files(out) == output_files(clean_run)
 
 
 def test_full_disk_stops_cleanly_and_resumes(dataset: SynthResult, clean_run: Path,
