@@ -7,6 +7,7 @@ statement of the pairing rules, on tricky and on random names.
 
 from __future__ import annotations
 
+import os
 import random
 import zipfile
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from shardify.pairing import (
     IMAGE,
     IMAGE_EXTENSIONS,
+    IMAGE_TYPES,
     JUNK,
     KNOWN_EXTENSIONS,
     LABEL,
@@ -72,6 +74,9 @@ def check_against_reference(names: list[str]) -> None:
         rows = [row for row, (k, _) in enumerate(expected) if k == kind]
         assert found.rows[kind].tolist() == rows
         assert found.stems[kind] == [expected[row][1] for row in rows]
+    image_rows = found.rows[IMAGE].tolist()
+    assert [IMAGE_TYPES[t] for t in found.image_types.tolist()] == [
+        IMAGE_EXTENSIONS[split_name(names[row].rsplit("/", 1)[-1])[1]] for row in image_rows]
     stems = found.stems[IMAGE] + found.stems[LABEL]
     assert found.unsafe == {stem for stem in stems if not SAFE_KEY.fullmatch(stem)}
 
@@ -142,6 +147,20 @@ def test_large_members_with_local_extra_fields_read_exactly(tmp_path: Path,
     with ArchiveReader() as reader:
         _, table = list_members(archive, reader)
         assert {m.name: reader.read(m) for m in table.members()} == payloads
+
+
+def test_short_reads_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pread returns at most ~2 GiB on Linux: a larger member must not look cut off."""
+    path = tmp_path / "big.zip"
+    payload = random.Random(1).randbytes(INLINE_READ * 4)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("big.png", payload)
+    (archive,) = find_archives([str(path)]).archives
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, size, offset: real(fd, min(size, 1000), offset))
+    with ArchiveReader() as reader:
+        _, table = list_members(archive, reader)
+        assert reader.read(table.member(0)) == payload
 
 
 def directory_listing(path: Path) -> list[tuple[str, int, int, int, int, int]]:

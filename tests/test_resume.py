@@ -8,11 +8,13 @@ of an uninterrupted run.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -134,6 +136,43 @@ def test_shards_are_durable_before_they_are_renamed_into_place(
     for i, (_, partial, final) in renames:
         assert ("data", partial) in events[:i]
         assert ("folder", str(Path(final).parent)) in events[i + 1:]
+    assert output_files(out) == output_files(clean_run)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_journals_every_shard_already_written(
+        dataset: SynthResult, clean_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture, workers: str) -> None:
+    """Ctrl-C after three shards are written (by this process, or by workers): they are all
+    published and journaled before the run stops, so the resume keeps every one of them."""
+    out = tmp_path / "out"
+    real_write, real_completed = write.write_shard, write.as_completed
+    written = []
+
+    def write_three(*args: object) -> dict:
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(real_write(*args))
+        return written[-1]
+
+    def complete_three(futures: list) -> Iterator:
+        for count, future in enumerate(real_completed(futures)):
+            if count == 3:
+                raise KeyboardInterrupt
+            yield future
+
+    monkeypatch.setattr(write, "write_shard", write_three)
+    monkeypatch.setattr(write, "as_completed", complete_three)
+    assert main(convert_args(dataset, out, "--workers", workers)) == 130
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("shard-*.tar")}
+    journal = (out / ".shardify" / "journal.jsonl").read_text().splitlines()
+    assert len(on_disk) >= 3 and {json.loads(line)["shard"] for line in journal} == on_disk
+    assert not list(out.rglob("*.partial"))
+    monkeypatch.setattr(write, "write_shard", real_write)
+    monkeypatch.setattr(write, "as_completed", real_completed)
+    capsys.readouterr()
+    assert main(convert_args(dataset, out)) == 0
+    assert f"resumed: {len(on_disk)} complete shards" in capsys.readouterr().out
     assert output_files(out) == output_files(clean_run)
 
 

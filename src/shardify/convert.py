@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,18 +160,22 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
                   ) -> list[ShardResult]:
     """Write the unfinished shards (in parallel), journaling each; results in plan order."""
     expected = {shard.name: shard.expected_bytes for shard in shards}
+    samples = {shard.name: shard.samples for shard in shards}
     progress = Progress(sum(expected.values()), "B", "writing shards", enabled=not options.quiet)
     progress.advance(sum(expected[name] for name in finished))
     results = dict(finished)
     # Largest first: the last shards to finish are small, so workers end together.
     jobs = [(shard.name, shard.samples) for shard in sorted(
         shards, key=lambda s: -s.expected_bytes) if shard.name not in finished]
+
+    def published(entry: dict) -> None:
+        """A shard is in place (called by the one publishing thread): journal it first."""
+        append_journal(options.out, entry)
+        results[entry["shard"]] = expand(samples[entry["shard"]], entry)
+        progress.advance(expected[entry["shard"]])
+
     try:
-        with closing(write_shards(jobs, options.out, pool)) as finished_shards:
-            for samples, entry in finished_shards:
-                append_journal(options.out, entry)
-                result = results[entry["shard"]] = expand(samples, entry)
-                progress.advance(expected[result.name])
+        write_shards(jobs, options.out, pool, published)
     except BrokenProcessPool:
         raise RunFailed(f"a worker process died (killed, or out of memory?); {len(results)} of "
                         f"{len(shards)} shards are complete and kept: re-run the same command "

@@ -23,6 +23,7 @@ from .sources import Member, MemberError, MemberRefs, MemberTable, Reject
 from .zipindex import is_junk
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+IMAGE_TYPES = tuple(dict.fromkeys(IMAGE_EXTENSIONS.values()))  # a sample's image_ext
 LABEL_EXTENSION = ".json"
 KNOWN_EXTENSIONS = frozenset({*IMAGE_EXTENSIONS, LABEL_EXTENSION})
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")
@@ -152,7 +153,6 @@ def _extension_code(extension: str) -> int:
 IMAGE_CODES_3 = [_extension_code(e[1:]) for e in IMAGE_EXTENSIONS if len(e) == 4]
 IMAGE_CODES_4 = [_extension_code(e[1:]) for e in IMAGE_EXTENSIONS if len(e) == 5]
 LABEL_CODE = _extension_code(LABEL_EXTENSION[1:])
-PNG_CODE = _extension_code("png")
 
 
 class Classified(NamedTuple):
@@ -162,7 +162,7 @@ class Classified(NamedTuple):
     rows: tuple[np.ndarray, np.ndarray]  # the image rows, the label rows
     stems: tuple[list[str], list[str]]  # their stems, in the same order
     unsafe: set[str]  # stems that cannot be keys as they are (see safe_key)
-    png: np.ndarray  # per image row: a PNG (else a JPEG)
+    image_types: np.ndarray  # per image row: its type, as a position in IMAGE_TYPES
 
 
 def classify(table: MemberTable) -> Classified:
@@ -202,8 +202,11 @@ def classify(table: MemberTable) -> Classified:
     unsafe = {stem for kind in (IMAGE, LABEL)
               for stem, bad in zip(stems[kind], unsafe_rows[rows[kind]].tolist(), strict=True)
               if bad} if unsafe_rows.any() else set()
-    png = (extension_len[rows[IMAGE]] == 3) & (code[rows[IMAGE]] & 0xFFFFFF == PNG_CODE)
-    return Classified(kinds, rows, (stems[IMAGE], stems[LABEL]), unsafe, png)
+    image_codes = np.where(extension_len == 3, code & 0xFFFFFF, code)[rows[IMAGE]]
+    image_types = np.zeros(len(rows[IMAGE]), np.int8)
+    for extension, image_type in IMAGE_EXTENSIONS.items():
+        image_types[image_codes == _extension_code(extension[1:])] = IMAGE_TYPES.index(image_type)
+    return Classified(kinds, rows, (stems[IMAGE], stems[LABEL]), unsafe, image_types)
 
 
 def _last_before(data: np.ndarray, byte: int, ends: np.ndarray) -> np.ndarray:
@@ -224,7 +227,7 @@ def pair_members(tables: list[MemberTable], read_labels: LabelReader) -> Pairing
     first = np.cumsum([0, *map(len, tables)])
     stems: tuple[list[str], list[str]] = ([], [])
     numbers: tuple[list[np.ndarray], ...] = ([np.zeros(0, np.int64)], [np.zeros(0, np.int64)])
-    pngs: list[np.ndarray] = [np.zeros(0, bool)]
+    types: list[np.ndarray] = [np.zeros(0, np.int8)]
     unsafe: set[str] = set()
     for table, start in zip(tables, first.tolist(), strict=False):
         found = classify(table)
@@ -238,7 +241,7 @@ def pair_members(tables: list[MemberTable], read_labels: LabelReader) -> Pairing
         for kind in (IMAGE, LABEL):
             stems[kind].extend(found.stems[kind])
             numbers[kind].append(found.rows[kind] + start)
-        pngs.append(found.png)
+        types.append(found.image_types)
         unsafe |= found.unsafe
     image_numbers, label_numbers = (np.concatenate(n) for n in numbers)
     result.images, result.labels = len(image_numbers), len(label_numbers)
@@ -273,21 +276,22 @@ def pair_members(tables: list[MemberTable], read_labels: LabelReader) -> Pairing
         labels = np.concatenate([labels, np.array([n for _, _, n in extra], np.int64)])
     # Labels are read in archive order: sequential reads, whatever the stems' order.
     order = members.location_order(labels)
-    png = np.zeros(first[-1], bool)
-    png[image_numbers] = np.concatenate(pngs)
+    image_type = np.zeros(first[-1], np.int8)
+    image_type[image_numbers] = np.concatenate(types)
     _add_samples(result, [keys[i] for i in order.tolist()], images[order], labels[order],
-                 png, members, read_labels)
+                 image_type, members, read_labels)
     _reject_key_collisions(result)
     return result
 
 
 def _add_samples(result: Pairing, keys: list[str], images: np.ndarray, labels: np.ndarray,
-                 png: np.ndarray, members: _MemberLookup, read_labels: LabelReader) -> None:
+                 image_type: np.ndarray, members: _MemberLookup, read_labels: LabelReader
+                 ) -> None:
     """Read and parse each pair's label: a sample for each that parses, rejects for the rest."""
     image_tables, image_rows = members.locate(images)
     label_tables, label_rows = members.locate(labels)
     image_sizes = members.file_sizes(images)
-    image_exts = [("jpg", "png")[p] for p in png[images].tolist()]
+    image_exts = list(map(IMAGE_TYPES.__getitem__, image_type[images].tolist()))
     shared: dict[LabelFields, LabelFields] = {}  # equal fields (a battery's labels) stored once
     read = read_labels(members.chunks(labels), len(labels))
     for i, (key, (label, raw)) in enumerate(zip(keys, read, strict=True)):

@@ -494,6 +494,22 @@ def _not_a_tar(name: str, start: bytes, error: Exception) -> str:
     return f"{name} is not a readable tar file: {error}"
 
 
+def _pread_fully(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset`, fewer only at the end of the file: one pread returns at most
+    ~2 GiB on Linux, so a larger read takes several."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    parts, done = [data], len(data)
+    while done < size:
+        part = os.pread(fd, size - done, offset + done)
+        if not part:
+            break
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
+
+
 class ArchiveReader:
     """Reads bytes of archives and members with positioned reads on cached descriptors.
 
@@ -524,7 +540,7 @@ class ArchiveReader:
             if offset < end and size > 0:
                 skip = max(0, offset - start)
                 take = min(size, extent.length - skip)
-                chunk = bytes(take) if extent.path is None else os.pread(
+                chunk = bytes(take) if extent.path is None else _pread_fully(
                     self._fd(extent.path), take, extent.offset + skip)
                 chunks.append(chunk)
                 size -= len(chunk)
@@ -583,8 +599,9 @@ class ArchiveReader:
                 raise MemberError("bad-crc", f"no local header at offset {member.header_offset}")
             start = LOCAL_HEADER_SIZE + int.from_bytes(chunk[26:28], "little") \
                 + int.from_bytes(chunk[28:30], "little")
-            raw = bytes(chunk[start : start + member.compressed_size])
-            if len(raw) < member.compressed_size:
+            if start + member.compressed_size <= len(chunk):
+                raw = bytes(chunk[start : start + member.compressed_size])
+            else:
                 # Not all in the chunk (a large member): one read of exactly the payload, so its
                 # bytes are not copied again; the few bytes already read are read twice.
                 raw = self.pread(member.archive, member.compressed_size,

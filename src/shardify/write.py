@@ -17,7 +17,7 @@ import signal
 import sys
 import tarfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -237,48 +237,38 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.shutdown(wait=True)
 
 
-def write_shards(jobs: list[Job], out_dir: Path,
-                 pool: ProcessPoolExecutor | None) -> Iterator[tuple[tuple[Sample, ...], dict]]:
-    """Write every (shard name, samples) job, yielding (samples, entry) as each shard is done.
+def write_shards(jobs: list[Job], out_dir: Path, pool: ProcessPoolExecutor | None,
+                 on_published: Callable[[dict], None]) -> None:
+    """Write every (shard name, samples) job; `on_published(entry)` as each shard is in place.
 
     With a pool, each worker is sent a compact ShardJob and writes whole shards with its own file
-    descriptors. A shard is written under a temporary name; a thread of this process then makes
-    it durable and renames it into place (`publish`), so no writer waits for the disk. Leaving
-    early waits for the shard being published and leaves the rest to `worker_pool`, which stops
-    the workers.
+    descriptors. A shard is written under a temporary name; one thread of this process then
+    makes it durable, renames it into place and calls `on_published` (`publish`), so no writer
+    waits for the disk. However this ends (done, an error, Ctrl-C), every shard already written
+    is published before it returns or raises; stopping the workers is left to `worker_pool`.
     """
-    publisher = ThreadPoolExecutor(1, thread_name_prefix="shardify-publish")
-    pending: deque[tuple[tuple[Sample, ...], Future[dict]]] = deque()
-    failure: Exception | None = None
-    try:
-        try:
-            for samples, entry in _written(jobs, out_dir, pool):
-                pending.append((samples, publisher.submit(publish, out_dir, entry)))
-                while pending and pending[0][1].done():
-                    samples, published = pending.popleft()
-                    yield samples, published.result()
-        except Exception as error:  # shards written before the failure are still kept
-            failure = error
-        for samples, published in pending:
-            yield samples, published.result()
-        if failure is not None:
-            raise failure
-    finally:
-        publisher.shutdown(wait=True, cancel_futures=True)
+    with ThreadPoolExecutor(1, thread_name_prefix="shardify-publish") as publisher:
+        pending: deque[Future[None]] = deque()
+        for entry in _written(jobs, out_dir, pool):
+            pending.append(publisher.submit(publish, out_dir, entry, on_published))
+            while pending and pending[0].done():
+                pending.popleft().result()  # a failed publish stops the run now
+        for published in pending:
+            published.result()
 
 
 def _written(jobs: list[Job], out_dir: Path, pool: ProcessPoolExecutor | None
-             ) -> Iterator[tuple[tuple[Sample, ...], dict]]:
-    """(samples, entry) of each job once its temporary file is written, in order of completion."""
+             ) -> Iterator[dict]:
+    """The entry of each job once its temporary file is written, in order of completion."""
     if pool is None or len(jobs) <= 1:
         with ArchiveReader() as reader:
             for name, samples in jobs:
-                yield samples, write_shard(shard_job(name, samples), out_dir, reader)
+                yield write_shard(shard_job(name, samples), out_dir, reader)
         return
-    futures = {pool.submit(_write_job, shard_job(name, samples), out_dir): samples
-               for name, samples in jobs}
+    futures = [pool.submit(_write_job, shard_job(name, samples), out_dir)
+               for name, samples in jobs]
     for future in as_completed(futures):
-        yield futures[future], future.result()
+        yield future.result()
 
 
 def _worker_setup() -> None:
@@ -341,9 +331,9 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
             "samples": written, "rejects": rejects}
 
 
-def publish(out_dir: Path, entry: dict) -> dict:
-    """Make a written shard durable, then rename it into place: a file named `shard-*.tar`
-    is always complete, even after a power cut. Returns the entry."""
+def publish(out_dir: Path, entry: dict, on_published: Callable[[dict], None]) -> None:
+    """Make a written shard durable, rename it into place, then `on_published(entry)`: a file
+    named `shard-*.tar` is always complete, even after a power cut."""
     final = out_dir / entry["shard"]
     partial = partial_path(out_dir, entry["shard"])
     fd = os.open(partial, os.O_RDONLY)
@@ -353,7 +343,7 @@ def publish(out_dir: Path, entry: dict) -> dict:
         os.close(fd)
     os.replace(partial, final)
     _fsync_dir(final.parent)
-    return entry
+    on_published(entry)
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
