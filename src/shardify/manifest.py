@@ -6,7 +6,6 @@ Nothing time- or host-dependent goes in, so the same inputs give byte-identical 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 from .pairing import IMAGE, LABEL, member_refs
 from .sources import Reject
 from .split import SPLITS
-from .write import ShardResult
+from .write import ShardResult, move_into_place
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -151,21 +150,11 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     partial = path.with_name(f".{path.name}.partial")
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, partial, compression="zstd")
-    _publish(partial, path)
+    move_into_place(partial, path)
 
 
 def write_json(document: dict, path: Path) -> None:
     partial = path.with_name(f".{path.name}.partial")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
-    _publish(partial, path)
-
-
-def _publish(partial: Path, path: Path) -> None:
-    """Flush, then rename into place: a reader never sees a half-written file."""
-    fd = os.open(partial, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(partial, path)
+    move_into_place(partial, path)

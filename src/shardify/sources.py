@@ -497,17 +497,15 @@ def _not_a_tar(name: str, start: bytes, error: Exception) -> str:
 def _pread_fully(fd: int, size: int, offset: int) -> bytes:
     """`size` bytes at `offset`, fewer only at the end of the file: one pread returns at most
     ~2 GiB on Linux, so a larger read takes several."""
-    data = os.pread(fd, size, offset)
-    if len(data) == size or not data:
-        return data
-    parts, done = [data], len(data)
+    parts: list[bytes] = []
+    done = 0
     while done < size:
         part = os.pread(fd, size - done, offset + done)
         if not part:
             break
         parts.append(part)
         done += len(part)
-    return b"".join(parts)
+    return b"".join(parts)  # one part (the usual case) is returned as it is, not copied
 
 
 class ArchiveReader:

@@ -332,10 +332,14 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
 
 
 def publish(out_dir: Path, entry: dict, on_published: Callable[[dict], None]) -> None:
-    """Make a written shard durable, rename it into place, then `on_published(entry)`: a file
-    named `shard-*.tar` is always complete, even after a power cut."""
-    final = out_dir / entry["shard"]
-    partial = partial_path(out_dir, entry["shard"])
+    """Move a written shard into place, then `on_published(entry)`."""
+    move_into_place(partial_path(out_dir, entry["shard"]), out_dir / entry["shard"])
+    on_published(entry)
+
+
+def move_into_place(partial: Path, final: Path) -> None:
+    """Flush a written file to disk, rename it to `final`, then sync the folder: after a power
+    cut, `final` is there complete or not at all (shards, and the index files too)."""
     fd = os.open(partial, os.O_RDONLY)
     try:
         os.fdatasync(fd)
@@ -343,7 +347,6 @@ def publish(out_dir: Path, entry: dict, on_published: Callable[[dict], None]) ->
         os.close(fd)
     os.replace(partial, final)
     _fsync_dir(final.parent)
-    on_published(entry)
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
