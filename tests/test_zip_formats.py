@@ -539,3 +539,37 @@ def test_damaged_compressed_inner_zip_is_a_reject(tmp_path: Path) -> None:
     output = convert(tmp_path / "out", source)
     assert ("bad-crc", "inner.zip") in {(r["reason"], r["source_member"]) for r in output.rejects}
     assert "CT_ok_1" in output.samples
+
+
+def test_empty_zips_are_a_note_not_a_crash(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                           ) -> None:
+    """A valid 22-byte zip, beside the others and stored inside one: listed with 0 members and
+    a note, in convert, scan and verify --sources; no reject, the rest converts."""
+    stem = "CT_cell_pouch_101_x_001"
+    empty = io.BytesIO()
+    zipfile.ZipFile(empty, "w").close()
+    assert len(empty.getvalue()) == 22
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "empty.zip").write_bytes(empty.getvalue())
+    image, label = image_entry(f"{stem}.jpg"), label_entry(f"{stem}.json")
+    write_zip(source / "images.zip", [image, ZipEntry("inner/empty.zip", empty.getvalue(),
+                                                      ZIP_STORED)])
+    write_zip(source / "labels.zip", [label])
+    out = tmp_path / "out"
+    output = convert(out, source)
+    assert output.exit_code == 0 and output.rejects == []
+    assert_sample(output, stem, image, label, "jpg")
+    listed = {a["name"]: a for a in output.summary["archives"]}
+    for name in ("empty.zip", "images.zip/inner/empty.zip"):
+        assert listed[name]["members"] == 0
+        assert "empty zip" in " ".join(listed[name]["notes"])
+
+    capsys.readouterr()
+    assert main(["scan", str(source), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    scanned = {a["name"]: a for a in report["archives"]}
+    assert scanned["empty.zip"]["members"] == 0 and report["problems"] == {}
+    assert "empty zip" in " ".join(scanned["images.zip/inner/empty.zip"]["notes"])
+    assert main(["verify", str(out), "--sources", str(source)]) == 0
+    assert "verify: OK" in capsys.readouterr().out

@@ -228,6 +228,9 @@ def list_members(archive: Archive, reader: ArchiveReader) -> tuple[Archive, Memb
         if not _local_headers_found(archive, table, reader):
             raise ArchiveError(f"{archive.name}: local headers are not where the central "
                                "directory says")
+        if not len(table):  # valid, and nothing to read: said, neither a crash nor a reject
+            archive = replace(archive, notes=(*archive.notes, "empty zip: no members"))
+            table.archive = archive
     except MissingVolume:
         raise
     except ArchiveError as error:
@@ -296,7 +299,7 @@ def _entries(archive: Archive, directory: bytes, shift: int) -> MemberTable:
     starts = _entry_starts(archive, directory)
     columns = np.zeros(len(starts), MEMBER_COLUMNS)
     if not len(starts):
-        return MemberTable(archive, [], columns)
+        return MemberTable.from_names(archive, [], columns)
     u16, u32 = _unaligned(directory, "<u2"), _unaligned(directory, "<u4")
     name_at = starts + CENTRAL.size
     name_end = name_at + u16[starts + 28]
