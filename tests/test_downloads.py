@@ -428,6 +428,25 @@ def test_broken_piece_set_is_a_bad_archive_and_the_rest_converts(
     assert "bad-archive" in text and expected in text
 
 
+def test_broken_piece_set_delivered_twice_stays_broken(tmp_path: Path) -> None:
+    """The same broken set under two SOURCE folders: the second copy (`#2`) is skipped as
+    broken too, not read as if its pieces were contiguous."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    good, lost, expected = broken_piece_set(first, "missing", tmp_path)
+    shutil.copytree(first, second)
+    out = tmp_path / "out"
+    assert run_convert(out, first, second) == 0
+    archive_rows = [r for r in rejects(out) if not r["source_member"]]
+    assert {(r["reason"], r["source_archive"]) for r in archive_rows} == {
+        ("bad-archive", "b_images.zip"), ("bad-archive", "b_images.zip #2")}
+    assert all(expected in r["detail"] for r in archive_rows)
+    listed = {a["name"]: a["kind"] for a in summary(out)["archives"]}
+    assert listed["b_images.zip"] == listed["b_images.zip #2"] == "pieces (broken)"
+    assert {r["key"] for r in manifest(out)} == {p.stem for p in good}
+    assert not {p.stem for p in lost} & {r["key"] for r in manifest(out)}
+
+
 # --- 3. download.tar ---------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import re
 import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
@@ -315,9 +315,7 @@ def _unique_names(archives: list[Archive]) -> list[Archive]:
     for archive in ordered:
         counts[archive.name] += 1
         if counts[archive.name] > 1:
-            archive = Archive(f"{archive.name} #{counts[archive.name]}", archive.kind,
-                              archive.extents, archive.parent, archive.volume_starts,
-                              archive.notes)
+            archive = replace(archive, name=f"{archive.name} #{counts[archive.name]}")
         unique.append(archive)
     return unique
 
