@@ -573,3 +573,35 @@ def test_empty_zips_are_a_note_not_a_crash(tmp_path: Path, capsys: pytest.Captur
     assert "empty zip" in " ".join(scanned["images.zip/inner/empty.zip"]["notes"])
     assert main(["verify", str(out), "--sources", str(source)]) == 0
     assert "verify: OK" in capsys.readouterr().out
+
+
+FAKE_END_RECORDS = {
+    # a record at the very end claiming an empty directory: the members would vanish
+    "empty-directory": struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0, 0, 0, 0, 0),
+    # a record claiming a directory in the member data, followed by more comment text
+    "mid-comment": struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 46, 0, 0) + b" (copy)",
+    # a record whose comment length reaches the end, but whose directory is not where it says
+    "reaches-the-end": struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 46, 10, 4) + b"tail",
+}
+
+
+@pytest.mark.parametrize("fake", FAKE_END_RECORDS)
+def test_end_record_inside_the_archive_comment_is_not_trusted(tmp_path: Path, fake: str) -> None:
+    """Zips written by Python's zipfile whose comment holds a fake end-of-central-directory
+    record: the real record (its comment reaching the end, its directory just before it) wins."""
+    stems = [f"CT_cell_pouch_101_x_{n:03d}" for n in range(3)]
+    source = tmp_path / "source"
+    source.mkdir()
+    entries = {"images.zip": [image_entry(f"{stem}.jpg") for stem in stems],
+               "labels.zip": [label_entry(f"{stem}.json") for stem in stems]}
+    for zip_name, members in entries.items():
+        with zipfile.ZipFile(source / zip_name, "w", zipfile.ZIP_DEFLATED) as archive:
+            for entry in members:
+                archive.writestr(entry.name, entry.data)
+            archive.comment = b"made by a tool; " + FAKE_END_RECORDS[fake]
+    output = convert(tmp_path / "out", source)
+    assert output.rejects == []
+    for stem, image, label in zip(stems, entries["images.zip"], entries["labels.zip"],
+                                  strict=True):
+        assert_sample(output, stem, image, label, "jpg")
+    assert all(a["notes"] == [] for a in output.summary["archives"])

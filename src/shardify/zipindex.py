@@ -17,6 +17,7 @@ import struct
 import unicodedata
 import zlib
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -244,31 +245,19 @@ def list_members(archive: Archive, reader: ArchiveReader) -> tuple[Archive, Memb
     return archive, table
 
 
+class EndRecord(NamedTuple):
+    """What an end-of-central-directory record (Zip64 where present) says, and where it is."""
+
+    this_disk: int
+    cd_disk: int
+    cd_size: int
+    cd_offset: int
+    cd_end: int  # where the directory should end: the start of the (Zip64) end record
+
+
 def _central_directory(archive: Archive, reader: ArchiveReader) -> MemberTable:
-    size = archive.size
-    tail_start = max(0, size - EOCD.size - MAX_COMMENT)
-    tail = reader.pread(archive, size - tail_start, tail_start)
-    eocd_at = tail.rfind(EOCD_SIG)
-    while eocd_at >= 0 and eocd_at + EOCD.size > len(tail):
-        eocd_at = tail.rfind(EOCD_SIG, 0, eocd_at)
-    if eocd_at < 0:
-        raise ArchiveError(f"{archive.name}: not a zip file (no end-of-central-directory record)")
-    _, this_disk, cd_disk, _, _, cd_size, cd_offset, _ = EOCD.unpack_from(tail, eocd_at)
-    eocd_pos = tail_start + eocd_at
-    cd_end = eocd_pos
-    locator_pos = eocd_pos - ZIP64_LOCATOR.size
-    if locator_pos >= 0 and reader.pread(archive, 4, locator_pos) == ZIP64_LOCATOR_SIG:
-        locator = reader.pread(archive, ZIP64_LOCATOR.size, locator_pos)
-        zip64_offset = ZIP64_LOCATOR.unpack(locator)[2]
-        record_pos = locator_pos - ZIP64_EOCD.size
-        record = reader.pread(archive, ZIP64_EOCD.size, record_pos)
-        if record[:4] != ZIP64_EOCD_SIG:
-            record_pos = zip64_offset
-            record = reader.pread(archive, ZIP64_EOCD.size, record_pos)
-        if len(record) != ZIP64_EOCD.size or record[:4] != ZIP64_EOCD_SIG:
-            raise ArchiveError(f"{archive.name}: broken Zip64 end-of-central-directory record")
-        this_disk, cd_disk, _, _, cd_size, cd_offset = ZIP64_EOCD.unpack(record)[4:10]
-        cd_end = record_pos
+    end = _end_record(archive, reader)
+    this_disk, cd_disk = end.this_disk, end.cd_disk
     volume_starts = archive.volume_starts
     if len(volume_starts) > 1 and this_disk + 1 != len(volume_starts):
         # Volumes .z01.. are checked to be contiguous when found, so the missing ones follow them.
@@ -279,15 +268,86 @@ def _central_directory(archive: Archive, reader: ArchiveReader) -> MemberTable:
     if cd_disk >= len(volume_starts):
         raise ArchiveError(f"{archive.name}: central directory is on volume {cd_disk + 1}, "
                            f"but only {len(volume_starts)} volumes were found")
-    # Bytes prepended to the zip (self-extractor stub, concatenation) shift every offset alike.
-    shift = cd_end - cd_size - cd_offset - volume_starts[cd_disk]
-    if shift < 0 or len(volume_starts) > 1:
-        shift = 0
-    cd_start = volume_starts[cd_disk] + cd_offset + shift
-    directory = reader.pread(archive, cd_size, cd_start)
-    if len(directory) != cd_size:
+    cd_start, shift = _directory_start(archive, end)
+    directory = reader.pread(archive, end.cd_size, cd_start)
+    if len(directory) != end.cd_size:
         raise ArchiveError(f"{archive.name}: central directory is cut off")
     return _entries(archive, directory, shift)
+
+
+def _end_record(archive: Archive, reader: ArchiveReader) -> EndRecord:
+    """The end record to trust among the `PK\\x05\\x06` signatures in the archive's tail.
+
+    A comment may hold that signature too (even a whole fake record). Candidates whose comment
+    length reaches exactly the end of the archive come first, earliest first (the real record's
+    comment holds any fake one); with several, the first whose directory ends where the record
+    starts wins. Else, as ever, the last complete one (a zip with bytes appended after it).
+    """
+    size = archive.size
+    tail_start = max(0, size - EOCD.size - MAX_COMMENT)
+    tail = reader.pread(archive, size - tail_start, tail_start)
+    candidates = []  # positions in `tail` of complete records, last first
+    at = tail.rfind(EOCD_SIG)
+    while at >= 0:
+        if at + EOCD.size <= len(tail):
+            candidates.append(at)
+        at = tail.rfind(EOCD_SIG, 0, at)
+    if not candidates:
+        raise ArchiveError(f"{archive.name}: not a zip file (no end-of-central-directory record)")
+    reaching = [at for at in reversed(candidates)
+                if EOCD.unpack_from(tail, at)[7] == len(tail) - at - EOCD.size]
+    if len(reaching) > 1:
+        for at in reaching:
+            try:
+                end = _read_end_record(archive, reader, tail, tail_start + at)
+            except ArchiveError:
+                continue
+            if _consistent(archive, reader, end):
+                return end
+    return _read_end_record(archive, reader, tail, tail_start + (reaching or candidates)[0])
+
+
+def _read_end_record(archive: Archive, reader: ArchiveReader, tail: bytes,
+                     eocd_pos: int) -> EndRecord:
+    """The record at `eocd_pos`, or the Zip64 record its locator (just before it) points at."""
+    tail_start = archive.size - len(tail)
+    _, this_disk, cd_disk, _, _, cd_size, cd_offset, _ = EOCD.unpack_from(tail,
+                                                                          eocd_pos - tail_start)
+    locator_pos = eocd_pos - ZIP64_LOCATOR.size
+    if locator_pos < 0 or reader.pread(archive, 4, locator_pos) != ZIP64_LOCATOR_SIG:
+        return EndRecord(this_disk, cd_disk, cd_size, cd_offset, eocd_pos)
+    locator = reader.pread(archive, ZIP64_LOCATOR.size, locator_pos)
+    zip64_offset = ZIP64_LOCATOR.unpack(locator)[2]
+    record_pos = locator_pos - ZIP64_EOCD.size
+    record = reader.pread(archive, ZIP64_EOCD.size, record_pos)
+    if record[:4] != ZIP64_EOCD_SIG:
+        record_pos = zip64_offset
+        record = reader.pread(archive, ZIP64_EOCD.size, record_pos)
+    if len(record) != ZIP64_EOCD.size or record[:4] != ZIP64_EOCD_SIG:
+        raise ArchiveError(f"{archive.name}: broken Zip64 end-of-central-directory record")
+    this_disk, cd_disk, _, _, cd_size, cd_offset = ZIP64_EOCD.unpack(record)[4:10]
+    return EndRecord(this_disk, cd_disk, cd_size, cd_offset, record_pos)
+
+
+def _directory_start(archive: Archive, end: EndRecord) -> tuple[int, int]:
+    """(where the directory starts in the archive, the shift of every offset).
+
+    Bytes prepended to the zip (self-extractor stub, concatenation) shift every offset alike.
+    """
+    volume_start = archive.volume_starts[end.cd_disk]
+    shift = end.cd_end - end.cd_size - end.cd_offset - volume_start
+    if shift < 0 or len(archive.volume_starts) > 1:
+        shift = 0
+    return volume_start + end.cd_offset + shift, shift
+
+
+def _consistent(archive: Archive, reader: ArchiveReader, end: EndRecord) -> bool:
+    """Whether the record's directory ends where the record starts, and starts with an entry."""
+    if end.cd_disk >= len(archive.volume_starts):
+        return False
+    cd_start, _ = _directory_start(archive, end)
+    return cd_start + end.cd_size == end.cd_end and (
+        end.cd_size == 0 or reader.pread(archive, 4, cd_start) == CENTRAL_SIG)
 
 
 def _entries(archive: Archive, directory: bytes, shift: int) -> MemberTable:
