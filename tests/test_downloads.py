@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import resource
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import tarfile
@@ -445,6 +447,53 @@ def test_broken_piece_set_delivered_twice_stays_broken(tmp_path: Path) -> None:
     assert listed["b_images.zip"] == listed["b_images.zip #2"] == "pieces (broken)"
     assert {r["key"] for r in manifest(out)} == {p.stem for p in good}
     assert not {p.stem for p in lost} & {r["key"] for r in manifest(out)}
+
+
+# --- 2b. folders: links, loops and entries that are not files --------------------------------
+
+
+def test_linked_folders_are_followed_once_and_odd_entries_are_rejects(tmp_path: Path) -> None:
+    """A link to a folder elsewhere is followed; a loop and a second way into a folder add
+    nothing; a FIFO (never opened), a socket and a dangling link are each a `bad-archive` row."""
+    pairs = make_pairs(6, "s")
+    elsewhere, src = tmp_path / "elsewhere", tmp_path / "src"
+    elsewhere.mkdir()
+    (src / "real").mkdir(parents=True)
+    write_zip(elsewhere / "labels.zip", label_entries(pairs))
+    write_zip(src / "real" / "images.zip", image_entries(pairs))
+    (src / "labels").symlink_to(elsewhere, target_is_directory=True)
+    (src / "real" / "again").symlink_to(src / "real", target_is_directory=True)
+    (src / "another").symlink_to(src / "real", target_is_directory=True)
+    os.mkfifo(src / "stream.zip")
+    os.mknod(src / "server.sock", stat.S_IFSOCK | 0o600)
+    (src / "gone.zip").symlink_to(tmp_path / "nowhere.zip")
+    out = tmp_path / "out"
+    with deadline(60):
+        assert run_convert(out, src) == 0
+    assert_samples(out, pairs)
+    assert {r["key"] for r in manifest(out)} == {p.stem for p in pairs}
+    assert sorted(a["name"] for a in summary(out)["archives"]) == ["labels/labels.zip",
+                                                                   "real/images.zip"]
+    bad = {r["source_archive"]: r["detail"] for r in rejects(out) if r["reason"] == "bad-archive"}
+    assert len(rejects(out)) == len(bad) == 3
+    assert "FIFO" in bad["stream.zip"] and "socket" in bad["server.sock"]
+    assert "dangling" in bad["gone.zip"] and "nowhere.zip" in bad["gone.zip"]
+
+
+def test_symlink_loop_as_source_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SOURCE that is a loop of links: one line naming it, exit 2, no OUT made."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    out = tmp_path / "out"
+    for command in (["convert", str(tmp_path / "a"), "--out", str(out), "--quiet"],
+                    ["scan", str(tmp_path / "a")]):
+        capsys.readouterr()
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "symbolic link loop" in err
+    assert not out.exists()
 
 
 # --- 3. download.tar ---------------------------------------------------------------------------

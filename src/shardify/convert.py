@@ -232,7 +232,7 @@ def _check_output_folder(out: Path, sources: list[str]) -> None:
     """Refuse an OUT inside a source folder, or a non-empty one that shardify did not write."""
     resolved = out.resolve()
     for source in sources:
-        source_path = Path(source).resolve()
+        source_path = Path(os.path.realpath(source))  # a link loop: said by find_archives
         if source_path.is_dir() and resolved.is_relative_to(source_path):
             raise UsageError(f"--out {out} is inside the source folder {source}; "
                              "sources are only ever read")

@@ -8,8 +8,10 @@ merged, unpacked or written next to the sources: every read is a `pread` on a re
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
@@ -282,6 +284,8 @@ def find_archives(sources: list[str]) -> Discovery:
             files = sorted(p for p in path.parent.iterdir() if p.is_file()
                            and _set_name(p.name) == _set_name(path.name))
             root = path.parent
+        elif os.path.lexists(source):
+            raise FileNotFoundError(f"source {source} {_not_a_file(source)}")
         else:
             raise FileNotFoundError(f"source not found: {source}")
         fresh = [p for p in files if p.resolve() not in seen]
@@ -294,16 +298,57 @@ def find_archives(sources: list[str]) -> Discovery:
 
 
 def _walk(folder: Path, found: Discovery) -> list[Path]:
-    """Every file below `folder`; a folder that cannot be listed becomes a reject, not a gap."""
+    """Every regular file below `folder`, following symbolic links, each real folder listed once.
 
-    def unreadable(error: OSError) -> None:
-        name = Path(error.filename).relative_to(folder).as_posix() if error.filename else ""
-        found.rejects.append(Reject("", "bad-archive", name, "",
-                                    f"folder {name} cannot be read: {error.strerror}"))
+    A link to a folder already listed (a loop, or a second way in) adds nothing; links are
+    followed after the folders themselves, so a file reachable both ways keeps its real path
+    below SOURCE. A folder that cannot be listed, and an entry that is neither file nor folder
+    (FIFO, socket, device, dangling link), become rejects, not gaps; a FIFO is never opened.
+    """
 
-    files = [Path(top) / name for top, _, names in os.walk(folder, onerror=unreadable)
-             for name in names]
-    return sorted(p for p in files if p.is_file())
+    def reject(path: Path, detail: str) -> None:
+        name = path.relative_to(folder).as_posix()
+        found.rejects.append(Reject("", "bad-archive", name, "", detail.format(name=name)))
+
+    files: list[Path] = []
+    listed: set[tuple[int, int]] = set()
+    folders, linked = [folder], []
+    while folders or linked:
+        top = folders.pop() if folders else linked.pop()
+        try:
+            info = top.stat()
+            if (info.st_dev, info.st_ino) in listed:
+                continue
+            listed.add((info.st_dev, info.st_ino))
+            with os.scandir(top) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name, reverse=True)
+        except OSError as error:
+            reject(top, f"folder {{name}} cannot be read: {error.strerror}")
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_file():
+                files.append(path)
+            elif entry.is_dir():
+                (linked if entry.is_symlink() else folders).append(path)
+            else:
+                reject(path, f"{{name}} {_not_a_file(path)}: not read")
+    return sorted(files)
+
+
+def _not_a_file(path: Path | str) -> str:
+    """What a path that is neither a regular file nor a folder is, said for the user."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if os.path.islink(path):
+            return f"is a dangling symbolic link (to {os.readlink(path)}, which does not exist)"
+        return f"cannot be read: {error.strerror}"
+    kinds = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+             stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+    return f"is {kinds.get(stat.S_IFMT(mode), 'not a regular file')}, not a file or folder"
 
 
 def _unique_names(archives: list[Archive]) -> list[Archive]:
