@@ -688,6 +688,61 @@ def test_pieces_beside_a_wrong_order_merge_are_used(
         assert "was not read" in " ".join(archive["notes"])
 
 
+def write_zip_of_size(path: Path, entries: list[ZipEntry], size: int) -> None:
+    """A zip of exactly `size` bytes: `entries` and a stored filler member padding it."""
+    write_zip(path, [*entries, ZipEntry("img/filler.bin", b"", ZIP_STORED)])
+    padding = bytes(size - path.stat().st_size)
+    write_zip(path, [*entries, ZipEntry("img/filler.bin", padding, ZIP_STORED)])
+    assert path.stat().st_size == size
+
+
+def test_wrong_order_merge_of_any_piece_size_is_read_right(tmp_path: Path) -> None:
+    """Pieces of a size that is no power of two, merged in string order: found from the central
+    directory's offsets and read in the right order."""
+    pairs = make_pairs(8, "w", side=16)
+    whole, src = tmp_path / "whole", tmp_path / "src"
+    whole.mkdir()
+    write_zip(whole / "labels.zip", label_entries(pairs))
+    # 91 pieces of 1111 bytes: string order scrambles them but keeps part99990, the last, last
+    piece, size = 1111, 99_990 + 1100
+    write_zip_of_size(whole / "images.zip", image_entries(pairs), size)
+    data = (whole / "images.zip").read_bytes()
+    assert EOCD.unpack_from(data, data.rindex(b"PK\x05\x06"))[6] >= size - 1100
+    assert string_order(size, piece)[-1] == 99_990
+    shutil.copytree(whole, src)
+    assert merge_in_string_order(src / "images.zip", piece)
+    out, out_whole = tmp_path / "out", tmp_path / "out-whole"
+    assert run_convert(out, src) == 0
+    assert run_convert(out_whole, whole) == 0
+    assert output_files(out) == output_files(out_whole)
+    assert rejects(out) == []
+    [notes] = [a["notes"] for a in summary(out)["archives"] if a["name"] == "images.zip"]
+    assert f"pieces of {piece} bytes" in " ".join(notes) and ".part" in " ".join(notes)
+
+
+def test_local_headers_not_where_the_directory_says_is_not_called_truncated(
+    tmp_path: Path
+) -> None:
+    """A whole directory pointing at bytes that are not local headers (damage, or a merge in an
+    order that cannot be undone): a `bad-archive` row saying so and what to do, not `truncated`."""
+    pairs = make_pairs(12, "x", side=16)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_zip(src / "images.zip", image_entries(pairs))
+    write_zip(src / "labels.zip", label_entries(pairs))
+    data = bytearray((src / "images.zip").read_bytes())
+    middle = len(data) // 2
+    data[middle - 1500 : middle + 1500] = bytes(3000)
+    (src / "images.zip").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    assert run_convert(out, src) == 0
+    [row] = [r for r in rejects(out) if not r["source_member"]]
+    assert (row["reason"], row["source_archive"]) == ("bad-archive", "images.zip")
+    assert "wrong order" in row["detail"] and "damaged" in row["detail"]
+    assert ".part" in row["detail"] and "download it again" in row["detail"]
+    assert not [r for r in rejects(out) if r["reason"] == "truncated"]
+
+
 # --- 5. truncated zips -------------------------------------------------------------------------
 
 

@@ -61,7 +61,12 @@ BOMB_MIN_BYTES = 2**20
 BOMB_RATIO = 100
 MAX_NESTING = 3
 DOWNLOAD_PIECE = 2**30
+MIN_DERIVED_PIECE = 512  # piece sizes derived from a directory (any size, not only 2**k)
+MAX_DERIVED_PIECES = 10_000
+MAX_DERIVE_WINDOW = 64 * 2**20
+DERIVED_PROBES = 64
 INFLATE_CHUNK = 2**20
+MISPLACED = "looks merged in the wrong order, or damaged"  # starts the note and reject detail
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
 
 
@@ -174,6 +179,8 @@ def index_archives(archives: list[Archive], reader: ArchiveReader) -> Index:
             index.rejects.append(Reject("", "bad-archive", archive.name, "", archive.broken))
         if any(note.startswith("truncated") for note in archive.notes):
             index.rejects.append(Reject("", "truncated", archive.name, "", archive.notes[-1]))
+        elif archive.notes and archive.notes[-1].startswith(MISPLACED):
+            index.rejects.append(Reject("", "bad-archive", archive.name, "", archive.notes[-1]))
     return index
 
 
@@ -224,9 +231,11 @@ def list_members(archive: Archive, reader: ArchiveReader) -> tuple[Archive, Memb
             raise ArchiveError(archive.broken) from None
         table.problems = dict.fromkeys(range(len(table)), ("bad-archive", archive.broken))
         return archive, table
+    directory = None  # the central directory, when it reads but its local headers are not found
     try:
         table = _central_directory(archive, reader)
         if not _local_headers_found(archive, table, reader):
+            directory = table
             raise ArchiveError(f"{archive.name}: local headers are not where the central "
                                "directory says")
         if not len(table):  # valid, and nothing to read: said, neither a crash nor a reject
@@ -235,12 +244,12 @@ def list_members(archive: Archive, reader: ArchiveReader) -> tuple[Archive, Memb
     except MissingVolume:
         raise
     except ArchiveError as error:
-        reordered = _string_order_merge(archive, reader)
+        reordered = _string_order_merge(archive, reader, directory)
         if reordered is not None:
             return list_members(reordered, reader)
         if reader.pread(archive, 4, 0) not in (LOCAL_SIG, DESCRIPTOR_SIG):
             raise
-        archive, table = _recover(archive, reader, str(error))
+        archive, table = _recover(archive, reader, str(error), directory is not None)
     _flag_hostile(archive, table)
     return archive, table
 
@@ -466,47 +475,70 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int,
     return usize, csize, offset, disk
 
 
-def _local_headers_found(archive: Archive, table: MemberTable, reader: ArchiveReader) -> bool:
-    """Spot-check the first, middle and last member: a shuffled merge fails here."""
+def _local_headers_found(archive: Archive, table: MemberTable, reader: ArchiveReader,
+                         spread: int = 0) -> bool:
+    """Spot-check the first, middle and last member (and `spread` more, evenly spaced): a
+    shuffled merge fails here."""
     offsets = table.columns["header_offset"]
-    probes = {0, len(offsets) // 2, len(offsets) - 1} if len(offsets) else set()
+    probes = {0, len(offsets) // 2, len(offsets) - 1,
+              *np.linspace(0, len(offsets) - 1, spread).astype(int).tolist()} \
+        if len(offsets) else set()
     return all(reader.pread(archive, 4, int(offsets[i])) == LOCAL_SIG for i in probes)
 
 
-def _string_order_merge(archive: Archive, reader: ArchiveReader) -> Archive | None:
+def _string_order_merge(archive: Archive, reader: ArchiveReader,
+                        directory: MemberTable | None) -> Archive | None:
     """The archive read in the right order if it is pieces concatenated in string order.
 
     The download tool names pieces by byte offset (`X.zip.part0`, `X.zip.part1073741824`, ...)
     and some merges sort those names as strings, so `part10737418240` lands before
     `part2147483648`. The sizes are known (all pieces full but the last), so the right order can
-    be rebuilt without rewriting anything.
+    be rebuilt without rewriting anything. Powers of two are tried by reading the directory
+    each layout gives; any other size is derived from the `directory` read in place (the last
+    piece, which holds it, is then last in both orders) and checked against its local headers.
     """
     if len(archive.extents) != 1 or archive.parent is not None:
         return None
-    whole = archive.extents[0]
-    for piece in _candidate_piece_sizes(whole.length):
-        count = math.ceil(whole.length / piece)
-        order = sorted(range(count), key=lambda k: str(k * piece))
-        if order == list(range(count)):
+    for piece in _candidate_piece_sizes(archive.size):
+        candidate = _reordered(archive, piece)
+        if candidate is None:
             continue
-        sizes = [piece] * (count - 1) + [whole.length - piece * (count - 1)]
-        position, merged_at = 0, {}
-        for k in order:
-            merged_at[k] = position
-            position += sizes[k]
-        extents = tuple(Extent(whole.path, whole.offset + merged_at[k], sizes[k])
-                        for k in range(count))
-        note = (f"merged in the wrong order (pieces of {piece} bytes sorted as strings); read in "
-                "the right order. To avoid this, point shardify at the .part files instead")
-        candidate = Archive(archive.name, f"{archive.kind} (merged in wrong order)", extents,
-                            notes=(*archive.notes, note))
         try:
             table = _central_directory(candidate, reader)
         except ArchiveError:
             continue
         if _local_headers_found(candidate, table, reader):
             return candidate
+    if directory is None:
+        return None
+    for piece in _derived_piece_sizes(archive, directory, reader):
+        candidate = _reordered(archive, piece)
+        # The directory is not re-read for each layout, so more members are checked instead.
+        if candidate is not None and _local_headers_found(candidate, directory, reader,
+                                                          DERIVED_PROBES):
+            return candidate
     return None
+
+
+def _reordered(archive: Archive, piece: int) -> Archive | None:
+    """The archive read as pieces of `piece` bytes put back from string order (None if string
+    order is the right order for that size)."""
+    whole = archive.extents[0]
+    count = math.ceil(whole.length / piece)
+    order = sorted(range(count), key=lambda k: str(k * piece))
+    if order == list(range(count)):
+        return None
+    sizes = [piece] * (count - 1) + [whole.length - piece * (count - 1)]
+    position, merged_at = 0, {}
+    for k in order:
+        merged_at[k] = position
+        position += sizes[k]
+    extents = tuple(Extent(whole.path, whole.offset + merged_at[k], sizes[k])
+                    for k in range(count))
+    note = (f"merged in the wrong order (pieces of {piece} bytes sorted as strings); read in "
+            "the right order. To avoid this, point shardify at the .part files instead")
+    return Archive(archive.name, f"{archive.kind} (merged in wrong order)", extents,
+                   notes=(*archive.notes, note))
 
 
 def _candidate_piece_sizes(size: int) -> list[int]:
@@ -515,12 +547,73 @@ def _candidate_piece_sizes(size: int) -> list[int]:
     return [DOWNLOAD_PIECE, *others] if size > DOWNLOAD_PIECE else others
 
 
-def _recover(archive: Archive, reader: ArchiveReader,
-             why: str) -> tuple[Archive, MemberTable]:
+def _derived_piece_sizes(archive: Archive, directory: MemberTable,
+                         reader: ArchiveReader) -> list[int]:
+    """Piece sizes a string-order merge may have had, from where one local header really is.
+
+    Piece 0 is first in both orders, so the first members' headers are in place. Between the
+    last member found in place and the next one, not found, pieces start being out of order;
+    a local header soon after that belongs to a member whose directory offset is off by a whole
+    number of pieces: the piece size divides that distance. A few reads in all.
+    """
+    offsets = np.unique(directory.columns["header_offset"])
+    in_place = [reader.pread(archive, 4, int(offsets[i])) == LOCAL_SIG
+                for i in (0, len(offsets) - 1)]
+    if len(offsets) < 2 or not in_place[0]:
+        return []
+    good, bad = 0, len(offsets) - 1
+    if in_place[1]:
+        bad = len(offsets) // 2  # the middle probe is the one that failed
+        if reader.pread(archive, 4, int(offsets[bad])) == LOCAL_SIG:
+            return []
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if reader.pread(archive, 4, int(offsets[mid])) == LOCAL_SIG:
+            good = mid
+        else:
+            bad = mid
+    start = int(offsets[good]) + 4
+    span = int(offsets[bad]) - start + 2 * int(directory.columns["compressed_size"].max()) \
+        + 2 * 2**16
+    window = reader.pread(archive, min(span, MAX_DERIVE_WINDOW), start)
+    distance = _displacement(directory, window, start)
+    if not distance:
+        return []
+    size = archive.size
+    return [piece for count in range(2, MAX_DERIVED_PIECES + 1)
+            if distance % count == 0 and MIN_DERIVED_PIECE <= (piece := distance // count) < size
+            and math.ceil(size / piece) <= MAX_DERIVED_PIECES]
+
+
+def _displacement(directory: MemberTable, window: bytes, start: int) -> int:
+    """How far the first local header in `window` (at `start` of the archive) that belongs to a
+    member lies from where the directory puts it; 0 if none is found."""
+    columns = directory.columns
+    at = window.find(LOCAL_SIG)
+    while 0 <= at <= len(window) - LOCAL.size:
+        fields = LOCAL.unpack_from(window, at)
+        flags, crc, csize, name_len = fields[2], fields[6], fields[7], fields[9]
+        raw_name = window[at + LOCAL.size : at + LOCAL.size + name_len]
+        if len(raw_name) == name_len:
+            name = decode_name(raw_name, flags)
+            for row in np.flatnonzero((columns["crc32"] == crc)
+                                      & (columns["raw_name_len"] == name_len)).tolist():
+                offset = int(columns["header_offset"][row])
+                if directory.name(row) == name and offset != start + at \
+                        and int(columns["compressed_size"][row]) == csize:
+                    return abs(offset - start - at)
+        at = window.find(LOCAL_SIG, at + 1)
+    return 0
+
+
+def _recover(archive: Archive, reader: ArchiveReader, why: str,
+             misplaced: bool) -> tuple[Archive, MemberTable]:
     """Members of a zip with no usable central directory, walking its local headers.
 
     Entries whose sizes are only in a data descriptor are delimited by inflating them; a stored
     one cannot be delimited and ends the walk. What follows the last complete member is lost.
+    `misplaced`: the directory was read whole, but its local headers are elsewhere; that is
+    not a cut-off download but a merge in an order that cannot be undone, or damage.
     """
     size = archive.size
     pos = 4 if reader.pread(archive, 4, 0) == DESCRIPTOR_SIG else 0
@@ -561,6 +654,11 @@ def _recover(archive: Archive, reader: ArchiveReader,
         note = (f"central directory unusable ({why}); all {len(members)} members recovered "
                 "from their local headers, nothing lost")
         kind = f"{archive.kind} (directory rebuilt)"
+    elif misplaced:
+        note = (f"{MISPLACED}: {why}; recovered {len(members)} complete members from local "
+                f"headers (last: {last}), the others cannot be read: point shardify at the .part "
+                "pieces if you have them, or download it again")
+        kind = f"{archive.kind} (damaged)"
     else:
         note = (f"truncated: {why}; recovered {len(members)} complete members from local "
                 f"headers (last: {last}); the archive ends {size - pos} bytes after it: later "
