@@ -269,3 +269,82 @@ def test_manifest_path_that_is_a_folder_is_refused_before_work(
                  "--quiet"]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert not out.exists()
+
+
+def pair_source(folder: Path, pairs: dict[str, tuple[bytes, bytes]]) -> Path:
+    """A SOURCE folder with one zip of images and one of labels: stem -> (image, label JSON)."""
+    import zipfile
+
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "images.zip", "w") as images, \
+            zipfile.ZipFile(folder / "labels.zip", "w") as labels:
+        for name, (image, label) in pairs.items():
+            images.writestr(name, image)
+            labels.writestr(f"{name.rsplit('.', 1)[0]}.json", label)
+    return folder
+
+
+def labelled(battery_ids: object) -> bytes:
+    return orjson.dumps({**LABEL, "data_info": {**LABEL["data_info"], "battery_ids": battery_ids}})
+
+
+def rejected(out: Path) -> dict[str, tuple[str, str]]:
+    """source_member -> (reason, detail), read back with pyarrow."""
+    import pyarrow.parquet as pq
+
+    return {row["source_member"]: (row["reason"], row["detail"])
+            for row in pq.read_table(out / "rejects.parquet").to_pylist()}
+
+
+def test_deeply_nested_battery_ids_are_a_bad_label_in_convert_and_scan(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    deep = labelled(0).replace(b'"battery_ids":0', b'"battery_ids":' + b"[" * 1000 + b"7"
+                               + b"]" * 1000)  # orjson cannot write it: spelled out
+    source = pair_source(tmp_path / "src", {"CT_good_001.png": (png(), labelled(7)),
+                                            "CT_deep_001.png": (png(), deep),
+                                            "CT_twice_001.png": (png(), labelled([[7]]))})
+    assert main(["scan", str(source), "--json"]) == 0
+    report = orjson.loads(capsys.readouterr().out)
+    assert (report["pairs"], report["problems"]) == (1, {"bad-label": 4})
+    out = tmp_path / "out"
+    assert main(["convert", str(source), "--out", str(out), "--quiet"]) == 0
+    rows = rejected(out)
+    for stem in ("CT_deep_001", "CT_twice_001"):
+        reason, detail = rows[f"{stem}.json"]
+        assert reason == "bad-label" and "data_info.battery_ids is not a battery number" in detail
+    assert main(["verify", str(out)]) == 0
+
+
+def test_damaged_png_structure_is_a_bad_image() -> None:
+    good = png()
+    ihdr_end = 8 + 8 + 13 + 4
+    iend = good[-12:]
+    cases = {
+        b"\x89PNG\r\n\x1a\nIEND": "cut off",
+        good[:8] + iend: "IHDR",
+        good[:ihdr_end] + iend + good[ihdr_end:-12] + iend: "IDAT",
+        good[:-12] + iend + good[ihdr_end:]: "after its IEND",
+        good[:-12] + iend[:6]: "cut off",
+        good[:ihdr_end] + good[ihdr_end:ihdr_end + 4] + b"ID": "cut off",
+        good[:-12]: "cut off",
+        good[:8] + (12).to_bytes(4, "big") + good[12:]: "IHDR",
+        good[:ihdr_end] + (2**31 - 1).to_bytes(4, "big") + good[ihdr_end + 4:]: "cut off",
+    }
+    for data, message in cases.items():
+        problem = image_problem(data, "png")
+        assert problem is not None and message in problem, (data[:40], problem)
+    assert image_problem(good + b"\0" * 3, "png") == "PNG has 3 bytes after its IEND chunk"
+    assert image_problem(good[:8] + good[-12:], "png") == "PNG does not start with an IHDR chunk" \
+        " of 13 bytes"
+    assert image_problem(good[:ihdr_end] + iend, "png") == "PNG has no IDAT chunk before IEND"
+
+
+def test_png_with_iend_only_is_rejected_in_convert(tmp_path: Path) -> None:
+    source = pair_source(tmp_path / "src", {"CT_good_001.png": (png(), labelled(7)),
+                                            "CT_fake_001.png": (b"\x89PNG\r\n\x1a\nIEND",
+                                                                labelled(7))})
+    out = tmp_path / "out"
+    assert main(["convert", str(source), "--out", str(out), "--quiet"]) == 0
+    reason, detail = rejected(out)["CT_fake_001.png"]
+    assert reason == "bad-image" and "PNG" in detail
+    assert main(["verify", str(out)]) == 0
