@@ -348,3 +348,68 @@ def test_png_with_iend_only_is_rejected_in_convert(tmp_path: Path) -> None:
     reason, detail = rejected(out)["CT_fake_001.png"]
     assert reason == "bad-image" and "PNG" in detail
     assert main(["verify", str(out)]) == 0
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_manifest_path_that_would_replace_anything_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--manifest never replaces a source, a device or a file shardify did not write; nothing is
+    created inside a SOURCE folder. Each refusal: exit 2, one line, no OUT."""
+    import os
+    import stat
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = pair_source(tmp_path / "src", {"CT_good_001.png": (png(), labelled(7))})
+    before = tree_bytes(source)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    pq.write_table(pa.table({"a": [1]}), elsewhere / "foreign.parquet")
+    (elsewhere / "kept.summary.json").write_text('{"mine": true}')
+    (elsewhere / "to_source.zip").symlink_to(source / "labels.zip")
+    (elsewhere / "source_link").symlink_to(source)
+    (elsewhere / "loop.parquet").symlink_to(elsewhere / "loop.parquet")
+    inside = {source / "new.parquet": "inside the source folder",
+              elsewhere / "source_link" / "new.parquet": "inside the source folder"}
+    refused = {
+        source / "labels.zip": "sources are only ever read",
+        elsewhere / "to_source.zip": "sources are only ever read",
+        elsewhere / "notes.txt": "not a manifest shardify wrote",
+        elsewhere / "foreign.parquet": "not a manifest shardify wrote",
+        elsewhere / "kept.parquet": "kept.summary.json",
+        elsewhere / "loop.parquet": "symbolic links",
+        Path("/dev/null"): "not a regular file",
+        Path("/dev/full"): "not a regular file",
+    }
+    out = tmp_path / "out"
+    # SOURCE as a folder, then as files (a new file beside a SOURCE file replaces nothing).
+    for given_source, cases in ((source, {**inside, **refused}), (source / "labels.zip", refused)):
+        for manifest, message in cases.items():
+            capsys.readouterr()
+            assert main(["convert", str(given_source), str(source / "images.zip"), "--out",
+                         str(out), "--manifest", str(manifest), "--quiet"]) == 2, manifest
+            err = capsys.readouterr().err.splitlines()
+            assert len(err) == 1 and err[0].startswith("shardify: error: --manifest"), err
+            assert message in err[0], err
+            assert not out.exists()
+    assert main(["convert", str(source), "--out", str(out), "--manifest",
+                 str(source / "labels.zip"), "--quiet"]) == 2
+    assert tree_bytes(source) == before
+    assert (elsewhere / "notes.txt").read_text() == "mine"
+    assert (elsewhere / "kept.summary.json").read_text() == '{"mine": true}'
+    assert pq.read_table(elsewhere / "foreign.parquet").column_names == ["a"]
+    assert all(stat.S_ISCHR(os.stat(device).st_mode) for device in ("/dev/null", "/dev/full"))
+    # A manifest shardify wrote is replaced by a re-run, and so is its summary.
+    manifest = elsewhere / "m.parquet"
+    for _ in range(2):
+        assert main(["convert", str(source), "--out", str(out), "--manifest", str(manifest),
+                     "--quiet"]) == 0
+        assert manifest.read_bytes() == (out / "manifest.parquet").read_bytes()
+        assert (elsewhere / "m.summary.json").read_bytes() == (out / "summary.json").read_bytes()
+    assert tree_bytes(source) == before
