@@ -54,15 +54,16 @@ _SYNC_FILE_RANGE = getattr(ctypes.CDLL(None), "sync_file_range", None) \
 
 @dataclass
 class ShardResult:
-    """A finished shard: the samples written, in shard order, where each landed (offset, size
-    and image CRC-32 as columns: enough for a manifest row and random access), its rejects and
-    its size."""
+    """A finished shard: the samples written, in shard order, where each landed (offset, size,
+    image and label CRC-32 as columns: enough for a manifest row and random access), its rejects
+    and its size."""
 
     name: str
     samples: list[Sample]
     offsets: np.ndarray  # int64
     sizes: np.ndarray  # int64
     image_crc32s: np.ndarray  # uint32
+    label_crc32s: np.ndarray  # uint32, of the label as written (without BOM)
     rejects: list[Reject] = field(default_factory=list)
     bytes_out: int = 0
 
@@ -114,17 +115,19 @@ def shard_job(name: str, samples: tuple[Sample, ...]) -> ShardJob:
 def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
     """The ShardResult of a shard's entry (from a worker, or the journal), with the plan's samples.
 
-    Entries name samples by key and rejects by sample index; the names of the rejected members
-    come from the plan, so workers never need them.
+    Entries name samples by key (`[key, offset, size, image CRC-32, label CRC-32]`) and rejects
+    by sample index; the names of the rejected members come from the plan, so workers never need
+    them. Raises ValueError for an entry of another shape (a journal of an older build).
     """
     by_key = {sample.key: sample for sample in samples}
     rows = entry["samples"]
-    numbers = np.array([row[1:] for row in rows], np.int64).reshape(len(rows), 3)
+    numbers = np.array([row[1:] for row in rows], np.int64).reshape(len(rows), 4)
     rejects = [Reject(samples[i].key, reason, member.archive.name, member.name, detail)
                for i, reason, detail in entry["rejects"]
                for member in (samples[i].image, samples[i].label)]
     return ShardResult(entry["shard"], [by_key[row[0]] for row in rows], numbers[:, 0],
-                       numbers[:, 1], numbers[:, 2].astype(np.uint32), rejects, entry["bytes"])
+                       numbers[:, 1], numbers[:, 2].astype(np.uint32),
+                       numbers[:, 3].astype(np.uint32), rejects, entry["bytes"])
 
 
 def padded(size: int) -> int:
@@ -343,7 +346,7 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
                 continue
             chunks = _sample_chunks(key, job.image_exts[i], job.classes[i : i + 1], *payloads)
             size = _write_all(fd, chunks)
-            written.append([key, offset, size, image.crc32])
+            written.append([key, offset, size, image.crc32, deflate.crc32(payloads[1])])
             offset += size
             if offset - flushed >= WRITEBACK_STEP:
                 _start_writeback(fd, flushed, offset - flushed)
