@@ -356,3 +356,21 @@ def test_a_second_run_into_the_same_out_is_refused(dataset: SynthResult, tmp_pat
     finally:
         os.close(held)
     assert main(convert_args(dataset, out)) == 0
+
+
+def test_a_journal_entry_without_label_crcs_is_redone(dataset: SynthResult, clean_run: Path,
+                                                      tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """An entry of an older build (samples without the label CRC-32) is not reused: that shard is
+    written again, and the output is the same as a clean run's."""
+    out = tmp_path / "out"
+    assert main(convert_args(dataset, out)) == 0
+    journal = out / ".shardify" / "journal.jsonl"
+    lines = journal.read_text().splitlines()
+    old = json.loads(lines[0])
+    old["samples"] = [row[:4] for row in old["samples"]]
+    journal.write_text("\n".join([json.dumps(old), *lines[1:]]) + "\n")
+    capsys.readouterr()
+    assert main(convert_args(dataset, out)) == 0
+    assert f"resumed: {len(lines) - 1} complete shards" in capsys.readouterr().out
+    assert output_files(out) == output_files(clean_run)

@@ -269,3 +269,147 @@ def test_manifest_path_that_is_a_folder_is_refused_before_work(
                  "--quiet"]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert not out.exists()
+
+
+def pair_source(folder: Path, pairs: dict[str, tuple[bytes, bytes]]) -> Path:
+    """A SOURCE folder with one zip of images and one of labels: stem -> (image, label JSON)."""
+    import zipfile
+
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "images.zip", "w") as images, \
+            zipfile.ZipFile(folder / "labels.zip", "w") as labels:
+        for name, (image, label) in pairs.items():
+            images.writestr(name, image)
+            labels.writestr(f"{name.rsplit('.', 1)[0]}.json", label)
+    return folder
+
+
+def labelled(battery_ids: object) -> bytes:
+    return orjson.dumps({**LABEL, "data_info": {**LABEL["data_info"], "battery_ids": battery_ids}})
+
+
+def rejected(out: Path) -> dict[str, tuple[str, str]]:
+    """source_member -> (reason, detail), read back with pyarrow."""
+    import pyarrow.parquet as pq
+
+    return {row["source_member"]: (row["reason"], row["detail"])
+            for row in pq.read_table(out / "rejects.parquet").to_pylist()}
+
+
+def test_deeply_nested_battery_ids_are_a_bad_label_in_convert_and_scan(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    deep = labelled(0).replace(b'"battery_ids":0', b'"battery_ids":' + b"[" * 1000 + b"7"
+                               + b"]" * 1000)  # orjson cannot write it: spelled out
+    source = pair_source(tmp_path / "src", {"CT_good_001.png": (png(), labelled(7)),
+                                            "CT_deep_001.png": (png(), deep),
+                                            "CT_twice_001.png": (png(), labelled([[7]]))})
+    assert main(["scan", str(source), "--json"]) == 0
+    report = orjson.loads(capsys.readouterr().out)
+    assert (report["pairs"], report["problems"]) == (1, {"bad-label": 4})
+    out = tmp_path / "out"
+    assert main(["convert", str(source), "--out", str(out), "--quiet"]) == 0
+    rows = rejected(out)
+    for stem in ("CT_deep_001", "CT_twice_001"):
+        reason, detail = rows[f"{stem}.json"]
+        assert reason == "bad-label" and "data_info.battery_ids is not a battery number" in detail
+    assert main(["verify", str(out)]) == 0
+
+
+def test_damaged_png_structure_is_a_bad_image() -> None:
+    good = png()
+    ihdr_end = 8 + 8 + 13 + 4
+    iend = good[-12:]
+    cases = {
+        b"\x89PNG\r\n\x1a\nIEND": "cut off",
+        good[:8] + iend: "IHDR",
+        good[:ihdr_end] + iend + good[ihdr_end:-12] + iend: "IDAT",
+        good[:-12] + iend + good[ihdr_end:]: "after its IEND",
+        good[:-12] + iend[:6]: "cut off",
+        good[:ihdr_end] + good[ihdr_end:ihdr_end + 4] + b"ID": "cut off",
+        good[:-12]: "cut off",
+        good[:8] + (12).to_bytes(4, "big") + good[12:]: "IHDR",
+        good[:ihdr_end] + (2**31 - 1).to_bytes(4, "big") + good[ihdr_end + 4:]: "cut off",
+    }
+    for data, message in cases.items():
+        problem = image_problem(data, "png")
+        assert problem is not None and message in problem, (data[:40], problem)
+    assert image_problem(good + b"\0" * 3, "png") == "PNG has 3 bytes after its IEND chunk"
+    assert image_problem(good[:8] + good[-12:], "png") == "PNG does not start with an IHDR chunk" \
+        " of 13 bytes"
+    assert image_problem(good[:ihdr_end] + iend, "png") == "PNG has no IDAT chunk before IEND"
+
+
+def test_png_with_iend_only_is_rejected_in_convert(tmp_path: Path) -> None:
+    source = pair_source(tmp_path / "src", {"CT_good_001.png": (png(), labelled(7)),
+                                            "CT_fake_001.png": (b"\x89PNG\r\n\x1a\nIEND",
+                                                                labelled(7))})
+    out = tmp_path / "out"
+    assert main(["convert", str(source), "--out", str(out), "--quiet"]) == 0
+    reason, detail = rejected(out)["CT_fake_001.png"]
+    assert reason == "bad-image" and "PNG" in detail
+    assert main(["verify", str(out)]) == 0
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_manifest_path_that_would_replace_anything_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--manifest never replaces a source, a device or a file shardify did not write; nothing is
+    created inside a SOURCE folder. Each refusal: exit 2, one line, no OUT."""
+    import os
+    import stat
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = pair_source(tmp_path / "src", {"CT_good_001.png": (png(), labelled(7))})
+    before = tree_bytes(source)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    pq.write_table(pa.table({"a": [1]}), elsewhere / "foreign.parquet")
+    (elsewhere / "kept.summary.json").write_text('{"mine": true}')
+    (elsewhere / "to_source.zip").symlink_to(source / "labels.zip")
+    (elsewhere / "source_link").symlink_to(source)
+    (elsewhere / "loop.parquet").symlink_to(elsewhere / "loop.parquet")
+    inside = {source / "new.parquet": "inside the source folder",
+              elsewhere / "source_link" / "new.parquet": "inside the source folder"}
+    refused = {
+        source / "labels.zip": "sources are only ever read",
+        elsewhere / "to_source.zip": "sources are only ever read",
+        elsewhere / "notes.txt": "not a manifest shardify wrote",
+        elsewhere / "foreign.parquet": "not a manifest shardify wrote",
+        elsewhere / "kept.parquet": "kept.summary.json",
+        elsewhere / "loop.parquet": "symbolic links",
+        Path("/dev/null"): "not a regular file",
+        Path("/dev/full"): "not a regular file",
+    }
+    out = tmp_path / "out"
+    # SOURCE as a folder, then as files (a new file beside a SOURCE file replaces nothing).
+    for given_source, cases in ((source, {**inside, **refused}), (source / "labels.zip", refused)):
+        for manifest, message in cases.items():
+            capsys.readouterr()
+            assert main(["convert", str(given_source), str(source / "images.zip"), "--out",
+                         str(out), "--manifest", str(manifest), "--quiet"]) == 2, manifest
+            err = capsys.readouterr().err.splitlines()
+            assert len(err) == 1 and err[0].startswith("shardify: error: --manifest"), err
+            assert message in err[0], err
+            assert not out.exists()
+    assert main(["convert", str(source), "--out", str(out), "--manifest",
+                 str(source / "labels.zip"), "--quiet"]) == 2
+    assert tree_bytes(source) == before
+    assert (elsewhere / "notes.txt").read_text() == "mine"
+    assert (elsewhere / "kept.summary.json").read_text() == '{"mine": true}'
+    assert pq.read_table(elsewhere / "foreign.parquet").column_names == ["a"]
+    assert all(stat.S_ISCHR(os.stat(device).st_mode) for device in ("/dev/null", "/dev/full"))
+    # A manifest shardify wrote is replaced by a re-run, and so is its summary.
+    manifest = elsewhere / "m.parquet"
+    for _ in range(2):
+        assert main(["convert", str(source), "--out", str(out), "--manifest", str(manifest),
+                     "--quiet"]) == 0
+        assert manifest.read_bytes() == (out / "manifest.parquet").read_bytes()
+        assert (elsewhere / "m.summary.json").read_bytes() == (out / "summary.json").read_bytes()
+    assert tree_bytes(source) == before

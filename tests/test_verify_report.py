@@ -184,3 +184,108 @@ def test_report_renders_in_a_browser(converted: Path, tmp_path: Path) -> None:
                     "--window-size=1000,2400", page.as_uri()], check=True, timeout=60,
                    capture_output=True)
     assert shot.stat().st_size > 20_000
+
+
+def rewrite_manifest(out: Path, table: list[dict]) -> None:
+    schema = pq.read_schema(out / "manifest.parquet")
+    pq.write_table(pa.Table.from_pylist(table, schema=schema), out / "manifest.parquet")
+
+
+def member_infos(shard: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(shard) as tar:
+        return {info.name: info for info in tar.getmembers()}
+
+
+def edit(path: Path, offset: int, new: bytes) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset : offset + len(new)] = new
+    path.write_bytes(bytes(data))
+
+
+def test_sample_bytes_label_padding_and_end_blocks(converted: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """Damage that leaves every image intact, each in its own shard: all four are named."""
+    out = damaged_copy(converted, tmp_path)
+    table = rows(out)
+    firsts = {}
+    for row in table:
+        firsts.setdefault(row["shard"], row)
+    sized, labelled, padded, ended = list(firsts.values())[:4]
+    sized["sample_bytes"] += 512
+    rewrite_manifest(out, table)
+    label = member_infos(out / labelled["shard"])[f"{labelled['key']}.json"]
+    raw = (out / labelled["shard"]).read_bytes()[label.offset_data : label.offset_data + label.size]
+    at = raw.index(b'"application":"') + len(b'"application":"')
+    edit(out / labelled["shard"], label.offset_data + at, bytes([raw[at] ^ 0x20]))  # E -> e
+    cls = member_infos(out / padded["shard"])[f"{padded['key']}.cls"]
+    edit(out / padded["shard"], cls.offset_data + 1 + 200, b"\x01")
+    end = out / ended["shard"]
+    end.write_bytes(end.read_bytes()[:-1024])
+    code, printed = verify(out, capsys)
+    assert code == 1
+    assert sorted(printed.splitlines()[1:]) == sorted([
+        f"{sized['shard']}:{sized['key']}: sample takes {sized['sample_bytes'] - 512} bytes in "
+        f"the shard, manifest says {sized['sample_bytes']}",
+        f"{labelled['shard']}:{labelled['key']}: label crc32 differs from the manifest",
+        f"{padded['shard']}:{padded['key']}: padding after {padded['key']}.cls is not zeros",
+        f"{ended['shard']}: the two zero blocks that end a tar are missing",
+    ])
+
+
+def test_damaged_tar_header_is_named_once(converted: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    out = damaged_copy(converted, tmp_path)
+    by_shard = Counter(r["shard"] for r in rows(out))
+    name = max(by_shard, key=lambda shard: by_shard[shard])
+    mine = [r for r in rows(out) if r["shard"] == name]
+    victim = mine[1]
+    edit(out / name, victim["offset"] + 3, b"\x7f")
+    code, printed = verify(out, capsys)
+    assert code == 1
+    assert printed.splitlines()[1:] == [
+        f"{name}: damaged tar header at offset {victim['offset']}; the {len(mine) - 1} samples "
+        "from there on could not be read"]
+
+
+def test_data_after_the_end_blocks_is_named(converted: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    out = damaged_copy(converted, tmp_path)
+    name = rows(out)[0]["shard"]
+    size = (out / name).stat().st_size
+    with open(out / name, "ab") as shard:
+        shard.write(bytes(700) + b"junk")
+    code, printed = verify(out, capsys)
+    assert code == 1
+    assert printed.splitlines()[1:] == [
+        f"{name}: 704 bytes after the end of the tar (offset {size}) are not all zeros"]
+
+
+def test_damaged_manifest_exits_1_and_no_output_exits_2(converted: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    out = damaged_copy(converted, tmp_path)
+    (out / "manifest.parquet").write_bytes(b"PAR1 not really PAR1")
+    code, printed = verify(out, capsys)
+    assert code == 1 and "manifest.parquet: unreadable:" in printed
+    pq.write_table(pq.read_table(converted / "manifest.parquet").drop_columns(["label_crc32"]),
+                   out / "manifest.parquet")
+    code, printed = verify(out, capsys)
+    assert code == 1 and "manifest.parquet: lacks the columns ['label_crc32']" in printed
+    (out / "manifest.parquet").unlink()
+    code, printed = verify(out, capsys)
+    assert code == 1 and "manifest.parquet: missing" in printed
+    (out / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 2
+    assert "is it a shardify output?" in capsys.readouterr().err
+
+
+def test_damaged_first_header_is_named_once(converted: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    out = damaged_copy(converted, tmp_path)
+    name = rows(out)[0]["shard"]
+    edit(out / name, 3, b"\x7f")
+    code, printed = verify(out, capsys)
+    count = sum(r["shard"] == name for r in rows(out))
+    assert (code, printed.splitlines()[1:]) == (1, [
+        f"{name}: damaged tar header at offset 0; the {count} samples from there on could not "
+        "be read"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -18,8 +19,11 @@ from pathlib import Path
 
 from . import __version__
 from .manifest import (
+    is_shardify_manifest,
+    is_shardify_summary,
     manifest_table,
     rejects_table,
+    summary_beside,
     write_json,
     write_parquet,
     write_wids_indexes,
@@ -96,7 +100,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
     started = time.monotonic()
     out = options.out
     _check_output_folder(out, options.sources)
-    _check_manifest_path(options.manifest)
+    _check_manifest_path(options.manifest, options.sources)
     lock = None
     try:
         with worker_pool(options.workers) as pool, ArchiveReader() as reader:
@@ -140,7 +144,7 @@ def _write_index_files(options: ConvertOptions, results: list[ShardResult],
     write_wids_indexes(options.out, {result.name: len(result.samples) for result in results})
     if options.manifest is not None:
         write_parquet(manifest, options.manifest)
-        write_json(summary, options.manifest.with_suffix(".summary.json"))
+        write_json(summary, summary_beside(options.manifest))
     write_json(summary, options.out / "summary.json")
 
 
@@ -244,12 +248,43 @@ def _check_output_folder(out: Path, sources: list[str]) -> None:
     _check_writable(out, "--out")
 
 
-def _check_manifest_path(manifest: Path | None) -> None:
-    if manifest is not None:
-        if manifest.is_dir():
-            raise UsageError(f"--manifest {manifest} is a folder; give a file name, "
-                             "e.g. manifests/aihub-71687.parquet")
-        _check_writable(manifest.parent, "--manifest")
+def _check_manifest_path(manifest: Path | None, sources: list[str]) -> None:
+    """Refuse, before any work, a --manifest PATH (or its summary beside it) that would replace
+    a source, land in a SOURCE folder, or replace anything but a file shardify wrote there."""
+    if manifest is None:
+        return
+    if manifest.is_dir():
+        raise UsageError(f"--manifest {manifest} is a folder; give a file name, "
+                         "e.g. manifests/aihub-71687.parquet")
+    for path, ours, what in ((manifest, is_shardify_manifest, "a manifest"),
+                             (summary_beside(manifest), is_shardify_summary, "a summary")):
+        _check_outside_sources(path, sources, manifest)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue  # new (or a dangling link, which the rename replaces)
+        except OSError as error:
+            raise UsageError(f"--manifest {manifest}: {path}: {error.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise UsageError(f"--manifest {manifest}: {path} exists and is not a regular file")
+        if not ours(path):
+            raise UsageError(f"--manifest {manifest}: {path} exists and is not {what} shardify "
+                             "wrote; remove it or choose another path")
+    _check_writable(manifest.parent, "--manifest")
+
+
+def _check_outside_sources(path: Path, sources: list[str], manifest: Path) -> None:
+    """Neither where `path` lands (its folder resolved) nor what it points to is a SOURCE or
+    inside a SOURCE folder."""
+    places = {Path(os.path.realpath(path.parent)) / path.name, Path(os.path.realpath(path))}
+    for source in sources:
+        source_path = Path(os.path.realpath(source))  # realpath: a link loop is no traceback
+        if source_path in places:
+            raise UsageError(f"--manifest {manifest}: {path} is the source {source}; "
+                             "sources are only ever read")
+        if source_path.is_dir() and any(place.is_relative_to(source_path) for place in places):
+            raise UsageError(f"--manifest {manifest}: {path} is inside the source folder "
+                             f"{source}; sources are only ever read")
 
 
 def _nearest_existing(path: Path) -> Path:

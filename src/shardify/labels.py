@@ -7,6 +7,7 @@ with the same "images zip + per-image JSON zip" shape needs a new `parse_label`,
 
 from __future__ import annotations
 
+import reprlib
 import sys
 from typing import Any, NamedTuple
 
@@ -91,9 +92,13 @@ def _section(document: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _battery_id(value: Any) -> int:
-    """A battery number: an int, an integral float, ASCII digits, or a one-item list of those."""
-    if isinstance(value, list) and len(value) == 1:
-        return _battery_id(value[0])
+    """A battery number: an int, an integral float, ASCII digits, or a one-item list of those.
+
+    One level of list only: a list inside the list is not a battery number (and unwrapping any
+    depth would recurse without bound on a hostile label).
+    """
+    if isinstance(value, list) and len(value) == 1 and not isinstance(value[0], list):
+        value = value[0]
     text = value.strip() if isinstance(value, str) else ""
     integral = (isinstance(value, int) and not isinstance(value, bool)) or (
         isinstance(value, float) and value.is_integer()) or (text.isascii() and text.isdigit())
@@ -101,7 +106,7 @@ def _battery_id(value: Any) -> int:
     if number is not None and 0 <= number < MAX_ID:
         return number
     raise BadLabel("missing data_info.battery_ids" if value is None
-                   else f"data_info.battery_ids is not a battery number: {value!r}")
+                   else f"data_info.battery_ids is not a battery number: {reprlib.repr(value)}")
 
 
 def _defect_types(defects: Any) -> tuple[str, ...]:

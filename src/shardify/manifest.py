@@ -6,6 +6,7 @@ Nothing time- or host-dependent goes in, so the same inputs give byte-identical 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import __version__
 from .pairing import IMAGE, LABEL, member_refs
 from .sources import Reject
 from .split import SPLITS
@@ -40,13 +42,17 @@ MANIFEST_SCHEMA = pa.schema(
         ("image_bytes", pa.int64()),
         ("crc32", pa.uint32()),
         ("label_bytes", pa.int64()),
+        ("label_crc32", pa.uint32()),
         ("source_archive", pa.string()),
         ("source_member", pa.string()),
         ("label_archive", pa.string()),
         ("label_member", pa.string()),
-    ]
+    ],
+    metadata={b"shardify": __version__.encode()},  # how --manifest knows a file it may replace
 )
 MANIFEST_BATCH = 65536
+PARQUET_MAGIC = b"PAR1"
+MAX_SUMMARY_BYTES = 64 * 2**20  # far above a real summary; a larger file is not one
 REJECT_SCHEMA = pa.schema(
     [(name, pa.string()) for name in ("key", "reason", "source_archive", "source_member", "detail")]
 )
@@ -89,6 +95,7 @@ def _manifest_batch(result: ShardResult, start: int, stop: int) -> pa.RecordBatc
         "image_bytes": [s.image_size for s in samples],
         "crc32": result.image_crc32s[start:stop],
         "label_bytes": [s.label_size for s in samples],
+        "label_crc32": result.label_crc32s[start:stop],
         "source_archive": pa.DictionaryArray.from_arrays(sources[IMAGE].which, archives[IMAGE]),
         "source_member": sources[IMAGE].names(),
         "label_archive": pa.DictionaryArray.from_arrays(sources[LABEL].which, archives[LABEL]),
@@ -144,6 +151,36 @@ def write_wids_indexes(out: Path, samples: dict[str, int]) -> None:
             continue
         entries = [(name, samples[name], (out / name).stat().st_size) for name in shards]
         write_json(wids_index(split, entries), path)
+
+
+def summary_beside(manifest: Path) -> Path:
+    """Where `--manifest PATH` puts its summary: PATH's `.summary.json` sibling."""
+    return manifest.with_suffix(".summary.json")
+
+
+def is_shardify_manifest(path: Path) -> bool:
+    """Whether `path` is a Parquet file whose schema carries shardify's marker."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(PARQUET_MAGIC))
+            handle.seek(-len(PARQUET_MAGIC), os.SEEK_END)
+            tail = handle.read()
+        if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
+            return False
+        return b"shardify" in (pq.read_schema(path).metadata or {})
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def is_shardify_summary(path: Path) -> bool:
+    """Whether `path` is a summary JSON that shardify wrote (its version and splits in it)."""
+    try:
+        if path.stat().st_size > MAX_SUMMARY_BYTES:
+            return False
+        document = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    return isinstance(document, dict) and "shardify" in document and "splits" in document
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:

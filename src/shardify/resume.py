@@ -130,7 +130,10 @@ def journaled_shards(out: Path, shards: list[PlannedShard]) -> dict[str, ShardRe
         shard_file = out / shard.name
         if shard_file.is_file() and shard_file.stat().st_size == entry["bytes"] \
                 and tail_crc32(shard_file) == entry.get("tail_crc32"):
-            finished[shard.name] = expand(shard.samples, entry)
+            try:
+                finished[shard.name] = expand(shard.samples, entry)
+            except ValueError:
+                continue  # an entry of an older build (no label CRC-32): that shard is redone
     return finished
 
 

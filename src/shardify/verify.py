@@ -1,16 +1,19 @@
 """Read a shardify output back and check it against its own manifest and summary.
 
 It uses `tarfile` (an independent reader, not the writer's code) and streams every shard once:
-structure, sample adjacency, manifest offsets, sizes and CRCs, class labels, battery leakage and
-the counts in summary.json.
+structure, sample adjacency, padding and end blocks, manifest offsets, sizes and CRCs (image and
+label), class labels, battery leakage and the counts in summary.json.
 """
 
 from __future__ import annotations
 
+import os
 import tarfile
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import deflate
 import orjson
@@ -18,13 +21,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .labels import BOM, BadLabel, parse_label
+from .manifest import MANIFEST_SCHEMA
 from .pairing import SAFE_KEY
 from .sources import ArchiveReader, find_archives
 from .split import SPLITS
+from .write import BLOCK, TAR_END_SIZE, padded
 from .zipindex import index_archives
 
 IMAGE_EXTS = frozenset({"jpg", "png"})
 BOM_CRC = deflate.crc32(BOM)
+MANIFEST, SUMMARY = "manifest.parquet", "summary.json"
+VALUES_NEEDED = frozenset({"key", "split", "shard", "offset", "sample_bytes", "group", "label",
+                           "image_ext", "image_bytes", "crc32", "label_bytes", "label_crc32"})
+TAIL_CHUNK = 2**20
 
 
 @dataclass(frozen=True)
@@ -43,22 +52,16 @@ class OutputMissing(Exception):
 def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, list[Problem]]:
     """(samples checked, problems found) for the output folder `out`.
 
+    A manifest or summary that is missing (but not both), unreadable or incomplete is a problem
+    like any other; with neither, `out` is not an output (OutputMissing).
+
     With `sources` (the SOURCE arguments given to convert), every sample is also compared with
     its source members: image and label size and CRC-32 from the zips' central directories.
     """
-    manifest_path, summary_path = out / "manifest.parquet", out / "summary.json"
-    for path in (manifest_path, summary_path):
-        if not path.is_file():
-            raise OutputMissing(f"{path} not found: is {out} a shardify output?")
     try:
-        rows = pq.read_table(manifest_path).to_pylist()
-        summary = orjson.loads(summary_path.read_bytes())
-        if not all(isinstance(summary["splits"][split]["shards"], list)
-                   and isinstance(summary["splits"][split]["samples"], int) for split in SPLITS):
-            raise KeyError("splits")
-    except (pa.ArrowException, orjson.JSONDecodeError, KeyError, TypeError) as error:
-        raise OutputMissing(f"{out}: manifest.parquet or summary.json is damaged ({error!r}); "
-                            "re-run the convert command to rewrite them") from None
+        rows, summary = _read_index_files(out)
+    except Unusable as error:
+        return 0, [error.problem]
     expected = {row["shard"]: {} for row in rows}
     for row in rows:
         expected[row["shard"]][row["key"]] = row
@@ -72,6 +75,47 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
     if sources is not None:
         problems += _check_sources(rows, sources, label_crcs)
     return len(rows), problems
+
+
+class Unusable(Exception):
+    """An index file that cannot be checked against: the one problem to report."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+def _read_index_files(out: Path) -> tuple[list[dict], dict]:
+    """The manifest's rows and the summary; Unusable if either is missing, unreadable, lacks a
+    column or holds nulls where verify needs values."""
+    manifest_path, summary_path = out / MANIFEST, out / SUMMARY
+    if not manifest_path.exists() and not summary_path.exists():
+        raise OutputMissing(f"{out} has no {MANIFEST} or {SUMMARY}: is it a shardify output?")
+    for path in (manifest_path, summary_path):
+        if not path.is_file():
+            raise Unusable(Problem(path.name, "missing; re-run the convert command to rewrite it"))
+    try:
+        table = pq.read_table(manifest_path)
+    except (pa.ArrowException, OSError) as error:
+        raise Unusable(Problem(MANIFEST, f"unreadable: {error}")) from None
+    missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise Unusable(Problem(MANIFEST, f"lacks the columns {missing}"))
+    for name in MANIFEST_SCHEMA.names:
+        wanted, found = MANIFEST_SCHEMA.field(name).type, table.schema.field(name).type
+        if found != wanted:
+            raise Unusable(Problem(MANIFEST, f"column {name} is {found}, expected {wanted}"))
+        if name in VALUES_NEEDED and table.column(name).null_count:
+            raise Unusable(Problem(MANIFEST, f"column {name} has empty values"))
+    try:
+        summary = orjson.loads(summary_path.read_bytes())
+        if not all(isinstance(summary["splits"][split]["shards"], list)
+                   and isinstance(summary["splits"][split]["samples"], int) for split in SPLITS):
+            raise KeyError("splits")
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as error:
+        raise Unusable(Problem(SUMMARY, f"damaged ({error!r}); re-run the convert command to "
+                               "rewrite it")) from None
+    return table.to_pylist(), summary
 
 
 def _check_sources(rows: list[dict], sources: list[str],
@@ -114,38 +158,51 @@ def _check_shard_files(out: Path, summary: dict, expected: dict) -> list[Problem
 
 def _check_shard(path: Path, shard: str, rows: dict[str, dict],
                  label_crcs: dict[tuple[str, str], tuple[int, int]]) -> list[Problem]:
-    """Stream one shard: structure, adjacency, and each sample against its manifest row.
+    """Stream one shard: structure, adjacency, padding, the end, and each sample against its
+    manifest row.
 
-    Records each label's CRC-32, without and with a BOM, for the comparison with the sources.
+    tarfile parses the headers; each member's data and padding are read with one pread at the
+    offset tarfile found. Records each label's CRC-32, without and with a BOM, for the
+    comparison with the sources.
     """
     problems: list[Problem] = []
     seen: set[str] = set()
     current_key: str | None = None
     members: dict[str, bytes] = {}
-    first_offset = 0
+    first_offset = end = end_of_sample = 0
     try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
+        with open(path, "rb") as handle:
+            fd = handle.fileno()
+            for info in _members(handle):
                 key, _, ext = info.name.partition(".")
+                end = info.offset_data + padded(info.size)
                 if not info.isfile() or info.pax_headers or "/" in info.name:
                     problems.append(Problem(f"{shard}:{key}", f"unexpected member {info.name!r}"))
                     continue
+                data = os.pread(fd, padded(info.size), info.offset_data)
                 if key != current_key:
                     if current_key is not None:
-                        problems += _check_sample(shard, current_key, first_offset, members,
-                                                  rows.get(current_key))
+                        problems += _check_sample(shard, current_key, first_offset,
+                                                  end_of_sample, members, rows.get(current_key))
                     if key in seen:
                         problems.append(Problem(f"{shard}:{key}", "members are not adjacent"))
                     seen.add(key)
                     current_key, members, first_offset = key, {}, info.offset
-                extracted = tar.extractfile(info)
-                members[ext] = extracted.read() if extracted else b""
+                end_of_sample = end
+                members[ext] = data[: info.size]
+                if len(data) < padded(info.size):
+                    problems.append(Problem(f"{shard}:{key}", f"{info.name} is cut off: the "
+                                            "shard ends inside it"))
+                elif data.count(0, info.size) != len(data) - info.size:
+                    problems.append(Problem(f"{shard}:{key}",
+                                            f"padding after {info.name} is not zeros"))
                 if ext == "json":
                     label_crcs[(shard, key)] = (deflate.crc32(members[ext]),
                                                 deflate.crc32(members[ext], BOM_CRC))
             if current_key is not None:
-                problems += _check_sample(shard, current_key, first_offset, members,
-                                          rows.get(current_key))
+                problems += _check_sample(shard, current_key, first_offset, end_of_sample,
+                                          members, rows.get(current_key))
+            problems += _check_end(fd, shard, end, rows, seen)
     except (tarfile.TarError, OSError, EOFError) as error:
         problems.append(Problem(shard, f"not a readable tar: {error}"))
     problems += [Problem(f"{shard}:{key}", "in the manifest but not in the shard")
@@ -153,8 +210,51 @@ def _check_shard(path: Path, shard: str, rows: dict[str, dict],
     return problems
 
 
-def _check_sample(shard: str, key: str, offset: int, members: dict[str, bytes],
+def _members(handle: BinaryIO) -> Iterator[tarfile.TarInfo]:
+    """The shard's members as tarfile reads them, up to a header it cannot read (even the first):
+    `_check_end` then names what is there."""
+    try:
+        with tarfile.open(fileobj=handle, mode="r:") as tar:
+            yield from tar
+    except tarfile.ReadError:
+        return
+
+
+def _check_end(fd: int, shard: str, end: int, rows: dict[str, dict],
+               seen: set[str]) -> list[Problem]:
+    """What follows the last member tarfile read (at `end`): two zero blocks and nothing but
+    zeros after them.
+
+    tarfile stops quietly at a header whose checksum is wrong: that is named once, and the
+    manifest's samples from there on are added to `seen`, so they are not listed one by one.
+    """
+    size = os.fstat(fd).st_size
+    if end >= size:
+        return [] if end > size else [Problem(shard, "the two zero blocks that end a tar are "
+                                              "missing")]
+    block = os.pread(fd, BLOCK, end)
+    if block.count(0) != len(block):
+        if len(block) < BLOCK:
+            return [Problem(shard, f"cut off inside a tar header at offset {end}")]
+        lost = {key for key, row in rows.items() if key not in seen and row["offset"] >= end}
+        seen.update(lost)
+        return [Problem(shard, f"damaged tar header at offset {end}; the {len(lost)} samples "
+                        "from there on could not be read")]
+    if size - end < TAR_END_SIZE:
+        return [Problem(shard, f"the tar's end is cut: {size - end} of the {TAR_END_SIZE} zero "
+                        "bytes that end a tar")]
+    for start in range(end + TAR_END_SIZE, size, TAIL_CHUNK):
+        chunk = os.pread(fd, TAIL_CHUNK, start)
+        if chunk.count(0) != len(chunk):
+            return [Problem(shard, f"{size - end - TAR_END_SIZE} bytes after the end of the tar "
+                            f"(offset {end + TAR_END_SIZE}) are not all zeros")]
+    return []
+
+
+def _check_sample(shard: str, key: str, offset: int, end: int, members: dict[str, bytes],
                   row: dict | None) -> list[Problem]:
+    """One sample (its members' payloads, spanning `offset` to `end` in the shard) against its
+    manifest row."""
     where = f"{shard}:{key}"
     if row is None:
         return [Problem(where, "sample in the shard is not in the manifest")]
@@ -168,17 +268,21 @@ def _check_sample(shard: str, key: str, offset: int, members: dict[str, bytes],
         return problems
     if offset != row["offset"]:
         problems.append(Problem(where, f"found at offset {offset}, manifest says {row['offset']}"))
-    image = members[row["image_ext"]]
-    if len(image) != row["image_bytes"]:
-        problems.append(Problem(where, f"image is {len(image)} bytes, "
-                                f"manifest says {row['image_bytes']}"))
-    if deflate.crc32(image) != row["crc32"]:
-        problems.append(Problem(where, "image crc32 differs from the manifest"))
+    if end - offset != row["sample_bytes"]:
+        problems.append(Problem(where, f"sample takes {end - offset} bytes in the shard, "
+                                f"manifest says {row['sample_bytes']}"))
+    image, label = members[row["image_ext"]], members["json"]
+    for what, payload, size, crc in (("image", image, row["image_bytes"], row["crc32"]),
+                                     ("label", label, row["label_bytes"], row["label_crc32"])):
+        if len(payload) != size:
+            problems.append(Problem(where, f"{what} is {len(payload)} bytes, manifest says {size}"))
+        if deflate.crc32(payload) != crc:
+            problems.append(Problem(where, f"{what} crc32 differs from the manifest"))
     if members["cls"] != str(row["label"]).encode():
         problems.append(Problem(where, f".cls is {members['cls']!r}, manifest label is "
                                 f"{row['label']}"))
     try:
-        fields = parse_label(members["json"])
+        fields = parse_label(label)
         if fields.label != row["label"] or fields.group != row["group"]:
             problems.append(Problem(where, "label JSON disagrees with the manifest "
                                     "(is_normal or battery)"))

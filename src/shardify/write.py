@@ -14,6 +14,7 @@ import gc
 import multiprocessing
 import os
 import signal
+import struct
 import sys
 import tarfile
 from collections import deque
@@ -38,7 +39,10 @@ JPEG_SOI = b"\xff\xd8"
 JPEG_EOI = b"\xff\xd9"
 JPEG_SOS = 0xDA
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_IEND = b"IEND"
+PNG_IHDR, PNG_IDAT, PNG_IEND = b"IHDR", b"IDAT", b"IEND"
+PNG_IHDR_LENGTH = 13
+PNG_CHUNK_HEAD = struct.Struct(">I4s")  # length, type; then the data and a 4-byte CRC
+PNG_CHUNK_OVERHEAD = PNG_CHUNK_HEAD.size + 4
 CLASS_BYTES = {0: b"0", 1: b"1"}
 PR_SET_PDEATHSIG = 1
 SYNC_FILE_RANGE_WRITE = 2
@@ -50,15 +54,16 @@ _SYNC_FILE_RANGE = getattr(ctypes.CDLL(None), "sync_file_range", None) \
 
 @dataclass
 class ShardResult:
-    """A finished shard: the samples written, in shard order, where each landed (offset, size
-    and image CRC-32 as columns: enough for a manifest row and random access), its rejects and
-    its size."""
+    """A finished shard: the samples written, in shard order, where each landed (offset, size,
+    image and label CRC-32 as columns: enough for a manifest row and random access), its rejects
+    and its size."""
 
     name: str
     samples: list[Sample]
     offsets: np.ndarray  # int64
     sizes: np.ndarray  # int64
     image_crc32s: np.ndarray  # uint32
+    label_crc32s: np.ndarray  # uint32, of the label as written (without BOM)
     rejects: list[Reject] = field(default_factory=list)
     bytes_out: int = 0
 
@@ -110,17 +115,19 @@ def shard_job(name: str, samples: tuple[Sample, ...]) -> ShardJob:
 def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
     """The ShardResult of a shard's entry (from a worker, or the journal), with the plan's samples.
 
-    Entries name samples by key and rejects by sample index; the names of the rejected members
-    come from the plan, so workers never need them.
+    Entries name samples by key (`[key, offset, size, image CRC-32, label CRC-32]`) and rejects
+    by sample index; the names of the rejected members come from the plan, so workers never need
+    them. Raises ValueError for an entry of another shape (a journal of an older build).
     """
     by_key = {sample.key: sample for sample in samples}
     rows = entry["samples"]
-    numbers = np.array([row[1:] for row in rows], np.int64).reshape(len(rows), 3)
+    numbers = np.array([row[1:] for row in rows], np.int64).reshape(len(rows), 4)
     rejects = [Reject(samples[i].key, reason, member.archive.name, member.name, detail)
                for i, reason, detail in entry["rejects"]
                for member in (samples[i].image, samples[i].label)]
     return ShardResult(entry["shard"], [by_key[row[0]] for row in rows], numbers[:, 0],
-                       numbers[:, 1], numbers[:, 2].astype(np.uint32), rejects, entry["bytes"])
+                       numbers[:, 1], numbers[:, 2].astype(np.uint32),
+                       numbers[:, 3].astype(np.uint32), rejects, entry["bytes"])
 
 
 def padded(size: int) -> int:
@@ -174,15 +181,12 @@ def ustar_header(name: str, size: int) -> bytes:
 def image_problem(data: bytes, ext: str) -> str | None:
     """Why the bytes are not a complete image of the named kind, or None if they look whole.
 
-    Cheap structural check: JPEG has SOI, a marker chain up to SOS and an EOI after it; PNG has
-    its signature and an IEND chunk. Decoding pixels would cost more than the whole conversion.
+    Cheap structural check: JPEG has SOI, a marker chain up to SOS and an EOI after it; PNG is
+    walked chunk by chunk (see `_png_problem`). Decoding pixels would cost more than the whole
+    conversion.
     """
     if ext == "png":
-        if not data.startswith(PNG_SIGNATURE):
-            return "not a PNG (no PNG signature)"
-        if data.rfind(PNG_IEND, len(PNG_SIGNATURE)) < 0:
-            return "PNG is cut off (no IEND chunk)"
-        return None
+        return _png_problem(data)
     if not data.startswith(JPEG_SOI):
         return "not a JPEG (no SOI marker)"
     scan_start = _jpeg_scan_start(data)
@@ -191,6 +195,34 @@ def image_problem(data: bytes, ext: str) -> str | None:
     if data.rfind(JPEG_EOI, scan_start) < 0:
         return "JPEG is cut off (no EOI marker after the image data)"
     return None
+
+
+def _png_problem(data: bytes) -> str | None:
+    """Signature, IHDR (13 bytes) first, every chunk (length, type, data, CRC) within the bytes,
+    an IDAT, and IEND last, ending exactly at the end: bytes after IEND are refused too (real
+    PNGs end there, and a chunk after IEND means the file is not what it claims). CRCs are not
+    checked: a bad image CRC in the zip is caught by the member's CRC-32 already.
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        return "not a PNG (no PNG signature)"
+    pos, seen_idat = len(PNG_SIGNATURE), False
+    while pos + PNG_CHUNK_OVERHEAD <= len(data):
+        length, chunk_type = PNG_CHUNK_HEAD.unpack_from(data, pos)
+        end = pos + PNG_CHUNK_OVERHEAD + length
+        if end > len(data):
+            return (f"PNG is cut off (its {chunk_type.decode('latin-1')!r} chunk at offset {pos} "
+                    f"runs {end - len(data)} bytes past the end)")
+        if pos == len(PNG_SIGNATURE) and (chunk_type != PNG_IHDR or length != PNG_IHDR_LENGTH):
+            return "PNG does not start with an IHDR chunk of 13 bytes"
+        if chunk_type == PNG_IEND:
+            if not seen_idat:
+                return "PNG has no IDAT chunk before IEND"
+            if end != len(data):
+                return f"PNG has {len(data) - end} bytes after its IEND chunk"
+            return None
+        seen_idat = seen_idat or chunk_type == PNG_IDAT
+        pos = end
+    return "PNG is cut off (no IEND chunk)"
 
 
 def _jpeg_scan_start(data: bytes) -> int | None:
@@ -314,7 +346,7 @@ def write_shard(job: ShardJob, out_dir: Path, reader: ArchiveReader) -> dict:
                 continue
             chunks = _sample_chunks(key, job.image_exts[i], job.classes[i : i + 1], *payloads)
             size = _write_all(fd, chunks)
-            written.append([key, offset, size, image.crc32])
+            written.append([key, offset, size, image.crc32, deflate.crc32(payloads[1])])
             offset += size
             if offset - flushed >= WRITEBACK_STEP:
                 _start_writeback(fd, flushed, offset - flushed)
