@@ -21,6 +21,8 @@ from typing import NamedTuple
 import deflate
 import numpy as np
 
+from .pathnames import path_text
+
 METHOD_STORED = 0
 METHOD_DEFLATED = 8
 METHOD_DEFLATE64 = 9
@@ -283,7 +285,7 @@ def find_archives(sources: list[str]) -> Discovery:
                            and _set_name(p.name) == _set_name(path.name))
             root = path.parent
         else:
-            raise FileNotFoundError(f"source not found: {source}")
+            raise FileNotFoundError(f"source not found: {path_text(source)}")
         fresh = [p for p in files if p.resolve() not in seen]
         seen.update(p.resolve() for p in fresh)
         files_by_name = {p.relative_to(root).as_posix(): Extent(p, 0, p.stat().st_size)
@@ -297,7 +299,8 @@ def _walk(folder: Path, found: Discovery) -> list[Path]:
     """Every file below `folder`; a folder that cannot be listed becomes a reject, not a gap."""
 
     def unreadable(error: OSError) -> None:
-        name = Path(error.filename).relative_to(folder).as_posix() if error.filename else ""
+        name = path_text(Path(error.filename).relative_to(folder).as_posix()) \
+            if error.filename else ""
         found.rejects.append(Reject("", "bad-archive", name, "",
                                     f"folder {name} cannot be read: {error.strerror}"))
 
@@ -335,6 +338,7 @@ def _set_name(name: str) -> str:
 
 def _collect(files: dict[str, Extent], container: str, found: Discovery) -> None:
     """Group files (on disk, or members of one tar) into archives: zips, pieces, volumes, tars."""
+    files = _shown_names(files)
     pieces: dict[str, list[tuple[int, str, Extent]]] = defaultdict(list)
     volumes: dict[str, list[tuple[int, Extent]]] = defaultdict(list)
     zips: dict[str, Extent] = {}
@@ -387,6 +391,18 @@ def _collect(files: dict[str, Extent], container: str, found: Discovery) -> None
     for zip_name, extent in zips.items():
         kind = f"{kind_prefix}zip" if container else "zip"
         found.archives.append(Archive(zip_name, kind, (extent,)))
+
+
+def _shown_names(files: dict[str, Extent]) -> dict[str, Extent]:
+    """`files` under names that can be shown and stored (`path_text`), each still distinct: a
+    name whose CP949 reading is already taken (by the UTF-8 name beside it) stays escaped."""
+    converted = {name: text for name in files if (text := path_text(name)) != name}
+    if not converted:
+        return files
+    shown = {name: extent for name, extent in files.items() if name not in converted}
+    for name, text in converted.items():
+        shown[text if text not in shown else path_text(name, read_cp949=False)] = files[name]
+    return shown
 
 
 def _positioned(parts: list[tuple[int, str, Extent]]) -> tuple[Extent, ...]:
@@ -451,7 +467,8 @@ def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
                     continue
                 present = max(0, min(info.size, extent.length - info.offset_data))
                 if present < info.size:
-                    cut = f"member {info.name} has {present} of its {info.size} bytes"
+                    cut = (f"member {path_text(info.name)} has {present} of its {info.size} "
+                           "bytes")
                 earlier = entries.get(info.name)
                 if earlier is None or present >= earlier.length:
                     entries[info.name] = Extent(extent.path, info.offset_data, present)

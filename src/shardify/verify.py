@@ -15,10 +15,11 @@ from pathlib import Path
 import deflate
 import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .labels import BOM, BadLabel, parse_label
+from .manifest import read_parquet
 from .pairing import SAFE_KEY
+from .pathnames import path_text
 from .sources import ArchiveReader, find_archives
 from .split import SPLITS
 from .zipindex import index_archives
@@ -49,16 +50,18 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
     manifest_path, summary_path = out / "manifest.parquet", out / "summary.json"
     for path in (manifest_path, summary_path):
         if not path.is_file():
-            raise OutputMissing(f"{path} not found: is {out} a shardify output?")
+            raise OutputMissing(f"{path_text(path)} not found: is {path_text(out)} a shardify "
+                                "output?")
     try:
-        rows = pq.read_table(manifest_path).to_pylist()
+        rows = read_parquet(manifest_path).to_pylist()
         summary = orjson.loads(summary_path.read_bytes())
         if not all(isinstance(summary["splits"][split]["shards"], list)
                    and isinstance(summary["splits"][split]["samples"], int) for split in SPLITS):
             raise KeyError("splits")
     except (pa.ArrowException, orjson.JSONDecodeError, KeyError, TypeError) as error:
-        raise OutputMissing(f"{out}: manifest.parquet or summary.json is damaged ({error!r}); "
-                            "re-run the convert command to rewrite them") from None
+        raise OutputMissing(f"{path_text(out)}: manifest.parquet or summary.json is damaged "
+                            f"({error!r}); re-run the convert command to rewrite them"
+                            ) from None
     expected = {row["shard"]: {} for row in rows}
     for row in rows:
         expected[row["shard"]][row["key"]] = row
