@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -166,3 +167,18 @@ def test_messages_show_non_utf8_paths_by_their_reading(tmp_path: Path) -> None:
     assert child.returncode == 1
     assert child.stderr.decode().startswith(
         f"shardify: error: [Errno 20] Not a directory: '{tmp_path}/{KOREAN}/notes.txt/dest")
+
+
+def test_non_utf8_names_inside_download_tar(
+        dataset: SynthResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tar_path = tmp_path / "download.tar"
+    with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tar:  # names as raw bytes
+        for zip_path in sorted(dataset.root.rglob("*.zip")):
+            name = f"{os.fsdecode(CP949)}/{zip_path.relative_to(dataset.root).as_posix()}"
+            tar.add(zip_path, name)
+    out = tmp_path / "out"
+    code, said = run(capsys, "convert", tar_path, "--out", out, "--quiet")
+    assert code == 0, said
+    rows = table(out / "manifest.parquet")
+    assert len(rows) == dataset.samples
+    assert {row["source_archive"].split("/", 1)[0] for row in rows} == {KOREAN}
