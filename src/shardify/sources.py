@@ -70,7 +70,8 @@ class Archive:
     """One zip to read, however it was delivered.
 
     `name` is how the manifest names it: the zip's path relative to the SOURCE (or the tar) it was
-    found in, the same whether it came whole, as pieces or inside a tar. `extents` hold its bytes
+    found in (as `path_text` shows it: valid text even where the folder's name is not UTF-8), the
+    same whether it came whole, as pieces or inside a tar. `extents` hold its bytes
     in order; a deflated zip inside a zip has none and is inflated from `parent` when read.
     `volume_starts` gives each volume's offset for multi-volume sets (zip offsets are per disk).
     """
