@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import orjson
 
 from . import __version__
+from .pathnames import path_text
 from .progress import human_bytes
 from .scan import UsageError
 
@@ -207,8 +208,16 @@ def main(argv: list[str] | None = None) -> int:
               "resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as error:
-        print(f"shardify: error: {error}", file=sys.stderr)
+        print(f"shardify: error: {_with_path_texts(error)}", file=sys.stderr)
         return EXIT_REJECTS
+
+
+def _with_path_texts(error: OSError) -> OSError:
+    """The error naming its files as `path_text` shows them (a CP949 name read, not escaped)."""
+    for attribute in ("filename", "filename2"):
+        if isinstance(getattr(error, attribute), str):
+            setattr(error, attribute, path_text(getattr(error, attribute)))
+    return error
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -235,7 +244,7 @@ def _convert(args: argparse.Namespace) -> int:
 def format_report(report: ConvertReport) -> str:
     """The end-of-run summary: per split, rejects by reason, bytes in and out, time."""
     summary = report.summary
-    lines = [f"shardify: wrote {summary['samples']} samples to {report.out} "
+    lines = [f"shardify: wrote {summary['samples']} samples to {path_text(report.out)} "
              f"in {report.seconds:.1f} s"]
     if report.resumed_shards:
         lines.append(f"  resumed: {report.resumed_shards} complete shards from an earlier run "
@@ -249,7 +258,7 @@ def format_report(report: ConvertReport) -> str:
     if rejects:
         by_reason = ", ".join(f"{reason} {count}" for reason, count in rejects.items())
         lines.append(f"  rejects: {sum(rejects.values())} ({by_reason}) "
-                     f"-> {report.out / 'rejects.parquet'}")
+                     f"-> {path_text(report.out / 'rejects.parquet')}")
     else:
         lines.append("  rejects: none")
     skipped = [f"{summary['ignored_members']} junk members (folders, __MACOSX, Thumbs.db, ...)"]
@@ -289,8 +298,8 @@ def _report(args: argparse.Namespace) -> int:
     data = report_data(manifest)
     print(format_text(data))
     if args.html is not None:
-        write_html(data, manifest, args.html, f"shardify report: {args.out}")
-        print(f"\nHTML report written to {args.html}")
+        write_html(data, manifest, args.html, f"shardify report: {path_text(args.out)}")
+        print(f"\nHTML report written to {path_text(args.html)}")
     return EXIT_OK
 
 
@@ -303,9 +312,11 @@ def _verify(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     if not problems:
         against = " and their sources" if args.sources else ""
-        print(f"verify: OK: {checked} samples in {args.out} match their manifest{against}")
+        print(f"verify: OK: {checked} samples in {path_text(args.out)} match their "
+              f"manifest{against}")
         return EXIT_OK
-    print(f"verify: FAILED: {len(problems)} problems in {args.out} ({checked} manifest rows)")
+    print(f"verify: FAILED: {len(problems)} problems in {path_text(args.out)} ({checked} "
+          "manifest rows)")
     for problem in problems:
         print(problem)
     return EXIT_REJECTS
@@ -315,6 +326,6 @@ def _synth(args: argparse.Namespace) -> int:
     from .synth import synthesize
 
     result = synthesize(args.dest, seed=args.seed, scale=args.scale)
-    print(f"shardify: sample dataset written to {result.root}: {result.samples} image/label "
-          f"pairs, batteries {result.batteries}, planted rejects {result.rejects}")
+    print(f"shardify: sample dataset written to {path_text(result.root)}: {result.samples} "
+          f"image/label pairs, batteries {result.batteries}, planted rejects {result.rejects}")
     return EXIT_OK

@@ -29,6 +29,7 @@ from .manifest import (
     write_wids_indexes,
 )
 from .pairing import Pairing
+from .pathnames import path_text
 from .plan import PlannedShard, plan_shards
 from .progress import Progress, human_bytes
 from .resume import (
@@ -128,9 +129,9 @@ def convert(options: ConvertOptions) -> ConvertReport:
         _write_index_files(options, results, rejects, summary)
     except OSError as error:
         if error.errno in DISK_FULL:
-            raise NotEnoughSpace(f"disk full on {out} while writing the manifest: all shards "
-                                 "are complete; free some space and re-run the same command"
-                                 ) from None
+            raise NotEnoughSpace(f"disk full on {path_text(out)} while writing the manifest: "
+                                 "all shards are complete; free some space and re-run the same "
+                                 "command") from None
         raise
     return ConvertReport(out, summary, rejects, time.monotonic() - started, len(finished))
 
@@ -189,8 +190,8 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
             raise
         needed = sum(size for name, size in expected.items() if name not in results)
         raise NotEnoughSpace(
-            f"disk full on {options.out}: {len(results)} of {len(shards)} shards are complete "
-            f"and kept; about {human_bytes(needed)} more is needed "
+            f"disk full on {path_text(options.out)}: {len(results)} of {len(shards)} shards are "
+            f"complete and kept; about {human_bytes(needed)} more is needed "
             f"({human_bytes(_free_bytes(options.out))} free). Free some space and re-run the "
             "same command to resume") from None
     finally:
@@ -205,8 +206,9 @@ def _reusable_shards(out: Path, run: RunRecord, shards: list[PlannedShard],
     if previous is None or overwrite:
         return {}
     if previous.fingerprint != run.fingerprint:
-        raise UsageError(f"{out} holds shards of another conversion ({_what_changed(previous, run)}"
-                         "); re-run with --overwrite to discard them, or choose another --out")
+        raise UsageError(f"{path_text(out)} holds shards of another conversion "
+                         f"({_what_changed(previous, run)}); re-run with --overwrite to "
+                         "discard them, or choose another --out")
     return journaled_shards(out, shards)
 
 
@@ -222,7 +224,7 @@ def _check_space(out: Path, todo: list[PlannedShard], samples: int) -> None:
     needed = sum(shard.expected_bytes for shard in todo) + samples * MANIFEST_ROW_BYTES
     free = _free_bytes(out)
     if needed > free:
-        raise NotEnoughSpace(f"not enough space on {out}: the output needs about "
+        raise NotEnoughSpace(f"not enough space on {path_text(out)}: the output needs about "
                              f"{human_bytes(needed)}, {human_bytes(free)} is free "
                              "(--no-space-check to try anyway)")
 
@@ -238,12 +240,12 @@ def _check_output_folder(out: Path, sources: list[str]) -> None:
     for source in sources:
         source_path = Path(os.path.realpath(source))  # a link loop: said by find_archives
         if source_path.is_dir() and resolved.is_relative_to(source_path):
-            raise UsageError(f"--out {out} is inside the source folder {source}; "
-                             "sources are only ever read")
+            raise UsageError(f"--out {path_text(out)} is inside the source folder "
+                             f"{path_text(source)}; sources are only ever read")
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+        raise UsageError(f"--out {path_text(out)} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not is_shardify_output(out):
-        raise UsageError(f"--out {out} is not empty and is not a shardify output; "
+        raise UsageError(f"--out {path_text(out)} is not empty and is not a shardify output; "
                          "choose a new or empty folder")
     _check_writable(out, "--out")
 
@@ -253,38 +255,40 @@ def _check_manifest_path(manifest: Path | None, sources: list[str]) -> None:
     a source, land in a SOURCE folder, or replace anything but a file shardify wrote there."""
     if manifest is None:
         return
+    option = f"--manifest {path_text(manifest)}"
     if manifest.is_dir():
-        raise UsageError(f"--manifest {manifest} is a folder; give a file name, "
+        raise UsageError(f"{option} is a folder; give a file name, "
                          "e.g. manifests/aihub-71687.parquet")
     for path, ours, what in ((manifest, is_shardify_manifest, "a manifest"),
                              (summary_beside(manifest), is_shardify_summary, "a summary")):
-        _check_outside_sources(path, sources, manifest)
+        shown = path_text(path)
+        _check_outside_sources(path, sources, f"{option}: {shown}")
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:
             continue  # new (or a dangling link, which the rename replaces)
         except OSError as error:
-            raise UsageError(f"--manifest {manifest}: {path}: {error.strerror}") from None
+            raise UsageError(f"{option}: {shown}: {error.strerror}") from None
         if not stat.S_ISREG(mode):
-            raise UsageError(f"--manifest {manifest}: {path} exists and is not a regular file")
+            raise UsageError(f"{option}: {shown} exists and is not a regular file")
         if not ours(path):
-            raise UsageError(f"--manifest {manifest}: {path} exists and is not {what} shardify "
-                             "wrote; remove it or choose another path")
+            raise UsageError(f"{option}: {shown} exists and is not {what} shardify wrote; "
+                             "remove it or choose another path")
     _check_writable(manifest.parent, "--manifest")
 
 
-def _check_outside_sources(path: Path, sources: list[str], manifest: Path) -> None:
+def _check_outside_sources(path: Path, sources: list[str], said: str) -> None:
     """Neither where `path` lands (its folder resolved) nor what it points to is a SOURCE or
-    inside a SOURCE folder."""
+    inside a SOURCE folder; `said` starts the message."""
     places = {Path(os.path.realpath(path.parent)) / path.name, Path(os.path.realpath(path))}
     for source in sources:
         source_path = Path(os.path.realpath(source))  # realpath: a link loop is no traceback
         if source_path in places:
-            raise UsageError(f"--manifest {manifest}: {path} is the source {source}; "
+            raise UsageError(f"{said} is the source {path_text(source)}; "
                              "sources are only ever read")
         if source_path.is_dir() and any(place.is_relative_to(source_path) for place in places):
-            raise UsageError(f"--manifest {manifest}: {path} is inside the source folder "
-                             f"{source}; sources are only ever read")
+            raise UsageError(f"{said} is inside the source folder {path_text(source)}; "
+                             "sources are only ever read")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -300,7 +304,7 @@ def _check_writable(path: Path, option: str) -> None:
     """
     existing = _nearest_existing(path)
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: {existing} is not writable")
+        raise UsageError(f"{option} {path_text(path)}: {path_text(existing)} is not writable")
 
 
 def _claim(out: Path) -> int:
@@ -308,8 +312,8 @@ def _claim(out: Path) -> int:
     try:
         return claim_output(out)
     except BlockingIOError:
-        raise UsageError(f"another shardify convert is writing to {out}; wait for it, or "
-                         "choose another --out") from None
+        raise UsageError(f"another shardify convert is writing to {path_text(out)}; wait for "
+                         "it, or choose another --out") from None
 
 
 def _remove_partial_shards(out: Path) -> None:
@@ -359,7 +363,7 @@ def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
     return {
         "shardify": __version__,
         "options": {
-            "sources": options.sources,
+            "sources": list(map(path_text, options.sources)),
             "shard_size": options.shard_size,
             "split": options.split,
             "ratios": list(options.ratios),

@@ -23,11 +23,10 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from .manifest import MANIFEST_SCHEMA
+from .manifest import MANIFEST_SCHEMA, read_parquet
 from .split import SPLITS
 
 if TYPE_CHECKING:
@@ -68,7 +67,7 @@ def manifest_rows(out: Path | str, split: str = "train", select: Select = None) 
 
     That is the order of the samples on disk, hence of `open_indexed`'s sample numbers.
     """
-    table = pq.read_table(Path(out) / "manifest.parquet", filters=select_expression(split, select))
+    table = read_parquet(Path(out) / "manifest.parquet", filters=select_expression(split, select))
     return table.sort_by([("shard", "ascending"), ("offset", "ascending")])
 
 

@@ -184,10 +184,18 @@ def is_shardify_summary(path: Path) -> bool:
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
+    """Written through a Python file: Arrow's own paths must be UTF-8, OUT's name need not be."""
     partial = path.with_name(f".{path.name}.partial")
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, partial, compression="zstd")
+    with open(partial, "wb") as handle:
+        pq.write_table(table, handle, compression="zstd")
     move_into_place(partial, path)
+
+
+def read_parquet(path: Path, **options: object) -> pa.Table:
+    """A Parquet file read through a Python file, whatever bytes its path holds."""
+    with open(path, "rb") as handle:
+        return pq.read_table(handle, **options)
 
 
 def write_json(document: dict, path: Path) -> None:

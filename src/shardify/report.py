@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from .manifest import read_parquet
+from .pathnames import path_text
 from .split import SPLITS
 
 SPLIT_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
@@ -25,12 +26,13 @@ def load_manifest(out: Path) -> pa.Table:
     """The manifest; FileNotFoundError (said for the user) if it is missing or unreadable."""
     path = out / "manifest.parquet"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {out} a shardify output?")
+        raise FileNotFoundError(f"{path_text(path)} not found: is {path_text(out)} a shardify "
+                                "output?")
     try:
-        return pq.read_table(path)
+        return read_parquet(path)
     except pa.ArrowException as error:
-        raise FileNotFoundError(f"{path} is damaged ({error}); re-run the convert command to "
-                                "rewrite it") from None
+        raise FileNotFoundError(f"{path_text(path)} is damaged ({error}); re-run the convert "
+                                "command to rewrite it") from None
 
 
 def report_data(manifest: pa.Table) -> dict:

@@ -13,6 +13,7 @@ from operator import itemgetter
 import numpy as np
 
 from .pairing import Pairing, pair_members
+from .pathnames import path_text
 from .progress import Progress, human_bytes
 from .sources import SUPPORTED_METHODS, ArchiveReader, Member, MemberError, find_archives
 from .split import SPLITS
@@ -38,7 +39,7 @@ def survey(sources: list[str], reader: ArchiveReader, *,
         raise UsageError(str(error)) from None
     if not discovery.archives and not discovery.rejects:
         raise UsageError(f"no zip archives (.zip, .zip.partN, .z01, .tar) found in: "
-                         f"{' '.join(sources)}")
+                         f"{' '.join(map(path_text, sources))}")
     index = index_archives(discovery.archives, reader)
     index.rejects[:0] = discovery.rejects
     progress: list[Progress] = []

@@ -23,6 +23,8 @@ from typing import NamedTuple
 import deflate
 import numpy as np
 
+from .pathnames import path_text
+
 METHOD_STORED = 0
 METHOD_DEFLATED = 8
 METHOD_DEFLATE64 = 9
@@ -70,7 +72,8 @@ class Archive:
     """One zip to read, however it was delivered.
 
     `name` is how the manifest names it: the zip's path relative to the SOURCE (or the tar) it was
-    found in, the same whether it came whole, as pieces or inside a tar. `extents` hold its bytes
+    found in (as `path_text` shows it: valid text even where the folder's name is not UTF-8), the
+    same whether it came whole, as pieces or inside a tar. `extents` hold its bytes
     in order; a deflated zip inside a zip has none and is inflated from `parent` when read.
     `volume_starts` gives each volume's offset for multi-volume sets (zip offsets are per disk).
     """
@@ -285,9 +288,9 @@ def find_archives(sources: list[str]) -> Discovery:
                            and _set_name(p.name) == _set_name(path.name))
             root = path.parent
         elif os.path.lexists(source):
-            raise FileNotFoundError(f"source {source} {_not_a_file(source)}")
+            raise FileNotFoundError(f"source {path_text(source)} {_not_a_file(source)}")
         else:
-            raise FileNotFoundError(f"source not found: {source}")
+            raise FileNotFoundError(f"source not found: {path_text(source)}")
         fresh = [p for p in files if p.resolve() not in seen]
         seen.update(p.resolve() for p in fresh)
         files_by_name = {p.relative_to(root).as_posix(): Extent(p, 0, p.stat().st_size)
@@ -307,8 +310,9 @@ def _walk(folder: Path, found: Discovery) -> list[Path]:
     """
 
     def reject(path: Path, detail: str) -> None:
-        name = path.relative_to(folder).as_posix()
-        found.rejects.append(Reject("", "bad-archive", name, "", detail.format(name=name)))
+        """`detail` holds `{}` where the entry's name goes (names may hold braces themselves)."""
+        name = path_text(path.relative_to(folder).as_posix())
+        found.rejects.append(Reject("", "bad-archive", name, "", detail.replace("{}", name, 1)))
 
     files: list[Path] = []
     listed: set[tuple[int, int]] = set()
@@ -323,7 +327,7 @@ def _walk(folder: Path, found: Discovery) -> list[Path]:
             with os.scandir(top) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name, reverse=True)
         except OSError as error:
-            reject(top, f"folder {{name}} cannot be read: {error.strerror}")
+            reject(top, f"folder {{}} cannot be read: {error.strerror}")
             continue
         for entry in entries:
             path = Path(entry.path)
@@ -332,7 +336,7 @@ def _walk(folder: Path, found: Discovery) -> list[Path]:
             elif entry.is_dir():
                 (linked if entry.is_symlink() else folders).append(path)
             else:
-                reject(path, f"{{name}} {_not_a_file(path)}: not read")
+                reject(path, f"{{}} {_not_a_file(path)}: not read")
     return sorted(files)
 
 
@@ -378,6 +382,7 @@ def _set_name(name: str) -> str:
 
 def _collect(files: dict[str, Extent], container: str, found: Discovery) -> None:
     """Group files (on disk, or members of one tar) into archives: zips, pieces, volumes, tars."""
+    files = _shown_names(files)
     pieces: dict[str, list[tuple[int, str, Extent]]] = defaultdict(list)
     volumes: dict[str, list[tuple[int, Extent]]] = defaultdict(list)
     zips: dict[str, Extent] = {}
@@ -430,6 +435,18 @@ def _collect(files: dict[str, Extent], container: str, found: Discovery) -> None
     for zip_name, extent in zips.items():
         kind = f"{kind_prefix}zip" if container else "zip"
         found.archives.append(Archive(zip_name, kind, (extent,)))
+
+
+def _shown_names(files: dict[str, Extent]) -> dict[str, Extent]:
+    """`files` under names that can be shown and stored (`path_text`), each still distinct: a
+    name whose CP949 reading is already taken (by the UTF-8 name beside it) stays escaped."""
+    converted = {name: text for name in files if (text := path_text(name)) != name}
+    if not converted:
+        return files
+    shown = {name: extent for name, extent in files.items() if name not in converted}
+    for name, text in converted.items():
+        shown[text if text not in shown else path_text(name, read_cp949=False)] = files[name]
+    return shown
 
 
 def _positioned(parts: list[tuple[int, str, Extent]]) -> tuple[Extent, ...]:
@@ -494,7 +511,8 @@ def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
                     continue
                 present = max(0, min(info.size, extent.length - info.offset_data))
                 if present < info.size:
-                    cut = f"member {info.name} has {present} of its {info.size} bytes"
+                    cut = (f"member {path_text(info.name)} has {present} of its {info.size} "
+                           "bytes")
                 earlier = entries.get(info.name)
                 if earlier is None or present >= earlier.length:
                     entries[info.name] = Extent(extent.path, info.offset_data, present)

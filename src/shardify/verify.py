@@ -18,11 +18,11 @@ from typing import BinaryIO
 import deflate
 import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .labels import BOM, BadLabel, parse_label
-from .manifest import MANIFEST_SCHEMA
+from .manifest import MANIFEST_SCHEMA, read_parquet
 from .pairing import SAFE_KEY
+from .pathnames import path_text
 from .sources import ArchiveReader, find_archives
 from .split import SPLITS
 from .write import BLOCK, TAR_END_SIZE, padded
@@ -90,12 +90,13 @@ def _read_index_files(out: Path) -> tuple[list[dict], dict]:
     column or holds nulls where verify needs values."""
     manifest_path, summary_path = out / MANIFEST, out / SUMMARY
     if not manifest_path.exists() and not summary_path.exists():
-        raise OutputMissing(f"{out} has no {MANIFEST} or {SUMMARY}: is it a shardify output?")
+        raise OutputMissing(f"{path_text(out)} has no {MANIFEST} or {SUMMARY}: is it a shardify "
+                            "output?")
     for path in (manifest_path, summary_path):
         if not path.is_file():
             raise Unusable(Problem(path.name, "missing; re-run the convert command to rewrite it"))
     try:
-        table = pq.read_table(manifest_path)
+        table = read_parquet(manifest_path)
     except (pa.ArrowException, OSError) as error:
         raise Unusable(Problem(MANIFEST, f"unreadable: {error}")) from None
     missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
