@@ -15,6 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shardify.archives.discovery import find_archives
+from shardify.archives.model import MEMBER_COLUMNS, Archive, MemberRefs, MemberTable
+from shardify.archives.reader import INLINE_READ, ArchiveReader
+from shardify.archives.zipdir import _entry_starts, is_junk, list_members
+from shardify.errors import ArchiveError
 from shardify.pairing import (
     IMAGE,
     IMAGE_EXTENSIONS,
@@ -28,17 +33,6 @@ from shardify.pairing import (
     classify,
     split_name,
 )
-from shardify.sources import (
-    INLINE_READ,
-    MEMBER_COLUMNS,
-    Archive,
-    ArchiveError,
-    ArchiveReader,
-    MemberRefs,
-    MemberTable,
-    find_archives,
-)
-from shardify.zipindex import _entry_starts, is_junk, list_members
 
 TRICKY_NAMES = [
     "CT/CT_cell_pouch_101_x_006.jpg", "CT_1.JPG", "x.jpeg", "x.JPEG", "y.Json", "z.png", "Z.PnG",

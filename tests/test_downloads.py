@@ -33,8 +33,8 @@ import webdataset as wds
 from helpers import read_shards
 from PIL import Image
 
+from shardify.archives.reader import inflate
 from shardify.cli import main
-from shardify.sources import inflate
 from shardify.synth import ZIP_DEFLATED, ZIP_STORED, SynthResult, ZipEntry, synthesize, write_zip
 
 ZIP_TOOL = shutil.which("zip")

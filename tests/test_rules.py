@@ -12,11 +12,12 @@ import orjson
 import pytest
 from PIL import Image
 
+from shardify.archives.model import Archive, Member, MemberTable
 from shardify.cli import main, parse_size
-from shardify.labels import BadLabel, LabelFields, parse_label
+from shardify.errors import BadLabel
+from shardify.labels import LabelFields, parse_label
 from shardify.pairing import SAFE_KEY, Sample, safe_key
 from shardify.plan import plan_shards
-from shardify.sources import Archive, Member, MemberTable
 from shardify.split import assign_splits, parse_ratios
 from shardify.synth import SynthResult
 from shardify.write import TAR_END_SIZE, image_problem, sample_tar_size

@@ -25,10 +25,11 @@ import pytest
 from helpers import read_shards
 from PIL import Image
 
+from shardify.archives.discovery import find_archives
+from shardify.archives.reader import ArchiveReader
+from shardify.archives.zipdir import list_members
 from shardify.cli import main
-from shardify.sources import ArchiveReader, find_archives
 from shardify.synth import ZIP_DEFLATED, ZIP_STORED, ZipEntry, write_zip
-from shardify.zipindex import list_members
 
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")
 REJECT_COLUMNS = ["key", "reason", "source_archive", "source_member", "detail"]
@@ -489,7 +490,7 @@ def test_unusable_directory_with_whole_data_loses_nothing(tmp_path: Path) -> Non
 def test_large_compressed_inner_zip_is_refused(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A deflated zip inside a zip over the in-memory limit becomes a reject, not a memory spike."""
-    from shardify import zipindex
+    from shardify.archives import zipdir as zipindex
 
     stem = "CT_cell_pouch_101_x_001"
     inner = tmp_path / "inner.zip"

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import orjson
 
 from . import __version__
+from .errors import UsageError
 from .pathnames import path_text
 from .progress import human_bytes
-from .scan import UsageError
 
 if TYPE_CHECKING:
     from .convert import ConvertReport
@@ -221,7 +221,8 @@ def _with_path_texts(error: OSError) -> OSError:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import ConvertOptions, NotEnoughSpace, RunFailed, convert
+    from .convert import ConvertOptions, convert
+    from .errors import NotEnoughSpace, RunFailed
 
     options = ConvertOptions(
         sources=args.sources, out=args.out, shard_size=args.shard_size, split=args.split.text,
@@ -304,7 +305,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import OutputMissing, verify_output
+    from .errors import OutputMissing
+    from .verify import verify_output
 
     try:
         checked, problems = verify_output(args.out, args.sources)

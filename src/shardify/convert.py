@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
+from .archives.reader import ArchiveReader
+from .archives.zipdir import Index
+from .errors import NotEnoughSpace, RunFailed, UsageError
 from .manifest import (
     is_shardify_manifest,
     is_shardify_summary,
@@ -32,6 +35,7 @@ from .pairing import Pairing
 from .pathnames import path_text
 from .plan import PlannedShard, plan_shards
 from .progress import Progress, human_bytes
+from .rejects import Reject
 from .resume import (
     RunRecord,
     append_journal,
@@ -43,11 +47,9 @@ from .resume import (
     reset_journal,
     start_run,
 )
-from .scan import UsageError, archive_table, survey
-from .sources import ArchiveReader, Reject
+from .scan import archive_table, survey
 from .split import SPLITS, assign_splits
 from .write import ShardResult, expand, worker_pool, write_shards
-from .zipindex import Index
 
 OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json",
              *(f"{split}.wids.json" for split in SPLITS))
@@ -55,12 +57,8 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk check
 
 
-class RunFailed(Exception):
-    """The run stopped on an error outside the inputs (a worker died); complete shards are kept."""
 
 
-class NotEnoughSpace(Exception):
-    """OUT's disk cannot hold the output (checked before writing, or hit while writing): exit 3."""
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from .errors import BadLabel
+
 BOM = b"\xef\xbb\xbf"
 MAX_ID = 2**63  # the manifest's battery_id is int64
 
 
-class BadLabel(ValueError):
-    """The label cannot be used; the message is the reject's detail."""
 
 
 class LabelFields(NamedTuple):

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .pairing import IMAGE, LABEL, member_refs
-from .sources import Reject
+from .rejects import Reject
 from .split import SPLITS
 from .write import ShardResult, move_into_place
 

@@ -18,9 +18,11 @@ from typing import NamedTuple, cast
 
 import numpy as np
 
-from .labels import BadLabel, LabelFields, parse_label, strip_bom
-from .sources import Member, MemberError, MemberRefs, MemberTable, Reject
-from .zipindex import is_junk
+from .archives.model import Member, MemberRefs, MemberTable
+from .archives.zipdir import is_junk
+from .errors import BadLabel, MemberError
+from .labels import LabelFields, parse_label, strip_bom
+from .rejects import Reject
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 IMAGE_TYPES = tuple(dict.fromkeys(IMAGE_EXTENSIONS.values()))  # a sample's image_ext

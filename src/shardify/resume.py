@@ -20,9 +20,9 @@ import deflate
 import orjson
 
 from . import __version__
+from .archives.model import MemberRefs
 from .pairing import IMAGE, LABEL, member_refs
 from .plan import PlannedShard
-from .sources import MemberRefs
 from .write import TAIL_BYTES, ShardResult, expand
 
 STATE_DIR = ".shardify"

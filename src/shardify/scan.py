@@ -12,19 +12,20 @@ from operator import itemgetter
 
 import numpy as np
 
+from .archives.discovery import find_archives
+from .archives.model import SUPPORTED_METHODS, Member
+from .archives.reader import ArchiveReader
+from .archives.zipdir import Index, index_archives
+from .errors import MemberError, UsageError
 from .pairing import Pairing, pair_members
 from .pathnames import path_text
 from .progress import Progress, human_bytes
-from .sources import SUPPORTED_METHODS, ArchiveReader, Member, MemberError, find_archives
 from .split import SPLITS
 from .write import TAR_END_SIZE, sample_tar_size
-from .zipindex import Index, index_archives
 
 SHOWN_PROBLEMS = 20
 
 
-class UsageError(Exception):
-    """A problem with the command line or the folders given; reported in one line, exit 2."""
 
 
 def survey(sources: list[str], reader: ArchiveReader, *,

@@ -19,14 +19,16 @@ import deflate
 import orjson
 import pyarrow as pa
 
-from .labels import BOM, BadLabel, parse_label
+from .archives.discovery import find_archives
+from .archives.reader import ArchiveReader
+from .archives.zipdir import index_archives
+from .errors import BadLabel, OutputMissing
+from .labels import BOM, parse_label
 from .manifest import MANIFEST_SCHEMA, read_parquet
 from .pairing import SAFE_KEY
 from .pathnames import path_text
-from .sources import ArchiveReader, find_archives
 from .split import SPLITS
 from .write import BLOCK, TAR_END_SIZE, padded
-from .zipindex import index_archives
 
 IMAGE_EXTS = frozenset({"jpg", "png"})
 BOM_CRC = deflate.crc32(BOM)
@@ -45,8 +47,6 @@ class Problem:
         return f"{self.where}: {self.what}"
 
 
-class OutputMissing(Exception):
-    """OUT lacks the manifest or summary, so there is nothing to verify against."""
 
 
 def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, list[Problem]]:

@@ -28,9 +28,12 @@ from typing import NamedTuple
 import deflate
 import numpy as np
 
+from .archives.model import Archive, Member
+from .archives.reader import ArchiveReader
+from .errors import MemberError
 from .labels import strip_bom
 from .pairing import Sample, member_refs
-from .sources import Archive, ArchiveReader, Member, MemberError, Reject
+from .rejects import Reject
 
 BLOCK = 512
 TAR_END_SIZE = 2 * BLOCK

@@ -21,21 +21,22 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .sources import (
-    LOCAL_HEADER_SIZE,
-    MAX_NESTED_INFLATE,
+from ..errors import ArchiveError, MemberError, MissingVolume
+from ..rejects import Reject
+from .model import (
     MEMBER_COLUMNS,
     METHOD_DEFLATED,
     METHOD_STORED,
     SUPPORTED_METHODS,
     Archive,
-    ArchiveError,
-    ArchiveReader,
     Extent,
     Member,
-    MemberError,
     MemberTable,
-    Reject,
+)
+from .reader import (
+    LOCAL_HEADER_SIZE,
+    MAX_NESTED_INFLATE,
+    ArchiveReader,
 )
 
 EOCD_SIG = b"PK\x05\x06"
@@ -68,10 +69,6 @@ DERIVED_PROBES = 64
 INFLATE_CHUNK = 2**20
 MISPLACED = "looks merged in the wrong order, or damaged"  # starts the note and reject detail
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
-
-
-class MissingVolume(ArchiveError):
-    """A multi-volume set with fewer volumes than its last volume says: no recovery possible."""
 
 
 @dataclass
@@ -754,4 +751,3 @@ def _member_problem(member: Member, archive_size: int) -> tuple[str, str] | None
     if member.header_offset + LOCAL_HEADER_SIZE + member.compressed_size > archive_size:
         return "truncated", "member data lies beyond the end of the archive"
     return None
-
