@@ -22,7 +22,7 @@ from .archives.model import Member, MemberRefs, MemberTable
 from .archives.zipdir import is_junk
 from .errors import BadLabel, MemberError
 from .labels import LabelFields, parse_label, strip_bom
-from .rejects import Reject
+from .rejects import Reason, Reject
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 IMAGE_TYPES = tuple(dict.fromkeys(IMAGE_EXTENSIONS.values()))  # a sample's image_ext
@@ -262,7 +262,8 @@ def pair_members(tables: list[MemberTable], read_labels: LabelReader) -> Pairing
         positions = np.flatnonzero(lone)
         orphans = (image_numbers, label_numbers)[kind][positions]
         keys = _keys(map(stems[kind].__getitem__, positions.tolist()), unsafe)
-        reason, other = ("orphan-image", "label") if kind == IMAGE else ("orphan-label", "image")
+        reason, other = (Reason.ORPHAN_IMAGE, "label") if kind == IMAGE \
+            else (Reason.ORPHAN_LABEL, "image")
         bounds = np.searchsorted(orphans, first).tolist()
         for t, (lo, hi) in enumerate(pairwise(bounds)):
             if hi > lo:
@@ -303,7 +304,7 @@ def _add_samples(result: Pairing, keys: list[str], images: np.ndarray, labels: n
         try:
             fields = parse_label(raw)
         except BadLabel as error:
-            _reject(result, key, "bad-label", [label, members.member(images[i])], str(error))
+            _reject(result, key, Reason.BAD_LABEL, [label, members.member(images[i])], str(error))
             continue
         result.samples.append(Sample(
             key, image_tables[i], image_rows[i], label_tables[i], label_rows[i], image_sizes[i],
@@ -426,7 +427,7 @@ def _pair_stem(
             return key, image_copies[0], label_copies[0]
         if len(copies) == 1 and not (image_copies and label_copies) \
                 and copies[0].problem is None:
-            orphan = "orphan-image" if image_copies else "orphan-label"
+            orphan = Reason.ORPHAN_IMAGE if image_copies else Reason.ORPHAN_LABEL
             other = "label" if image_copies else "image"
             result.rejects.append(Reject(key, orphan, copies[0].archive.name, copies[0].name,
                                          f"no {other} with this stem"))
@@ -436,14 +437,15 @@ def _pair_stem(
     present = [m for m in (image, label) if isinstance(m, Member)]
     flawed = next((m for m in present if m.problem is not None), None)
     if image is False or label is False:
-        _reject(result, key, "duplicate", present, "its partner has copies with different bytes")
+        _reject(result, key, Reason.DUPLICATE, present,
+                "its partner has copies with different bytes")
     elif flawed is not None and flawed.problem is not None:
         reason, detail = flawed.problem
         _reject(result, key, reason, present, f"{flawed.base_name}: {detail}")
     elif label is None and isinstance(image, Member):
-        _reject(result, key, "orphan-image", [image], "no label with this stem")
+        _reject(result, key, Reason.ORPHAN_IMAGE, [image], "no label with this stem")
     elif image is None and isinstance(label, Member):
-        _reject(result, key, "orphan-label", [label], "no image with this stem")
+        _reject(result, key, Reason.ORPHAN_LABEL, [label], "no image with this stem")
     elif isinstance(image, Member) and isinstance(label, Member):
         return key, image, label
     return None
@@ -462,7 +464,7 @@ def _one_copy(
     copies = sorted(copies, key=lambda m: (m.archive.name, m.name))
     if len({(m.file_size, m.crc32) for m in copies}) > 1:
         where = ", ".join(f"{m.archive.name.rsplit('/', 1)[-1]}:{m.name}" for m in copies)
-        _reject(result, key, "duplicate", copies,
+        _reject(result, key, Reason.DUPLICATE, copies,
                 f"{len(copies)} {kind}s with this stem have different bytes: {where}")
         return False
     result.identical_duplicates += len(copies) - 1
@@ -484,7 +486,7 @@ def _reject_key_collisions(result: Pairing) -> None:
     kept = []
     for sample in result.samples:
         if counts[sample.key] > 1:
-            _reject(result, sample.key, "duplicate", [sample.image, sample.label],
+            _reject(result, sample.key, Reason.DUPLICATE, [sample.image, sample.label],
                     "another stem maps to the same key")
         else:
             kept.append(sample)

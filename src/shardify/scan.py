@@ -20,6 +20,7 @@ from .errors import MemberError, UsageError
 from .pairing import Pairing, pair_members
 from .pathnames import path_text
 from .progress import Progress, human_bytes
+from .rejects import Reason
 from .split import SPLITS
 from .write import TAR_END_SIZE, sample_tar_size
 
@@ -97,17 +98,17 @@ def scan(sources: list[str]) -> dict:
         "images": pairing.images,
         "labels": pairing.labels,
         "pairs": len(pairing.samples),
-        "orphan_images": reasons["orphan-image"],
-        "orphan_labels": reasons["orphan-label"],
+        "orphan_images": reasons[Reason.ORPHAN_IMAGE],
+        "orphan_labels": reasons[Reason.ORPHAN_LABEL],
         "batteries": {dt: len(ids) for dt, ids in sorted(batteries.items())},
         "defect_images": sum(s.fields.label for s in pairing.samples),
         "identical_duplicates": pairing.identical_duplicates,
         "ignored_members": pairing.ignored,
-        "problems": dict(sorted(reasons.items())),
+        "problems": dict(sorted((str(reason), n) for reason, n in reasons.items())),
         "problem_details": [
             {"reason": r.reason, "archive": r.source_archive, "member": r.source_member,
              "detail": r.detail}
-            for r in rejects if r.reason not in ("orphan-image", "orphan-label")
+            for r in rejects if r.reason not in (Reason.ORPHAN_IMAGE, Reason.ORPHAN_LABEL)
         ],
         "estimated_output_bytes": sum(map(sample_tar_size, pairing.samples))
         + len(SPLITS) * TAR_END_SIZE,

@@ -33,7 +33,7 @@ from .archives.reader import ArchiveReader
 from .errors import MemberError
 from .labels import strip_bom
 from .pairing import Sample, member_refs
-from .rejects import Reject
+from .rejects import Reason, Reject
 
 BLOCK = 512
 TAR_END_SIZE = 2 * BLOCK
@@ -430,7 +430,7 @@ def _read_sample(reader: ArchiveReader, image: Member, label: Member,
         return [error.reason, f"image: {error}"]
     problem = image_problem(image_bytes, ext)
     if problem:
-        return ["bad-image", problem]
+        return [Reason.BAD_IMAGE, problem]
     try:
         label_bytes = reader.read(label)
     except MemberError as error:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..pathnames import path_text
-from ..rejects import Reject
+from ..rejects import Reason, Reject
 from .model import (
     Archive,
     Extent,
@@ -78,7 +78,8 @@ def _walk(folder: Path, found: Discovery) -> list[Path]:
     def reject(path: Path, detail: str) -> None:
         """`detail` holds `{}` where the entry's name goes (names may hold braces themselves)."""
         name = path_text(path.relative_to(folder).as_posix())
-        found.rejects.append(Reject("", "bad-archive", name, "", detail.replace("{}", name, 1)))
+        found.rejects.append(Reject("", Reason.BAD_ARCHIVE, name, "",
+                                    detail.replace("{}", name, 1)))
 
     files: list[Path] = []
     listed: set[tuple[int, int]] = set()
@@ -191,7 +192,7 @@ def _collect(files: dict[str, Extent], container: str, found: Discovery) -> None
         last = zips.pop(zip_name, None)
         numbers = sorted(number for number, _ in parts)
         if last is None or numbers != list(range(1, len(numbers) + 1)):
-            found.rejects.append(Reject("", "bad-archive", zip_name, "", _volume_problem(
+            found.rejects.append(Reject("", Reason.BAD_ARCHIVE, zip_name, "", _volume_problem(
                 zip_name, numbers, last is not None)))
             continue
         extents = (*(extent for _, extent in sorted(parts, key=lambda p: p[0])), last)
@@ -289,11 +290,11 @@ def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
         if not entries:
             detail = (f"{name}: cannot read: {error.strerror}" if isinstance(error, OSError)
                       else _not_a_tar(name, _first_bytes(extent.path), error))
-            found.rejects.append(Reject("", "bad-archive", name, "", detail))
+            found.rejects.append(Reject("", Reason.BAD_ARCHIVE, name, "", detail))
             return
         cut = f"{error} after {len(entries)} members"
     if cut is not None:
-        found.rejects.append(Reject("", "truncated", name, "", (
+        found.rejects.append(Reject("", Reason.TRUNCATED, name, "", (
             f"{name} is cut off ({cut}): the zips and pieces before the cut are read; "
             "download it again for the rest")))
     _collect(entries, name, found)

@@ -9,6 +9,7 @@ from pathlib import Path
 import deflate
 
 from ..errors import MemberError
+from ..rejects import Reason
 from .model import (
     METHOD_DEFLATE64,
     METHOD_DEFLATED,
@@ -141,7 +142,8 @@ class ArchiveReader:
                 member.archive, LOCAL_HEADER_SIZE + member.raw_name_len + LOCAL_SLACK + inline,
                 member.header_offset)
             if len(chunk) < LOCAL_HEADER_SIZE or chunk[:4] != b"PK\x03\x04":
-                raise MemberError("bad-crc", f"no local header at offset {member.header_offset}")
+                raise MemberError(Reason.BAD_CRC,
+                                  f"no local header at offset {member.header_offset}")
             start = LOCAL_HEADER_SIZE + int.from_bytes(chunk[26:28], "little") \
                 + int.from_bytes(chunk[28:30], "little")
             if start + member.compressed_size <= len(chunk):
@@ -152,15 +154,16 @@ class ArchiveReader:
                 raw = self.pread(member.archive, member.compressed_size,
                                  member.header_offset + start)
         except OSError as error:
-            raise MemberError("bad-crc", f"read error: {error}") from None
+            raise MemberError(Reason.BAD_CRC, f"read error: {error}") from None
         if len(raw) != member.compressed_size:
-            raise MemberError("truncated", "member data is cut off")
+            raise MemberError(Reason.TRUNCATED, "member data is cut off")
         data = inflate(raw, member.method, member.file_size)
         if len(data) != member.file_size:
-            raise MemberError("bad-crc", f"size {len(data)} != {member.file_size} in directory")
+            raise MemberError(Reason.BAD_CRC,
+                              f"size {len(data)} != {member.file_size} in directory")
         crc = deflate.crc32(data)
         if crc != member.crc32:
-            raise MemberError("bad-crc", f"crc32 {crc:08x} != {member.crc32:08x} in directory")
+            raise MemberError(Reason.BAD_CRC, f"crc32 {crc:08x} != {member.crc32:08x} in directory")
         return data
 
     def _nested_bytes(self, archive: Archive) -> bytes:
@@ -212,9 +215,9 @@ def inflate(raw: bytes, method: int, size: int) -> bytes:
         if method == METHOD_DEFLATE64:
             return _inflate64(raw, size)
     except (deflate.DeflateError, ValueError) as error:
-        raise MemberError("bad-crc", f"inflate failed: {error or 'corrupt or wrong size'}"
+        raise MemberError(Reason.BAD_CRC, f"inflate failed: {error or 'corrupt or wrong size'}"
                           ) from None
-    raise MemberError("unsupported-method", f"compression method {method}")
+    raise MemberError(Reason.UNSUPPORTED_METHOD, f"compression method {method}")
 
 
 def _inflate64(raw: bytes, size: int) -> bytes:

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import ArchiveError, MemberError, MissingVolume
-from ..rejects import Reject
+from ..rejects import Reason, Reject
 from .model import (
     MEMBER_COLUMNS,
     METHOD_DEFLATED,
@@ -144,7 +144,7 @@ def index_archives(archives: list[Archive], reader: ArchiveReader) -> Index:
         try:
             archive, table = list_members(archive, reader)
         except ArchiveError as error:
-            index.rejects.append(Reject("", "bad-archive", archive.name, "", str(error)))
+            index.rejects.append(Reject("", Reason.BAD_ARCHIVE, archive.name, "", str(error)))
             continue
         except MemberError as error:  # a deflated zip inside a zip that cannot be inflated
             parent = archive.parent.name if archive.parent else ""
@@ -152,7 +152,7 @@ def index_archives(archives: list[Archive], reader: ArchiveReader) -> Index:
                 f"/{parent}"), parent, f"zip inside a zip: {error}"))
             continue
         except OSError as error:
-            index.rejects.append(Reject("", "bad-archive", archive.name, "",
+            index.rejects.append(Reject("", Reason.BAD_ARCHIVE, archive.name, "",
                                         f"{archive.name}: cannot read: {error.strerror or error}"))
             continue
         index.archives.append(archive)
@@ -163,9 +163,9 @@ def index_archives(archives: list[Archive], reader: ArchiveReader) -> Index:
                 queue.append((_nested(member, reader), depth + 1))
             else:
                 reason, detail = member.problem or (
-                    ("bad-archive", f"zip nested more than {MAX_NESTING} levels deep")
+                    (Reason.BAD_ARCHIVE, f"zip nested more than {MAX_NESTING} levels deep")
                     if depth >= MAX_NESTING else
-                    ("bad-archive", f"compressed zip inside a zip is larger than "
+                    (Reason.BAD_ARCHIVE, f"compressed zip inside a zip is larger than "
                      f"{MAX_NESTED_INFLATE >> 20} MiB and would be inflated in memory: unzip the "
                      "outer zip once, or store the inner one"))
                 index.rejects.append(Reject("", reason, archive.name, member.name, detail))
@@ -173,11 +173,12 @@ def index_archives(archives: list[Archive], reader: ArchiveReader) -> Index:
             table = table.take(np.setdiff1d(np.arange(len(table)), inner_zips))
         index.tables.append(table)
         if archive.broken is not None:
-            index.rejects.append(Reject("", "bad-archive", archive.name, "", archive.broken))
-        if any(note.startswith("truncated") for note in archive.notes):
-            index.rejects.append(Reject("", "truncated", archive.name, "", archive.notes[-1]))
+            index.rejects.append(Reject("", Reason.BAD_ARCHIVE, archive.name, "", archive.broken))
+        if any(note.startswith(Reason.TRUNCATED) for note in archive.notes):
+            index.rejects.append(Reject("", Reason.TRUNCATED, archive.name, "", archive.notes[-1]))
         elif archive.notes and archive.notes[-1].startswith(MISPLACED):
-            index.rejects.append(Reject("", "bad-archive", archive.name, "", archive.notes[-1]))
+            index.rejects.append(Reject("", Reason.BAD_ARCHIVE, archive.name, "",
+                                        archive.notes[-1]))
     return index
 
 
@@ -226,7 +227,7 @@ def list_members(archive: Archive, reader: ArchiveReader) -> tuple[Archive, Memb
             table = _central_directory(archive, reader)
         except ArchiveError:
             raise ArchiveError(archive.broken) from None
-        table.problems = dict.fromkeys(range(len(table)), ("bad-archive", archive.broken))
+        table.problems = dict.fromkeys(range(len(table)), (Reason.BAD_ARCHIVE, archive.broken))
         return archive, table
     directory = None  # the central directory, when it reads but its local headers are not found
     try:
@@ -633,13 +634,13 @@ def _recover(archive: Archive, reader: ArchiveReader, why: str,
             found = _delimit(archive, reader, data_start, method)
             if found is None:
                 cut = Member(archive, name, pos, 0, 0, 0, method, flags, name_len,
-                             ("truncated", "entry sizes are only in a data descriptor and its "
+                             (Reason.TRUNCATED, "entry sizes are only in a data descriptor and its "
                               "data cannot be delimited (stored, or cut off)"))
                 break
             csize, usize, crc, end = found
         if end > size:
             cut = Member(archive, name, pos, csize, usize, crc, method, flags, name_len,
-                         ("truncated", f"member cut off: {size - data_start} of {csize} bytes "
+                         (Reason.TRUNCATED, f"member cut off: {size - data_start} of {csize} bytes "
                           "present"))
             break
         members.append(Member(archive, name, pos, csize, usize, crc, method, flags, name_len))
@@ -731,23 +732,23 @@ def _overlaps(table: MemberTable, start: np.ndarray,
     problems: dict[int, tuple[str, str]] = {}
     for position in (np.flatnonzero(start[order][1:] < reach[:-1]) + 1).tolist():
         later, earlier = int(order[position]), int(order[holder[position - 1]])
-        problems[later] = ("overlap", f"data overlaps {table.name(earlier)}")
-        problems.setdefault(earlier, ("overlap", f"data overlaps {table.name(later)}"))
+        problems[later] = (Reason.OVERLAP, f"data overlaps {table.name(earlier)}")
+        problems.setdefault(earlier, (Reason.OVERLAP, f"data overlaps {table.name(later)}"))
     return problems
 
 
 def _member_problem(member: Member, archive_size: int) -> tuple[str, str] | None:
     if member.flags & FLAG_ENCRYPTED:
-        return "unsupported-method", "member is encrypted"
+        return Reason.UNSUPPORTED_METHOD, "member is encrypted"
     if member.method not in SUPPORTED_METHODS:
-        return "unsupported-method", f"compression method {member.method} is not supported"
+        return Reason.UNSUPPORTED_METHOD, f"compression method {member.method} is not supported"
     if member.file_size > MAX_MEMBER_BYTES or member.compressed_size > MAX_MEMBER_BYTES:
         size = max(member.file_size, member.compressed_size)
-        return "bomb", f"declares {size} bytes (limit {MAX_MEMBER_BYTES})"
+        return Reason.BOMB, f"declares {size} bytes (limit {MAX_MEMBER_BYTES})"
     if (member.method != METHOD_STORED and member.file_size > BOMB_MIN_BYTES
             and member.file_size > BOMB_RATIO * max(member.compressed_size, 1)):
         ratio = member.file_size / max(member.compressed_size, 1)
-        return "bomb", f"compression ratio {ratio:.0f}:1 (limit {BOMB_RATIO}:1)"
+        return Reason.BOMB, f"compression ratio {ratio:.0f}:1 (limit {BOMB_RATIO}:1)"
     if member.header_offset + LOCAL_HEADER_SIZE + member.compressed_size > archive_size:
-        return "truncated", "member data lies beyond the end of the archive"
+        return Reason.TRUNCATED, "member data lies beyond the end of the archive"
     return None
