@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 def sample_output(tmp: Path) -> Path:
     """`shardify synth` + `shardify convert`, as `make demo` does, but larger."""
     from shardify.cli import main as shardify_main
-    from shardify.synth import synthesize
+    from shardify.profiles.battery.sample import synthesize
 
     source = synthesize(tmp / "data", scale=2).root
     out = tmp / "shards"

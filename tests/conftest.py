@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardify.synth import SynthResult, synthesize
+from shardify.profiles.battery.sample import SynthResult, synthesize
 
 
 @pytest.fixture(scope="session")

@@ -22,17 +22,21 @@ from shardify.archives.zipdir import _entry_starts, is_junk, list_members
 from shardify.errors import ArchiveError
 from shardify.pairing import (
     IMAGE,
-    IMAGE_EXTENSIONS,
-    IMAGE_TYPES,
     JUNK,
-    KNOWN_EXTENSIONS,
     LABEL,
-    LABEL_EXTENSION,
     OTHER,
     SAFE_KEY,
+    FileTypes,
     classify,
     split_name,
 )
+from shardify.profiles import get_profile
+
+PROFILE = get_profile()
+IMAGE_EXTENSIONS = PROFILE.image_extensions
+LABEL_EXTENSION = PROFILE.label_extension
+KNOWN_EXTENSIONS = {*IMAGE_EXTENSIONS, LABEL_EXTENSION}
+FILE_TYPES = FileTypes.of(PROFILE)
 
 TRICKY_NAMES = [
     "CT/CT_cell_pouch_101_x_006.jpg", "CT_1.JPG", "x.jpeg", "x.JPEG", "y.Json", "z.png", "Z.PnG",
@@ -61,7 +65,7 @@ def check_against_reference(names: list[str]) -> None:
     table = MemberTable.from_names(Archive("t.zip", "zip"), names,
                                    np.zeros(len(names), MEMBER_COLUMNS))
     table.__dict__.pop("names")  # classify must work from the name bytes alone
-    found = classify(table)
+    found = classify(table, FILE_TYPES)
     expected = [reference_kind(name) for name in names]
     assert found.kinds.tolist() == [kind for kind, _ in expected]
     for kind in (IMAGE, LABEL):
@@ -69,7 +73,7 @@ def check_against_reference(names: list[str]) -> None:
         assert found.rows[kind].tolist() == rows
         assert found.stems[kind] == [expected[row][1] for row in rows]
     image_rows = found.rows[IMAGE].tolist()
-    assert [IMAGE_TYPES[t] for t in found.image_types.tolist()] == [
+    assert [FILE_TYPES.image_types[t] for t in found.image_types.tolist()] == [
         IMAGE_EXTENSIONS[split_name(names[row].rsplit("/", 1)[-1])[1]] for row in image_rows]
     stems = found.stems[IMAGE] + found.stems[LABEL]
     assert found.unsafe == {stem for stem in stems if not SAFE_KEY.fullmatch(stem)}

@@ -19,8 +19,8 @@ import webdataset as wds
 from helpers import zip_member
 
 from shardify.cli import main
-from shardify.labels import strip_bom
-from shardify.synth import SynthResult
+from shardify.profiles import strip_bom
+from shardify.profiles.battery.sample import SynthResult
 
 SHARD_SIZE = 64 * 1024
 

@@ -35,7 +35,8 @@ from PIL import Image
 
 from shardify.archives.reader import inflate
 from shardify.cli import main
-from shardify.synth import ZIP_DEFLATED, ZIP_STORED, SynthResult, ZipEntry, synthesize, write_zip
+from shardify.profiles.battery.sample import SynthResult, synthesize
+from shardify.synth import ZIP_DEFLATED, ZIP_STORED, ZipEntry, write_zip
 
 ZIP_TOOL = shutil.which("zip")
 needs_zip_tool = pytest.mark.skipif(ZIP_TOOL is None, reason="Info-ZIP `zip` is not installed")
@@ -1068,7 +1069,7 @@ def test_scan_shows_every_kind_of_delivery_and_writes_nothing(
         assert row["bytes"] > 0
     assert report["pairs"] == report["images"] == len(mix.pairs)
     assert report["labels"] == len(mix.pairs) + 40  # the broken set's members are listed
-    assert report["batteries"] == {"ct": len({p.battery for p in mix.pairs})}
+    assert report["dataset"]["batteries"] == {"ct": len({p.battery for p in mix.pairs})}
     assert report["problems"] == {"bad-archive": 41}
     [problem] = [p for p in report["problem_details"] if not p["member"]]
     assert problem["archive"] == "x_labels.zip" and "offset 2000" in problem["detail"]
@@ -1078,7 +1079,7 @@ def test_scan_shows_every_kind_of_delivery_and_writes_nothing(
         assert f"  {name}\n      {kind}, " in text
         assert f"{rows[name]['members']} members: {images} images, {labels} labels" in text
     assert f"pairs {len(mix.pairs)}" in text
-    assert f"batteries: ct {report['batteries']['ct']}" in text
+    assert f"batteries: ct {report['dataset']['batteries']['ct']}" in text
     assert "bad-archive: x_labels.zip" in text and "offset 2000" in text
     assert "estimated output:" in text
 

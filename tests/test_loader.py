@@ -30,7 +30,7 @@ from PIL import Image
 import shardify
 from shardify.cli import main
 from shardify.loader import manifest_rows
-from shardify.synth import SynthResult, synthesize
+from shardify.profiles.battery.sample import SynthResult, synthesize
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_autoencoder.py"
 BATCH = 64

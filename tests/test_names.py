@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from shardify.cli import main
-from shardify.synth import SynthResult
+from shardify.profiles.battery.sample import SynthResult
 
 KOREAN = "배터리"
 CP949 = KOREAN.encode("cp949")  # b"\xb9\xe8\xc5\xcd\xb8\xae": not UTF-8

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from shardify.cli import main
-from shardify.synth import SynthResult
+from shardify.profiles.battery.sample import SynthResult
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -21,7 +21,7 @@ import pytest
 
 from shardify import write
 from shardify.cli import main
-from shardify.synth import SynthResult, synthesize
+from shardify.profiles.battery.sample import SynthResult, synthesize
 
 SHARD_SIZE = "32KiB"
 
@@ -83,8 +83,8 @@ def run_child_killed(dataset: SynthResult, out: Path, target: str, nth: int, whe
         ("shardify.convert.append_journal", 4, "before", "2"),  # shard 4 renamed, not journaled
         ("shardify.write._write_all", 20, "before", "1"),       # in the middle of a shard
         ("shardify.write.publish", 2, "before", "2"),           # shard 2 written, not durable
-        ("shardify.manifest.move_into_place", 2, "before", "2"),  # manifest written, not renamed
-        ("shardify.manifest.move_into_place", 2, "after", "2"),   # manifest in place, summary not
+        ("shardify.output.manifest.move_into_place", 2, "before", "2"),  # manifest not renamed
+        ("shardify.output.manifest.move_into_place", 2, "after", "2"),  # summary not renamed
     ],
 )
 def test_sigkill_then_resume_gives_identical_output(dataset: SynthResult, clean_run: Path,

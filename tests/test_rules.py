@@ -15,11 +15,13 @@ from PIL import Image
 from shardify.archives.model import Archive, Member, MemberTable
 from shardify.cli import main, parse_size
 from shardify.errors import BadLabel
-from shardify.labels import LabelFields, parse_label
+from shardify.output.store import shard_name
 from shardify.pairing import SAFE_KEY, Sample, safe_key
-from shardify.plan import plan_shards
+from shardify.plan import ShardSizes, plan_shards
+from shardify.profiles import Stratum, get_profile
+from shardify.profiles.battery.labels import BatteryFields, parse_label
+from shardify.profiles.battery.sample import SynthResult
 from shardify.split import assign_splits, parse_ratios
-from shardify.synth import SynthResult
 from shardify.write import TAR_END_SIZE, image_problem, sample_tar_size
 
 LABEL = {
@@ -81,8 +83,9 @@ def test_parse_ratios_and_sizes() -> None:
     assert parse_size("4096") == 4096
 
 
-def groups(n_defect: int, n_normal: int, data_type: str = "ct") -> list[tuple[str, str, bool]]:
-    return [(f"{data_type}-{i}", data_type, i < n_defect) for i in range(n_defect + n_normal)]
+def groups(n_defect: int, n_normal: int, data_type: str = "ct") -> list[tuple[str, Stratum]]:
+    return [(f"{data_type}-{i}", Stratum(data_type, int(i < n_defect)))
+            for i in range(n_defect + n_normal)]
 
 
 def test_split_ratio_stratification_and_determinism() -> None:
@@ -91,10 +94,10 @@ def test_split_ratio_stratification_and_determinism() -> None:
     assert first == assign_splits(list(reversed(batteries)), (0.7, 0.1, 0.2), seed=0)
     assert first != assign_splits(batteries, (0.7, 0.1, 0.2), seed=1)
     for data_type, n_defect in (("ct", 30), ("rgb", 10)):
-        mine = [g for g in batteries if g[1] == data_type]
-        counts = Counter(first[g] for g, _, _ in mine)
+        mine = [(g, stratum) for g, stratum in batteries if stratum.balance == data_type]
+        counts = Counter(first[g] for g, _ in mine)
         assert counts == {"train": 70, "val": 10, "test": 20}
-        defect = Counter(first[g] for g, _, d in mine if d)
+        defect = Counter(first[g] for g, stratum in mine if stratum.rank)
         expected = {"train": 0.7 * n_defect, "val": 0.1 * n_defect, "test": 0.2 * n_defect}
         assert all(abs(defect[s] - expected[s]) <= 1 for s in expected)
 
@@ -111,7 +114,7 @@ ARCHIVE = Archive("images.zip", "zip")
 
 
 def sample(battery: int, index: int, image_size: int) -> Sample:
-    fields = LabelFields("ct", battery, True, "cell", "pouch", False, (), 8, 8)
+    fields = BatteryFields("ct", battery, True, "cell", "pouch", False, (), 8, 8)
     key = f"CT_cell_pouch_{battery:03d}_x_{index:03d}"
     image = Member(ARCHIVE, f"{key}.jpg", 0, image_size, image_size, 0, 0, 0, len(key) + 4)
     label = Member(ARCHIVE, f"{key}.json", 0, 100, 100, 0, 0, 0, len(key) + 5)
@@ -124,7 +127,8 @@ def test_plan_keeps_batteries_whole_and_respects_the_limit() -> None:
     limit = TAR_END_SIZE + 5 * one
     samples = [sample(b, i, 1000) for b, n in ((1, 3), (2, 3), (3, 13), (4, 2)) for i in range(n)]
     samples.append(sample(5, 0, 50_000))
-    shards = plan_shards(reversed(samples), {f"ct-{b}": "train" for b in range(1, 6)}, limit)
+    shards = plan_shards(reversed(samples), {f"ct-{b}": "train" for b in range(1, 6)}, limit,
+                         get_profile(), ShardSizes(sample_tar_size, TAR_END_SIZE), shard_name)
     contents = [[(s.fields.battery_id, s.key) for s in shard.samples] for shard in shards]
     assert [key for shard in contents for key in shard] == sorted((s.fields.battery_id, s.key)
                                                                   for s in samples)

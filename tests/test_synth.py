@@ -12,7 +12,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from shardify.synth import SynthResult, synthesize
+from shardify.profiles.battery.sample import SynthResult, synthesize
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 JUNK_NAMES = {"Thumbs.db", "desktop.ini", ".DS_Store"}

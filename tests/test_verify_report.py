@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from shardify.cli import main
-from shardify.synth import SynthResult, synthesize
+from shardify.profiles.battery.sample import SynthResult, synthesize
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import orjson
 from . import __version__
 from .errors import UsageError
 from .pathnames import path_text
+from .profiles import get_profile
 from .progress import human_bytes
 
 if TYPE_CHECKING:
@@ -281,7 +282,7 @@ def _scan(args: argparse.Namespace) -> int:
     """Print the scan report as text or JSON; scanning never fails on bad inputs (exit 0)."""
     from .scan import format_scan, scan  # each subcommand imports only what it needs
 
-    report = scan(args.sources)
+    report = scan(args.sources, get_profile())
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:
@@ -293,13 +294,14 @@ def _report(args: argparse.Namespace) -> int:
     from .report import format_text, load_manifest, report_data, write_html
 
     try:
-        manifest = load_manifest(args.out)
+        manifest, profile = load_manifest(args.out)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
-    data = report_data(manifest)
-    print(format_text(data))
+    data = report_data(manifest, profile)
+    print(format_text(data, profile))
     if args.html is not None:
-        write_html(data, manifest, args.html, f"shardify report: {path_text(args.out)}")
+        write_html(data, manifest, args.html, f"shardify report: {path_text(args.out)}",
+                   profile)
         print(f"\nHTML report written to {path_text(args.html)}")
     return EXIT_OK
 
@@ -325,9 +327,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synth import synthesize
-
-    result = synthesize(args.dest, seed=args.seed, scale=args.scale)
+    result = get_profile().synthesize(args.dest, seed=args.seed, scale=args.scale)
     print(f"shardify: sample dataset written to {path_text(result.root)}: {result.samples} "
-          f"image/label pairs, batteries {result.batteries}, planted rejects {result.rejects}")
+          f"image/label pairs, planted rejects {result.rejects}")
     return EXIT_OK

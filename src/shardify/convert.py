@@ -21,7 +21,7 @@ from . import __version__
 from .archives.reader import ArchiveReader
 from .archives.zipdir import Index
 from .errors import NotEnoughSpace, RunFailed, UsageError
-from .manifest import (
+from .output.manifest import (
     is_shardify_manifest,
     is_shardify_summary,
     manifest_table,
@@ -31,9 +31,11 @@ from .manifest import (
     write_parquet,
     write_wids_indexes,
 )
+from .output.store import shard_name
 from .pairing import Pairing
 from .pathnames import path_text
-from .plan import PlannedShard, plan_shards
+from .plan import PlannedShard, ShardSizes, plan_shards
+from .profiles import DatasetProfile, get_profile
 from .progress import Progress, human_bytes
 from .rejects import Reject
 from .resume import (
@@ -48,17 +50,13 @@ from .resume import (
     start_run,
 )
 from .scan import archive_table, survey
-from .split import SPLITS, assign_splits
-from .write import ShardResult, expand, worker_pool, write_shards
+from .split import SPLITS, assign_splits, group_strata
+from .write import TAR_END_SIZE, ShardResult, expand, sample_tar_size, worker_pool, write_shards
 
 OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json",
              *(f"{split}.wids.json" for split in SPLITS))
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk check
-
-
-
-
 
 
 @dataclass(frozen=True)
@@ -77,10 +75,12 @@ class ConvertOptions:
     overwrite: bool = False
     space_check: bool = True
     workers: int = 1
+    profile: DatasetProfile = field(default_factory=get_profile)
 
     def shaping(self) -> dict:
         """The options that decide the shards' bytes; a resumed run must use the same."""
-        return {"shard_size": self.shard_size, "split": list(self.ratios), "seed": self.seed}
+        return {"shard_size": self.shard_size, "split": list(self.ratios), "seed": self.seed,
+                "profile": f"{self.profile.name} {self.profile.version}"}
 
 
 @dataclass
@@ -103,10 +103,13 @@ def convert(options: ConvertOptions) -> ConvertReport:
     lock = None
     try:
         with worker_pool(options.workers) as pool, ArchiveReader() as reader:
-            index, pairing = survey(options.sources, reader, quiet=options.quiet)
+            profile = options.profile
+            index, pairing = survey(options.sources, reader, profile, quiet=options.quiet)
             rejects = index.rejects + pairing.all_rejects()
-            split_of_group = assign_splits(_groups(pairing), options.ratios, options.seed)
-            shards = plan_shards(pairing.samples, split_of_group, options.shard_size)
+            split_of_group = assign_splits(group_strata(pairing.samples, profile),
+                                           options.ratios, options.seed)
+            shards = plan_shards(pairing.samples, split_of_group, options.shard_size, profile,
+                                 ShardSizes(sample_tar_size, TAR_END_SIZE), shard_name)
             run = RunRecord(plan_fingerprint(shards, options.shaping()), options.shaping())
             finished = _reusable_shards(out, run, shards, options.overwrite)
             todo = [shard for shard in shards if shard.name not in finished]
@@ -137,7 +140,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
 def _write_index_files(options: ConvertOptions, results: list[ShardResult],
                        rejects: list[Reject], summary: dict) -> None:
     """Manifest, rejects and summary, each atomically; summary.json last, as the sign of done."""
-    manifest = manifest_table(results)
+    manifest = manifest_table(results, options.profile)
     write_parquet(rejects_table(rejects), options.out / "rejects.parquet")
     write_parquet(manifest, options.out / "manifest.parquet")
     write_wids_indexes(options.out, {result.name: len(result.samples) for result in results})
@@ -145,17 +148,6 @@ def _write_index_files(options: ConvertOptions, results: list[ShardResult],
         write_parquet(manifest, options.manifest)
         write_json(summary, summary_beside(options.manifest))
     write_json(summary, options.out / "summary.json")
-
-
-def _groups(pairing: Pairing) -> list[tuple[str, str, bool]]:
-    """(group, data_type, has_defect) per battery, for the stratified split."""
-    has_defect: dict[str, bool] = {}
-    data_type: dict[str, str] = {}
-    for sample in pairing.samples:
-        group = sample.fields.group
-        data_type[group] = sample.fields.data_type
-        has_defect[group] = has_defect.get(group, False) or sample.fields.label == 1
-    return [(group, data_type[group], has_defect[group]) for group in sorted(data_type)]
 
 
 def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
@@ -346,6 +338,7 @@ def _prepare_output_folder(out: Path, run: RunRecord, shards: list[PlannedShard]
 def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
              results: list[ShardResult], rejects: list[Reject]) -> dict:
     """Per split counts and shard names, reject counts, and the options: no times, no hosts."""
+    profile = options.profile
     splits: dict[str, dict] = {}
     for split in SPLITS:
         mine = [r for r in results if r.split == split]
@@ -353,9 +346,8 @@ def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
         splits[split] = {
             "shards": [r.name for r in mine],
             "samples": labels.total(),
-            "batteries": len({s.fields.group for r in mine for s in r.samples}),
-            "normal": labels[0],
-            "defect": labels[1],
+            profile.group_unit: len({s.fields.group for r in mine for s in r.samples}),
+            **{name: labels[number] for number, name in enumerate(profile.class_names)},
             "bytes": sum(r.bytes_out for r in mine),
         }
     return {

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import webdataset as wds
 from PIL import Image
 
-from .manifest import MANIFEST_SCHEMA, read_parquet
+from .output.manifest import read_parquet, read_schema
 from .split import SPLITS
 
 if TYPE_CHECKING:
@@ -38,8 +38,8 @@ Item = tuple[dict[str, Any], dict[str, Any]]  # (webdataset sample, manifest row
 DECODES = ("pil", "numpy", "raw")
 
 
-def select_expression(split: str, select: Select = None) -> pc.Expression:
-    """`split` and `select` as one Arrow filter.
+def select_expression(split: str, select: Select, columns: list[str]) -> pc.Expression:
+    """`split` and `select` as one Arrow filter over a manifest with `columns`.
 
     `select` is an Expression, or a dict shorthand: `{"data_type": "ct", "form": ("pouch",
     "cylindrical")}` means equal for plain values and "in" for tuples, lists and sets.
@@ -52,9 +52,9 @@ def select_expression(split: str, select: Select = None) -> pc.Expression:
     if isinstance(select, pc.Expression):
         return expression & select
     for column, value in select.items():
-        if column not in MANIFEST_SCHEMA.names:
+        if column not in columns:
             raise ValueError(f"select: the manifest has no column {column!r} "
-                             f"(columns: {', '.join(MANIFEST_SCHEMA.names)})")
+                             f"(columns: {', '.join(columns)})")
         if isinstance(value, tuple | list | set | frozenset):
             expression &= pc.field(column).isin(list(value))
         else:
@@ -67,7 +67,9 @@ def manifest_rows(out: Path | str, split: str = "train", select: Select = None) 
 
     That is the order of the samples on disk, hence of `open_indexed`'s sample numbers.
     """
-    table = read_parquet(Path(out) / "manifest.parquet", filters=select_expression(split, select))
+    path = Path(out) / "manifest.parquet"
+    filters = select_expression(split, select, read_schema(path).names)
+    table = read_parquet(path, filters=filters)
     return table.sort_by([("shard", "ascending"), ("offset", "ascending")])
 
 

@@ -21,13 +21,9 @@ import numpy as np
 from .archives.model import Member, MemberRefs, MemberTable
 from .archives.zipdir import is_junk
 from .errors import BadLabel, MemberError
-from .labels import LabelFields, parse_label, strip_bom
+from .profiles import DatasetProfile, Fields, strip_bom
 from .rejects import Reason, Reject
 
-IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
-IMAGE_TYPES = tuple(dict.fromkeys(IMAGE_EXTENSIONS.values()))  # a sample's image_ext
-LABEL_EXTENSION = ".json"
-KNOWN_EXTENSIONS = frozenset({*IMAGE_EXTENSIONS, LABEL_EXTENSION})
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")
 UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -47,7 +43,7 @@ class Sample(NamedTuple):
     image_size: int
     label_size: int
     image_ext: str
-    fields: LabelFields
+    fields: Fields
 
     @property
     def image(self) -> Member:
@@ -149,12 +145,33 @@ MAX_KEY = 80  # as SAFE_KEY
 
 
 def _extension_code(extension: str) -> int:
-    return int.from_bytes(extension.encode().ljust(4, b"\0"), "little")
+    """A lower-case extension of up to 4 ASCII letters (without the dot) as one integer."""
+    raw = extension.encode("ascii")
+    if not 1 <= len(raw) <= 4:
+        raise ValueError(f"extensions of 1 to 4 letters are supported, not {extension!r}")
+    return int.from_bytes(raw.ljust(4, b"\0"), "little")
 
 
-IMAGE_CODES_3 = [_extension_code(e[1:]) for e in IMAGE_EXTENSIONS if len(e) == 4]
-IMAGE_CODES_4 = [_extension_code(e[1:]) for e in IMAGE_EXTENSIONS if len(e) == 5]
-LABEL_CODE = _extension_code(LABEL_EXTENSION[1:])
+class FileTypes(NamedTuple):
+    """A profile's image and label extensions as the codes `classify` compares names with."""
+
+    image_codes: dict[int, np.ndarray]  # per extension length: the codes of image extensions
+    label_length: int
+    label_code: int
+    image_types: tuple[str, ...]  # the image types written (a sample's image_ext)
+    image_type_of: dict[tuple[int, int], int]  # (length, code) -> position in image_types
+
+    @classmethod
+    def of(cls, profile: DatasetProfile) -> FileTypes:
+        types = tuple(dict.fromkeys(profile.image_extensions.values()))
+        type_of = {(len(ext) - 1, _extension_code(ext[1:])): types.index(kind)
+                   for ext, kind in profile.image_extensions.items()}
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for length, code in type_of:
+            by_length[length].append(code)
+        label = profile.label_extension[1:]
+        return cls({n: np.array(c, np.uint32) for n, c in by_length.items()}, len(label),
+                   _extension_code(label), types, type_of)
 
 
 class Classified(NamedTuple):
@@ -164,10 +181,13 @@ class Classified(NamedTuple):
     rows: tuple[np.ndarray, np.ndarray]  # the image rows, the label rows
     stems: tuple[list[str], list[str]]  # their stems, in the same order
     unsafe: set[str]  # stems that cannot be keys as they are (see safe_key)
-    image_types: np.ndarray  # per image row: its type, as a position in IMAGE_TYPES
+    image_types: np.ndarray  # per image row: its type, as a position in FileTypes.image_types
 
 
-def classify(table: MemberTable) -> Classified:
+LENGTH_MASK = {1: 0xFF, 2: 0xFFFF, 3: 0xFFFFFF, 4: 0xFFFFFFFF}
+
+
+def classify(table: MemberTable, file_types: FileTypes) -> Classified:
     """Each member's kind and, for images and labels, its stem; vectorised over the name bytes.
 
     '/' and '.' are single bytes in UTF-8, so base names and extensions are found by byte
@@ -182,9 +202,12 @@ def classify(table: MemberTable) -> Classified:
     letters = data[dot[:, None] + np.arange(1, 5)] | 0x20  # lower case for ASCII letters
     code = np.ascontiguousarray(letters).view("<u4").ravel()
     kinds = np.full(len(table), OTHER, np.int8)
-    kinds[((extension_len == 3) & np.isin(code & 0xFFFFFF, IMAGE_CODES_3))
-          | ((extension_len == 4) & np.isin(code, IMAGE_CODES_4))] = IMAGE
-    kinds[(extension_len == 4) & (code == LABEL_CODE)] = LABEL
+    masked = {n: code & LENGTH_MASK[n] for n in {*file_types.image_codes,
+                                                   file_types.label_length}}
+    for length, image_codes in file_types.image_codes.items():
+        kinds[(extension_len == length) & np.isin(masked[length], image_codes)] = IMAGE
+    kinds[(extension_len == file_types.label_length)
+          & (masked[file_types.label_length] == file_types.label_code)] = LABEL
     kinds[(kinds != OTHER) & (data[base] == ord(".")) & (data[base + 1] == ord("_"))] = JUNK
     suspects = range(len(table)) if b"__MACOSX/" in table.name_data \
         else np.flatnonzero(kinds == OTHER).tolist()
@@ -204,10 +227,11 @@ def classify(table: MemberTable) -> Classified:
     unsafe = {stem for kind in (IMAGE, LABEL)
               for stem, bad in zip(stems[kind], unsafe_rows[rows[kind]].tolist(), strict=True)
               if bad} if unsafe_rows.any() else set()
-    image_codes = np.where(extension_len == 3, code & 0xFFFFFF, code)[rows[IMAGE]]
     image_types = np.zeros(len(rows[IMAGE]), np.int8)
-    for extension, image_type in IMAGE_EXTENSIONS.items():
-        image_types[image_codes == _extension_code(extension[1:])] = IMAGE_TYPES.index(image_type)
+    image_lengths = extension_len[rows[IMAGE]]
+    for (length, extension_code), image_type in file_types.image_type_of.items():
+        image_types[(image_lengths == length)
+                    & (masked[length][rows[IMAGE]] == extension_code)] = image_type
     return Classified(kinds, rows, (stems[IMAGE], stems[LABEL]), unsafe, image_types)
 
 
@@ -217,22 +241,25 @@ def _last_before(data: np.ndarray, byte: int, ends: np.ndarray) -> np.ndarray:
     return positions[np.searchsorted(positions, ends) - 1]
 
 
-def pair_members(tables: list[MemberTable], read_labels: LabelReader) -> Pairing:
+def pair_members(tables: list[MemberTable], read_labels: LabelReader,
+                 profile: DatasetProfile) -> Pairing:
     """Classify members, drop junk, resolve duplicate stems, parse labels and pair by stem.
 
     Members are numbered across tables (table t's row r is `first[t] + r`). The common cases,
     one image and one label or an orphan, are found with one dict and one set of stems; only
     stems with copies or flawed members take the general path. `read_labels` yields each given
-    label member with its bytes or its MemberError, in order (ArchiveReader.read_many).
+    label member with its bytes or its MemberError, in order (ArchiveReader.read_many); the
+    profile says which extensions are images and labels, and parses the labels.
     """
     result = Pairing()
+    file_types = FileTypes.of(profile)
     first = np.cumsum([0, *map(len, tables)])
     stems: tuple[list[str], list[str]] = ([], [])
     numbers: tuple[list[np.ndarray], ...] = ([np.zeros(0, np.int64)], [np.zeros(0, np.int64)])
     types: list[np.ndarray] = [np.zeros(0, np.int8)]
     unsafe: set[str] = set()
     for table, start in zip(tables, first.tolist(), strict=False):
-        found = classify(table)
+        found = classify(table, file_types)
         counts = np.bincount(found.kinds, minlength=len(KINDS)).tolist()
         result.kinds[table.archive.name].update({KINDS[k]: n for k, n in enumerate(counts) if n})
         result.ignored += counts[JUNK]
@@ -282,27 +309,27 @@ def pair_members(tables: list[MemberTable], read_labels: LabelReader) -> Pairing
     image_type = np.zeros(first[-1], np.int8)
     image_type[image_numbers] = np.concatenate(types)
     _add_samples(result, [keys[i] for i in order.tolist()], images[order], labels[order],
-                 image_type, members, read_labels)
+                 image_type, members, read_labels, profile, file_types.image_types)
     _reject_key_collisions(result)
     return result
 
 
 def _add_samples(result: Pairing, keys: list[str], images: np.ndarray, labels: np.ndarray,
-                 image_type: np.ndarray, members: _MemberLookup, read_labels: LabelReader
-                 ) -> None:
+                 image_type: np.ndarray, members: _MemberLookup, read_labels: LabelReader,
+                 profile: DatasetProfile, image_types: tuple[str, ...]) -> None:
     """Read and parse each pair's label: a sample for each that parses, rejects for the rest."""
     image_tables, image_rows = members.locate(images)
     label_tables, label_rows = members.locate(labels)
     image_sizes = members.file_sizes(images)
-    image_exts = list(map(IMAGE_TYPES.__getitem__, image_type[images].tolist()))
-    shared: dict[LabelFields, LabelFields] = {}  # equal fields (a battery's labels) stored once
+    image_exts = list(map(image_types.__getitem__, image_type[images].tolist()))
+    shared: dict[Fields, Fields] = {}  # equal fields (a battery's labels) stored once
     read = read_labels(members.chunks(labels), len(labels))
     for i, (key, (label, raw)) in enumerate(zip(keys, read, strict=True)):
         if isinstance(raw, MemberError):
             _reject(result, key, raw.reason, [label, members.member(images[i])], f"label: {raw}")
             continue
         try:
-            fields = parse_label(raw)
+            fields = profile.parse_label(raw)
         except BadLabel as error:
             _reject(result, key, Reason.BAD_LABEL, [label, members.member(images[i])], str(error))
             continue

@@ -1,71 +1,72 @@
 """Order samples and cut them into shards: cheap, pure and deterministic.
 
-Order is (split, battery, key) so a battery's samples are contiguous. A shard keeps whole batteries
-while they fit the size limit; a battery larger than the limit fills consecutive shards. A shard
-exceeds the limit only when a single sample is larger than the limit on its own.
+Order is (split, the profile's sample order) so a group's (battery's) samples are contiguous. A
+shard keeps whole groups while they fit the size limit; a group larger than the limit fills
+consecutive shards. A shard exceeds the limit only when a single sample is larger than the limit
+on its own. Sizes come from the caller (the tar layout), so planning knows no file format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import groupby
 
 from .pairing import Sample
+from .profiles import DatasetProfile
 from .split import SPLITS
-from .write import TAR_END_SIZE, sample_tar_size
 
 
 @dataclass(frozen=True, slots=True)
 class PlannedShard:
     """One shard to write: which samples, in which order, and its expected size."""
 
+    name: str  # path relative to OUT; it is what the manifest records
     split: str
-    index: int
     samples: tuple[Sample, ...]
     expected_bytes: int
 
-    @property
-    def name(self) -> str:
-        """Path relative to OUT; it is what the manifest records."""
-        return f"{self.split}/shard-{self.index:06d}.tar"
+
+@dataclass(frozen=True)
+class ShardSizes:
+    """What a sample and a shard's end take on disk (the tar layout's numbers)."""
+
+    sample_bytes: Callable[[Sample], int]
+    end_bytes: int
 
 
-def sample_order(sample: Sample) -> tuple[str, int, str]:
-    return sample.fields.data_type, sample.fields.battery_id, sample.key
-
-
-def plan_shards(
-    samples: Iterable[Sample], split_of_group: Mapping[str, str], shard_size: int
-) -> list[PlannedShard]:
-    """Cut every split's samples, in battery order, into shards of at most `shard_size` bytes."""
+def plan_shards(samples: Iterable[Sample], split_of_group: Mapping[str, str], shard_size: int,
+                profile: DatasetProfile, sizes: ShardSizes,
+                shard_name: Callable[[str, int], str]) -> list[PlannedShard]:
+    """Cut every split's samples, in the profile's order, into shards of at most `shard_size`
+    bytes; `shard_name(split, index)` names them."""
     by_split: dict[str, list[Sample]] = {split: [] for split in SPLITS}
     for sample in samples:
         by_split[split_of_group[sample.fields.group]].append(sample)
     shards: list[PlannedShard] = []
     for split in SPLITS:
-        ordered = sorted(by_split[split], key=sample_order)
-        batteries = [list(g) for _, g in groupby(ordered, key=lambda s: s.fields.group)]
-        for index, contents in enumerate(_cut(batteries, shard_size)):
-            size = sum(sample_tar_size(s) for s in contents) + TAR_END_SIZE
-            shards.append(PlannedShard(split, index, tuple(contents), size))
+        ordered = sorted(by_split[split], key=lambda s: profile.sample_order(s.fields, s.key))
+        groups = [list(g) for _, g in groupby(ordered, key=lambda s: s.fields.group)]
+        for index, contents in enumerate(_cut(groups, shard_size, sizes)):
+            size = sum(map(sizes.sample_bytes, contents)) + sizes.end_bytes
+            shards.append(PlannedShard(shard_name(split, index), split, tuple(contents), size))
     return shards
 
 
-def _cut(batteries: list[list[Sample]], limit: int) -> list[list[Sample]]:
+def _cut(groups: list[list[Sample]], limit: int, sizes: ShardSizes) -> list[list[Sample]]:
     shards: list[list[Sample]] = []
     current: list[Sample] = []
-    used = TAR_END_SIZE
-    for battery in batteries:
-        battery_bytes = sum(sample_tar_size(s) for s in battery)
-        if current and used + battery_bytes > limit and TAR_END_SIZE + battery_bytes <= limit:
+    used = sizes.end_bytes
+    for group in groups:
+        group_bytes = sum(map(sizes.sample_bytes, group))
+        if current and used + group_bytes > limit and sizes.end_bytes + group_bytes <= limit:
             shards.append(current)
-            current, used = [], TAR_END_SIZE
-        for sample in battery:
-            size = sample_tar_size(sample)
+            current, used = [], sizes.end_bytes
+        for sample in group:
+            size = sizes.sample_bytes(sample)
             if current and used + size > limit:
                 shards.append(current)
-                current, used = [], TAR_END_SIZE
+                current, used = [], sizes.end_bytes
             current.append(sample)
             used += size
     if current:

@@ -1,7 +1,8 @@
 """`shardify report`: the dataset at a glance, from the manifest alone.
 
-Class balance, defect mix, swelling, image sizes and samples per battery, per split: as text for
-the terminal, or as one self-contained HTML page with plots (matplotlib, images embedded).
+Per split: class balance, image sizes and samples per group (battery), plus the dataset
+profile's own sections (for the battery set: by data_type and form, defect types, swelling); as
+text for the terminal, or as one self-contained HTML page with plots (matplotlib, embedded).
 """
 
 from __future__ import annotations
@@ -15,113 +16,110 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .manifest import read_parquet
+from .output.manifest import profile_of, read_parquet
 from .pathnames import path_text
+from .profiles import DatasetProfile
 from .split import SPLITS
 
 SPLIT_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
 
 
-def load_manifest(out: Path) -> pa.Table:
-    """The manifest; FileNotFoundError (said for the user) if it is missing or unreadable."""
+def load_manifest(out: Path) -> tuple[pa.Table, DatasetProfile]:
+    """The manifest and the profile that wrote it; FileNotFoundError (said for the user) if it
+    is missing, unreadable or names no profile shardify knows."""
     path = out / "manifest.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path_text(path)} not found: is {path_text(out)} a shardify "
                                 "output?")
     try:
-        return read_parquet(path)
+        table = read_parquet(path)
     except pa.ArrowException as error:
         raise FileNotFoundError(f"{path_text(path)} is damaged ({error}); re-run the convert "
                                 "command to rewrite it") from None
+    profile = profile_of(table.schema)
+    if profile is None:
+        raise FileNotFoundError(f"{path_text(path)} names no dataset profile shardify knows "
+                                "(written by another version?); re-run the convert command")
+    return table, profile
 
 
-def report_data(manifest: pa.Table) -> dict:
-    """Every number the report shows, computed from the manifest with pyarrow."""
-    data: dict = {"splits": {}, "by_kind": [], "defect_types": {}, "swelling": {},
-                  "image_sizes": {}, "samples_per_battery": {}}
+def report_data(manifest: pa.Table, profile: DatasetProfile) -> dict:
+    """Every number the report shows, computed from the manifest with pyarrow: per split the
+    samples, groups and class counts, image sizes and samples per group; and the profile's own
+    sections."""
+    data: dict = {"splits": {}, "image_sizes": {}, "samples_per_group": {},
+                  "sections": profile.report_sections(manifest, SPLITS)}
     for split in SPLITS:
         rows = manifest.filter(pc.equal(manifest["split"], split))
-        defect = pc.sum(rows["label"]).as_py() or 0
+        labels = Counter(rows["label"].to_pylist())
         data["splits"][split] = {
             "samples": rows.num_rows,
-            "batteries": pc.count_distinct(rows["group"]).as_py() if rows.num_rows else 0,
-            "normal": rows.num_rows - defect,
-            "defect": defect,
-            "defect_ratio": defect / rows.num_rows if rows.num_rows else 0.0,
+            "groups": pc.count_distinct(rows["group"]).as_py() if rows.num_rows else 0,
+            "classes": [labels[i] for i in range(len(profile.class_names))],
         }
-        names = pc.utf8_lower(pc.list_flatten(rows["defect_types"])).to_pylist()
-        data["defect_types"][split] = dict(Counter(names).most_common())
-        data["swelling"][split] = {str(k): v for k, v in
-                                   Counter(rows["swelling"].to_pylist()).most_common()}
         sizes = Counter(zip(rows["width"].to_pylist(), rows["height"].to_pylist(), strict=True))
         data["image_sizes"][split] = {f"{w}x{h}": n for (w, h), n in sizes.most_common()}
-        per_battery = Counter(rows["group"].to_pylist())
-        data["samples_per_battery"][split] = sorted(per_battery.values())
-    grouped = manifest.group_by(["split", "data_type", "form", "label"]).aggregate(
-        [("key", "count")])
-    kinds: dict[tuple[str, str, str], dict[str, int]] = {}
-    for row in grouped.to_pylist():
-        counts = kinds.setdefault((row["split"], row["data_type"], row["form"] or "-"),
-                                  {"normal": 0, "defect": 0})
-        counts["defect" if row["label"] else "normal"] += row["key_count"]
-    data["by_kind"] = [
-        {"split": split, "data_type": data_type, "form": form, **counts}
-        for (split, data_type, form), counts in sorted(
-            kinds.items(), key=lambda item: (SPLITS.index(item[0][0]), item[0][1:]))
-    ]
+        data["samples_per_group"][split] = sorted(Counter(rows["group"].to_pylist()).values())
     return data
 
 
-def format_text(data: dict) -> str:
-    lines = ["split      samples  batteries   normal   defect  defect %"]
+def _split_table(data: dict, profile: DatasetProfile) -> tuple[list[str], list[list]]:
+    """Per split: samples, groups, each class, and the share of all but the first class."""
+    others = "+".join(profile.class_names[1:])
+    header = ["split", "samples", profile.group_unit, *profile.class_names, f"{others} %"]
+    rows = []
     for split, row in data["splits"].items():
-        lines.append(f"{split:<8} {row['samples']:>9} {row['batteries']:>10} {row['normal']:>8} "
-                     f"{row['defect']:>8} {100 * row['defect_ratio']:>8.1f}")
-    lines += ["", "by data_type and form"]
-    lines += [f"  {r['split']:<6} {r['data_type']:<5} {r['form']:<12} normal {r['normal']:>7}  "
-              f"defect {r['defect']:>7}" for r in data["by_kind"]]
-    lines += ["", "defect types (images containing each, case-folded)"]
-    for split, counts in data["defect_types"].items():
-        shown = ", ".join(f"{name} {n}" for name, n in counts.items()) or "none"
-        lines.append(f"  {split:<6} {shown}")
-    lines += ["", "swelling"]
-    lines += [f"  {split:<6} " + ", ".join(f"{k} {v}" for k, v in counts.items())
-              for split, counts in data["swelling"].items()]
+        other = sum(row["classes"][1:])
+        share = 100 * other / row["samples"] if row["samples"] else 0.0
+        rows.append([split, row["samples"], row["groups"], *row["classes"], f"{share:.1f}"])
+    return header, rows
+
+
+def format_text(data: dict, profile: DatasetProfile) -> str:
+    header, rows = _split_table(data, profile)
+    widths = [8, 9, 10, *[8] * len(profile.class_names), 8]
+    lines = [_columns(header, [*widths[:-1], 9]), *(_columns(row, widths) for row in rows)]
+    for section in data["sections"]:
+        lines += ["", section.title, *section.lines]
     lines += ["", "image sizes"]
     lines += [f"  {split:<6} " + (", ".join(f"{k} {v}" for k, v in sizes.items()) or "none")
               for split, sizes in data["image_sizes"].items()]
-    lines += ["", "samples per battery (min / median / max)"]
-    for split, counts in data["samples_per_battery"].items():
+    lines += ["", f"samples per {profile.group_noun} (min / median / max)"]
+    for split, counts in data["samples_per_group"].items():
         summary = (f"{counts[0]} / {counts[len(counts) // 2]} / {counts[-1]}" if counts
                    else "none")
         lines.append(f"  {split:<6} {summary}")
     return "\n".join(lines)
 
 
-def write_html(data: dict, manifest: pa.Table, path: Path, title: str) -> None:
-    """One self-contained page: the report's tables and four plots as embedded PNGs."""
+def _columns(values: list, widths: list[int]) -> str:
+    """The first value left-aligned, the others right-aligned, each in its width."""
+    return " ".join(f"{v:<{w}}" if i == 0 else f"{v:>{w}}"
+                    for i, (v, w) in enumerate(zip(values, widths, strict=True)))
+
+
+def write_html(data: dict, manifest: pa.Table, path: Path, title: str,
+               profile: DatasetProfile) -> None:
+    """One self-contained page: the report's tables and plots as embedded PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
-    plots = {
-        "Class balance per split": _class_balance(data),
-        "Defect types per split": _defect_types(data),
-        "Samples per battery": _samples_per_battery(data),
-        "Image sizes": _image_sizes(manifest),
-    }
-    sections = [f"<h1>{html.escape(title)}</h1>", _table(
-        ["split", "samples", "batteries", "normal", "defect", "defect %"],
-        [[s, r["samples"], r["batteries"], r["normal"], r["defect"],
-          f"{100 * r['defect_ratio']:.1f}"] for s, r in data["splits"].items()])]
-    sections.append("<h2>By data_type and form</h2>" + _table(
-        ["split", "data_type", "form", "normal", "defect"],
-        [[r["split"], r["data_type"], r["form"], r["normal"], r["defect"]]
-         for r in data["by_kind"]]))
+    plots = {"Class balance per split": _class_balance(data, profile)}
+    plots.update({f"{section.title.split(' (')[0].capitalize()} per split":
+                  _bars(section.bars, section.bars_axis, section.title)
+                  for section in data["sections"] if section.bars is not None})
+    plots[f"Samples per {profile.group_noun}"] = _samples_per_group(data, profile)
+    plots["Image sizes"] = _image_sizes(manifest)
+    sections = [f"<h1>{html.escape(title)}</h1>", _table(*_split_table(data, profile))]
+    sections += [f"<h2>{html.escape(section.title.capitalize())}</h2>" + _table(
+        list(section.table[0]), [list(row) for row in section.table[1]])
+        for section in data["sections"] if section.table is not None]
     for heading, png in plots.items():
         encoded = base64.b64encode(png).decode()
         sections.append(f"<h2>{heading}</h2><img alt=\"{heading}\" "
                         f"src=\"data:image/png;base64,{encoded}\">")
-    sections.append("<h2>Text report</h2><pre>" + html.escape(format_text(data)) + "</pre>")
+    sections.append("<h2>Text report</h2><pre>" + html.escape(format_text(data, profile))
+                    + "</pre>")
     page = ("<!doctype html><html><head><meta charset=\"utf-8\"><title>"
             f"{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;"
@@ -148,58 +146,64 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _class_balance(data: dict) -> bytes:
+def _class_balance(data: dict, profile: DatasetProfile) -> bytes:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 3.5))
     splits = list(data["splits"])
-    normal = [data["splits"][s]["normal"] for s in splits]
-    defect = [data["splits"][s]["defect"] for s in splits]
     colours = [SPLIT_COLOURS[s] for s in splits]
-    axis.bar(splits, normal, color=colours, alpha=0.45, label="normal (0)")
-    axis.bar(splits, defect, bottom=normal, color=colours, label="defect (1)")
-    for x, (n, d) in enumerate(zip(normal, defect, strict=True)):
-        if n + d:
-            axis.text(x, n + d, f"{100 * d / (n + d):.0f}% defect", ha="center", va="bottom")
+    bottom = [0] * len(splits)
+    for number, name in enumerate(profile.class_names):
+        counts = [data["splits"][s]["classes"][number] for s in splits]
+        axis.bar(splits, counts, bottom=bottom, color=colours,
+                 alpha=0.45 if number == 0 else 1.0, label=f"{name} ({number})")
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    first = profile.class_names[0]
+    for x, split in enumerate(splits):
+        total = data["splits"][split]["samples"]
+        if total:
+            share = 100 * (total - data["splits"][split]["classes"][0]) / total
+            axis.text(x, total, f"{share:.0f}% not {first}", ha="center", va="bottom")
     axis.set_ylabel("images")
-    axis.set_ylim(0, max([n + d for n, d in zip(normal, defect, strict=True)] + [1]) * 1.15)
-    axis.set_title("Normal (light) and defect (dark) images per split")
+    axis.set_ylim(0, max([*bottom, 1]) * 1.15)
+    axis.set_title(f"Classes per split ({first} light)")
     axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(figure)
 
 
-def _defect_types(data: dict) -> bytes:
+def _bars(counts: dict[str, dict[str, int]], axis_label: str, title: str) -> bytes:
+    """Grouped bars: per name, one bar per split."""
     import matplotlib.pyplot as plt
 
-    names = sorted({name for counts in data["defect_types"].values() for name in counts})
+    names = sorted({name for found in counts.values() for name in found})
     figure, axis = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(SPLITS)
     for i, split in enumerate(SPLITS):
-        counts = [data["defect_types"][split].get(name, 0) for name in names]
-        axis.bar([x + i * width for x in range(len(names))], counts, width,
+        heights = [counts.get(split, {}).get(name, 0) for name in names]
+        axis.bar([x + i * width for x in range(len(names))], heights, width,
                  color=SPLIT_COLOURS[split], label=split)
     axis.set_xticks([x + width for x in range(len(names))], names or ["(none)"])
-    axis.set_ylabel("images containing the defect")
-    axis.set_title("Defect types per split (case-folded)")
+    axis.set_ylabel(axis_label)
+    axis.set_title(title)
     axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(figure)
 
 
-def _samples_per_battery(data: dict) -> bytes:
+def _samples_per_group(data: dict, profile: DatasetProfile) -> bytes:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     figure, axis = plt.subplots(figsize=(7, 3.5))
-    series = [data["samples_per_battery"][s] for s in SPLITS]
+    series = [data["samples_per_group"][s] for s in SPLITS]
     values = [v for counts in series for v in counts] or [0]
     step = max(1, (max(values) - min(values) + 1) // 30)
     bins = [b - 0.5 for b in range(min(values), max(values) + step + 1, step)]
     axis.hist(series, bins=bins, color=[SPLIT_COLOURS[s] for s in SPLITS],
               label=list(SPLITS), stacked=True)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_xlabel("images per battery")
-    axis.set_ylabel("batteries")
-    axis.set_title("Samples per battery")
+    axis.set_xlabel(f"images per {profile.group_noun}")
+    axis.set_ylabel(profile.group_unit)
+    axis.set_title(f"Samples per {profile.group_noun}")
     axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     return _png(figure)
 

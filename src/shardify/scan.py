@@ -6,7 +6,7 @@ dataset and shows the download's problems before hours are spent converting it.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from operator import itemgetter
 
@@ -19,6 +19,7 @@ from .archives.zipdir import Index, index_archives
 from .errors import MemberError, UsageError
 from .pairing import Pairing, pair_members
 from .pathnames import path_text
+from .profiles import DatasetProfile
 from .progress import Progress, human_bytes
 from .rejects import Reason
 from .split import SPLITS
@@ -29,7 +30,7 @@ SHOWN_PROBLEMS = 20
 
 
 
-def survey(sources: list[str], reader: ArchiveReader, *,
+def survey(sources: list[str], reader: ArchiveReader, profile: DatasetProfile, *,
            quiet: bool = True) -> tuple[Index, Pairing]:
     """Find and list every archive, read the labels and pair: everything but the image bytes.
 
@@ -54,14 +55,15 @@ def survey(sources: list[str], reader: ArchiveReader, *,
             progress[0].advance(len(members))
 
     try:
-        pairing = pair_members(index.tables, read_labels)
+        pairing = pair_members(index.tables, read_labels, profile)
     finally:
         for bar in progress:
             bar.close()
     if not pairing.images and not pairing.labels:
         unreadable = (f" ({len(index.rejects)} unreadable: {index.rejects[0].detail})"
                       if index.rejects else "")
-        raise UsageError(f"no images (.jpg/.jpeg/.png) or labels (.json) in the "
+        kinds = "/".join(profile.image_extensions)
+        raise UsageError(f"no images ({kinds}) or labels ({profile.label_extension}) in the "
                          f"{len(index.archives)} zip archives found{unreadable}")
     return index, pairing
 
@@ -79,18 +81,16 @@ def archive_table(index: Index) -> list[dict]:
     return rows
 
 
-def scan(sources: list[str]) -> dict:
-    """A report of the sources as plain data (what `--json` prints)."""
+def scan(sources: list[str], profile: DatasetProfile) -> dict:
+    """A report of the sources as plain data (what `--json` prints); `dataset` holds the
+    profile's own figures (for the battery set: batteries per data_type, defect images)."""
     with ArchiveReader() as reader:
-        index, pairing = survey(sources, reader)
+        index, pairing = survey(sources, reader, profile)
     archives = archive_table(index)
     for row in archives:
         kinds = pairing.kinds[row["name"]]
         row.update({kind: kinds[kind] for kind in ("images", "labels", "other")})
     rejects = index.rejects + pairing.rejects
-    batteries: dict[str, set[int]] = defaultdict(set)
-    for sample in pairing.samples:
-        batteries[sample.fields.data_type].add(sample.fields.battery_id)
     reasons = Counter(map(itemgetter(1), index.rejects)) + pairing.reject_counts()
     return {
         "archives": archives,
@@ -100,8 +100,7 @@ def scan(sources: list[str]) -> dict:
         "pairs": len(pairing.samples),
         "orphan_images": reasons[Reason.ORPHAN_IMAGE],
         "orphan_labels": reasons[Reason.ORPHAN_LABEL],
-        "batteries": {dt: len(ids) for dt, ids in sorted(batteries.items())},
-        "defect_images": sum(s.fields.label for s in pairing.samples),
+        "dataset": profile.scan_counts(sample.fields for sample in pairing.samples),
         "identical_duplicates": pairing.identical_duplicates,
         "ignored_members": pairing.ignored,
         "problems": dict(sorted((str(reason), n) for reason, n in reasons.items())),
@@ -125,11 +124,13 @@ def format_scan(report: dict) -> str:
                      f"{row['images']} images, {row['labels']} labels, {row['other']} other; "
                      f"{methods}")
         lines += [f"      note: {note}" for note in row["notes"]]
-    batteries = ", ".join(f"{dt} {n}" for dt, n in report["batteries"].items()) or "none"
-    lines.append(f"images {report['images']}, labels {report['labels']}, pairs {report['pairs']} "
-                 f"({report['defect_images']} defect), orphan images {report['orphan_images']}, "
+    lines.append(f"images {report['images']}, labels {report['labels']}, pairs {report['pairs']}, "
+                 f"orphan images {report['orphan_images']}, "
                  f"orphan labels {report['orphan_labels']}")
-    lines.append(f"batteries: {batteries}")
+    for name, value in report["dataset"].items():
+        shown = (", ".join(f"{k} {n}" for k, n in value.items()) or "none"
+                 if isinstance(value, dict) else value)
+        lines.append(f"{name.replace('_', ' ')}: {shown}")
     lines.append(f"identical duplicate copies: {report['identical_duplicates']}; "
                  f"junk members ignored: {report['ignored_members']}")
     if report["problems"]:

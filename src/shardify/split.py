@@ -1,8 +1,9 @@
 """Assign whole batteries to train/val/test: seeded, deterministic and stratified.
 
 Splitting by image leaks a battery's slices into both sides; here the unit is the group (battery),
-so no group can ever appear in two splits. Within each data_type, batteries with and without a
-defect image are split separately in the same ratio, so every split sees both kinds.
+so no group can ever appear in two splits. The profile gives each group a stratum (the battery
+set: its data_type, and whether it has a defect image); strata are split separately in the same
+ratio, so every split sees every kind.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Iterable
+
+from .pairing import Sample
+from .profiles import DatasetProfile, Fields, Stratum
 
 SPLITS = ("train", "val", "test")
 
@@ -33,26 +37,35 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
     return train, val, test
 
 
+def group_strata(samples: Iterable[Sample], profile: DatasetProfile) -> list[tuple[str, Stratum]]:
+    """Each group (battery) with its stratum, from all its samples' fields, sorted by group."""
+    fields: dict[str, list[Fields]] = defaultdict(list)
+    for sample in samples:
+        fields[sample.fields.group].append(sample.fields)
+    return [(group, profile.stratum(fields[group])) for group in sorted(fields)]
+
+
 def assign_splits(
-    groups: Iterable[tuple[str, str, bool]],
+    groups: Iterable[tuple[str, Stratum]],
     ratios: tuple[float, float, float],
     seed: int,
 ) -> dict[str, str]:
-    """Map each group to a split. `groups` yields (group, data_type, has_defect).
+    """Map each group to a split. `groups` yields (group, stratum).
 
-    Per data_type, defect batteries (shuffled) are followed by the others (shuffled), and each in
-    turn goes to the split furthest below its share so far. Both kinds are thus spread in the
-    ratio, and the data_type's totals stay within one battery of the ratio.
+    Per balance unit (the battery set: data_type), the groups of the highest rank (defect
+    batteries), shuffled, are followed by those of the next rank, shuffled, and each in turn goes
+    to the split furthest below its share so far. Every rank is thus spread in the ratio, and
+    the unit's totals stay within one group of the ratio.
     """
-    strata: dict[tuple[str, bool], set[str]] = defaultdict(set)
-    for group, data_type, has_defect in groups:
-        strata[(data_type, has_defect)].add(group)
+    strata: dict[Stratum, set[str]] = defaultdict(set)
+    for group, stratum in groups:
+        strata[stratum].add(group)
     assignment: dict[str, str] = {}
-    for data_type in sorted({data_type for data_type, _ in strata}):
+    for balance in sorted({stratum.balance for stratum in strata}):
         ordered: list[str] = []
-        for has_defect in (True, False):
-            stratum = sorted(strata.get((data_type, has_defect), ()))
-            random.Random(_stratum_seed(seed, data_type, has_defect)).shuffle(stratum)
+        for rank in sorted({s.rank for s in strata if s.balance == balance}, reverse=True):
+            stratum = sorted(strata[Stratum(balance, rank)])
+            random.Random(_stratum_seed(seed, balance, rank)).shuffle(stratum)
             ordered += stratum
         assigned = [0] * len(SPLITS)
         for position, group in enumerate(ordered, start=1):
@@ -63,7 +76,7 @@ def assign_splits(
     return assignment
 
 
-def _stratum_seed(seed: int, data_type: str, has_defect: bool) -> int:
+def _stratum_seed(seed: int, balance: str, rank: int) -> int:
     """A seed per stratum that does not depend on Python's hash randomisation."""
-    digest = hashlib.sha256(f"{seed}/{data_type}/{int(has_defect)}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}/{balance}/{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "big")

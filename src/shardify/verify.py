@@ -23,14 +23,13 @@ from .archives.discovery import find_archives
 from .archives.reader import ArchiveReader
 from .archives.zipdir import index_archives
 from .errors import BadLabel, OutputMissing
-from .labels import BOM, parse_label
-from .manifest import MANIFEST_SCHEMA, read_parquet
+from .output.manifest import manifest_schema, profile_of, read_parquet
 from .pairing import SAFE_KEY
 from .pathnames import path_text
+from .profiles import BOM, DatasetProfile
 from .split import SPLITS
 from .write import BLOCK, TAR_END_SIZE, padded
 
-IMAGE_EXTS = frozenset({"jpg", "png"})
 BOM_CRC = deflate.crc32(BOM)
 MANIFEST, SUMMARY = "manifest.parquet", "summary.json"
 VALUES_NEEDED = frozenset({"key", "split", "shard", "offset", "sample_bytes", "group", "label",
@@ -59,7 +58,7 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
     its source members: image and label size and CRC-32 from the zips' central directories.
     """
     try:
-        rows, summary = _read_index_files(out)
+        rows, summary, profile = _read_index_files(out)
     except Unusable as error:
         return 0, [error.problem]
     expected = {row["shard"]: {} for row in rows}
@@ -69,8 +68,8 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
     label_crcs: dict[tuple[str, str], tuple[int, int]] = {}
     for shard in sorted(expected):
         if (out / shard).is_file():
-            problems += _check_shard(out / shard, shard, expected[shard], label_crcs)
-    problems += _check_leakage(rows)
+            problems += _check_shard(out / shard, shard, expected[shard], label_crcs, profile)
+    problems += _check_leakage(rows, profile)
     problems += _check_counts(rows, summary)
     if sources is not None:
         problems += _check_sources(rows, sources, label_crcs)
@@ -85,9 +84,9 @@ class Unusable(Exception):
         self.problem = problem
 
 
-def _read_index_files(out: Path) -> tuple[list[dict], dict]:
-    """The manifest's rows and the summary; Unusable if either is missing, unreadable, lacks a
-    column or holds nulls where verify needs values."""
+def _read_index_files(out: Path) -> tuple[list[dict], dict, DatasetProfile]:
+    """The manifest's rows, the summary and the profile that made them; Unusable if either file
+    is missing, unreadable, lacks a column or holds nulls where verify needs values."""
     manifest_path, summary_path = out / MANIFEST, out / SUMMARY
     if not manifest_path.exists() and not summary_path.exists():
         raise OutputMissing(f"{path_text(out)} has no {MANIFEST} or {SUMMARY}: is it a shardify "
@@ -99,11 +98,16 @@ def _read_index_files(out: Path) -> tuple[list[dict], dict]:
         table = read_parquet(manifest_path)
     except (pa.ArrowException, OSError) as error:
         raise Unusable(Problem(MANIFEST, f"unreadable: {error}")) from None
-    missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
+    profile = profile_of(table.schema)
+    if profile is None:
+        raise Unusable(Problem(MANIFEST, "names no dataset profile shardify knows (written by "
+                               "another version?); re-run the convert command to rewrite it"))
+    schema = manifest_schema(profile)
+    missing = [name for name in schema.names if name not in table.column_names]
     if missing:
         raise Unusable(Problem(MANIFEST, f"lacks the columns {missing}"))
-    for name in MANIFEST_SCHEMA.names:
-        wanted, found = MANIFEST_SCHEMA.field(name).type, table.schema.field(name).type
+    for name in schema.names:
+        wanted, found = schema.field(name).type, table.schema.field(name).type
         if found != wanted:
             raise Unusable(Problem(MANIFEST, f"column {name} is {found}, expected {wanted}"))
         if name in VALUES_NEEDED and table.column(name).null_count:
@@ -116,7 +120,7 @@ def _read_index_files(out: Path) -> tuple[list[dict], dict]:
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as error:
         raise Unusable(Problem(SUMMARY, f"damaged ({error!r}); re-run the convert command to "
                                "rewrite it")) from None
-    return table.to_pylist(), summary
+    return table.to_pylist(), summary, profile
 
 
 def _check_sources(rows: list[dict], sources: list[str],
@@ -158,7 +162,8 @@ def _check_shard_files(out: Path, summary: dict, expected: dict) -> list[Problem
 
 
 def _check_shard(path: Path, shard: str, rows: dict[str, dict],
-                 label_crcs: dict[tuple[str, str], tuple[int, int]]) -> list[Problem]:
+                 label_crcs: dict[tuple[str, str], tuple[int, int]],
+                 profile: DatasetProfile) -> list[Problem]:
     """Stream one shard: structure, adjacency, padding, the end, and each sample against its
     manifest row.
 
@@ -184,7 +189,8 @@ def _check_shard(path: Path, shard: str, rows: dict[str, dict],
                 if key != current_key:
                     if current_key is not None:
                         problems += _check_sample(shard, current_key, first_offset,
-                                                  end_of_sample, members, rows.get(current_key))
+                                                  end_of_sample, members, rows.get(current_key),
+                                                  profile)
                     if key in seen:
                         problems.append(Problem(f"{shard}:{key}", "members are not adjacent"))
                     seen.add(key)
@@ -202,7 +208,7 @@ def _check_shard(path: Path, shard: str, rows: dict[str, dict],
                                                 deflate.crc32(members[ext], BOM_CRC))
             if current_key is not None:
                 problems += _check_sample(shard, current_key, first_offset, end_of_sample,
-                                          members, rows.get(current_key))
+                                          members, rows.get(current_key), profile)
             problems += _check_end(fd, shard, end, rows, seen)
     except (tarfile.TarError, OSError, EOFError) as error:
         problems.append(Problem(shard, f"not a readable tar: {error}"))
@@ -253,7 +259,7 @@ def _check_end(fd: int, shard: str, end: int, rows: dict[str, dict],
 
 
 def _check_sample(shard: str, key: str, offset: int, end: int, members: dict[str, bytes],
-                  row: dict | None) -> list[Problem]:
+                  row: dict | None, profile: DatasetProfile) -> list[Problem]:
     """One sample (its members' payloads, spanning `offset` to `end` in the shard) against its
     manifest row."""
     where = f"{shard}:{key}"
@@ -262,7 +268,7 @@ def _check_sample(shard: str, key: str, offset: int, end: int, members: dict[str
     problems = []
     if not SAFE_KEY.fullmatch(key):
         problems.append(Problem(where, "key breaks the key rules ([A-Za-z0-9_-]{1,80})"))
-    images = IMAGE_EXTS & members.keys()
+    images = set(profile.image_extensions.values()) & members.keys()
     if set(members) != {row["image_ext"], "json", "cls"} or len(images) != 1:
         problems.append(Problem(where, f"members are {sorted(members)}, expected "
                                 f"{row['image_ext']}, json, cls"))
@@ -283,20 +289,20 @@ def _check_sample(shard: str, key: str, offset: int, end: int, members: dict[str
         problems.append(Problem(where, f".cls is {members['cls']!r}, manifest label is "
                                 f"{row['label']}"))
     try:
-        fields = parse_label(label)
+        fields = profile.parse_label(label)
         if fields.label != row["label"] or fields.group != row["group"]:
             problems.append(Problem(where, "label JSON disagrees with the manifest "
-                                    "(is_normal or battery)"))
+                                    "(class or group)"))
     except BadLabel as error:
         problems.append(Problem(where, f"label JSON unreadable: {error}"))
     return problems
 
 
-def _check_leakage(rows: list[dict]) -> list[Problem]:
+def _check_leakage(rows: list[dict], profile: DatasetProfile) -> list[Problem]:
     splits_of_group: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         splits_of_group[row["group"]].add(row["split"])
-    return [Problem(f"battery {group}", f"appears in several splits: {sorted(splits)}")
+    return [Problem(f"{profile.group_noun} {group}", f"appears in several splits: {sorted(splits)}")
             for group, splits in sorted(splits_of_group.items()) if len(splits) > 1]
 
 

@@ -31,8 +31,8 @@ import numpy as np
 from .archives.model import Archive, Member
 from .archives.reader import ArchiveReader
 from .errors import MemberError
-from .labels import strip_bom
 from .pairing import Sample, member_refs
+from .profiles import strip_bom
 from .rejects import Reason, Reject
 
 BLOCK = 512

@@ -1,8 +1,7 @@
-"""Parse one AI Hub label JSON into the few fields the manifest and the split need.
+"""The battery label schema: one AI Hub label JSON -> the few fields the manifest and split need.
 
-This is the only module that knows the battery dataset's label schema: which field is the class,
-which fields make the battery (the group), which are extra information. Another AI Hub dataset
-with the same "images zip + per-image JSON zip" shape needs a new `parse_label`, nothing else.
+Which field is the class, which fields make the battery (the group), which are extra
+information; values the manifest cannot hold are rejected (`bad-label`) or stored as null.
 """
 
 from __future__ import annotations
@@ -13,15 +12,13 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .errors import BadLabel
+from ...errors import BadLabel
+from .. import strip_bom
 
-BOM = b"\xef\xbb\xbf"
 MAX_ID = 2**63  # the manifest's battery_id is int64
 
 
-
-
-class LabelFields(NamedTuple):
+class BatteryFields(NamedTuple):
     """What a sample needs from its label: the class, the battery, and descriptive extras."""
 
     data_type: str
@@ -45,11 +42,7 @@ class LabelFields(NamedTuple):
         return f"{self.data_type}-{self.battery_id}"
 
 
-def strip_bom(raw: bytes) -> bytes:
-    return raw[len(BOM) :] if raw.startswith(BOM) else raw
-
-
-def parse_label(raw: bytes) -> LabelFields:
+def parse_label(raw: bytes) -> BatteryFields:
     """Parse label bytes (BOM allowed); raise BadLabel saying what is missing or malformed."""
     try:
         document = orjson.loads(strip_bom(raw))
@@ -71,7 +64,7 @@ def parse_label(raw: bytes) -> LabelFields:
                        else f"image_info.is_normal is not true/false: {is_normal!r}")
     swelling = document.get("swelling")
     swelling = swelling.get("swelling") if isinstance(swelling, dict) else None
-    return LabelFields(
+    return BatteryFields(
         data_type=sys.intern(data_type.strip().lower()),
         battery_id=battery_id,
         is_normal=is_normal,

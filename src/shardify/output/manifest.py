@@ -9,47 +9,59 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
-from .pairing import IMAGE, LABEL, member_refs
-from .rejects import Reject
-from .split import SPLITS
-from .write import ShardResult, move_into_place
+from .. import __version__
+from ..errors import UsageError
+from ..pairing import IMAGE, LABEL, member_refs
+from ..profiles import DatasetProfile, get_profile
+from ..rejects import Reject
+from ..split import SPLITS
+from ..write import ShardResult, move_into_place
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("split", pa.string()),
-        ("shard", pa.string()),
-        ("offset", pa.int64()),
-        ("sample_bytes", pa.int64()),
-        ("group", pa.string()),
-        ("battery_id", pa.int64()),
-        ("data_type", pa.string()),
-        ("type", pa.string()),
-        ("form", pa.string()),
-        ("label", pa.int8()),
-        ("is_normal", pa.bool_()),
-        ("swelling", pa.bool_()),
-        ("defect_types", pa.list_(pa.string())),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("image_ext", pa.string()),
-        ("image_bytes", pa.int64()),
-        ("crc32", pa.uint32()),
-        ("label_bytes", pa.int64()),
-        ("label_crc32", pa.uint32()),
-        ("source_archive", pa.string()),
-        ("source_member", pa.string()),
-        ("label_archive", pa.string()),
-        ("label_member", pa.string()),
-    ],
-    metadata={b"shardify": __version__.encode()},  # how --manifest knows a file it may replace
-)
+LOCATION_COLUMNS = [
+    ("key", pa.string()),
+    ("split", pa.string()),
+    ("shard", pa.string()),
+    ("offset", pa.int64()),
+    ("sample_bytes", pa.int64()),
+]
+MEMBER_COLUMNS = [
+    ("image_ext", pa.string()),
+    ("image_bytes", pa.int64()),
+    ("crc32", pa.uint32()),
+    ("label_bytes", pa.int64()),
+    ("label_crc32", pa.uint32()),
+    ("source_archive", pa.string()),
+    ("source_member", pa.string()),
+    ("label_archive", pa.string()),
+    ("label_member", pa.string()),
+]
+
+
+def manifest_schema(profile: DatasetProfile) -> pa.Schema:
+    """Where each sample is, the profile's dataset columns, then its image, label and sources.
+
+    The metadata names shardify (how --manifest knows a file it may replace) and the profile
+    (how readers know which one made the file).
+    """
+    return pa.schema([*LOCATION_COLUMNS, *profile.columns, *MEMBER_COLUMNS], metadata={
+        b"shardify": __version__.encode(), b"profile": profile.name.encode()})
+
+
+def profile_of(schema: pa.Schema) -> DatasetProfile | None:
+    """The profile a manifest names in its metadata, or None if it names none shardify knows."""
+    name = (schema.metadata or {}).get(b"profile", b"").decode(errors="replace")
+    try:
+        return get_profile(name)
+    except UsageError:
+        return None
+
+
 MANIFEST_BATCH = 65536
 PARQUET_MAGIC = b"PAR1"
 MAX_SUMMARY_BYTES = 64 * 2**20  # far above a real summary; a larger file is not one
@@ -58,20 +70,22 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
-def manifest_table(results: list[ShardResult]) -> pa.Table:
+def manifest_table(results: list[ShardResult], profile: DatasetProfile) -> pa.Table:
     """One row per written sample, in shard order, built column by column a batch at a time.
 
     Columns, not one dict per row, and Python lists for one batch only: at 400k samples, whole
     columns of Python objects would take ~150 MB on top of the table.
     """
+    schema = manifest_schema(profile)
     return pa.Table.from_batches(
-        [_manifest_batch(result, start, start + MANIFEST_BATCH) for result in results
-         for start in range(0, len(result.samples), MANIFEST_BATCH)], schema=MANIFEST_SCHEMA)
+        [_manifest_batch(result, start, start + MANIFEST_BATCH, profile, schema)
+         for result in results for start in range(0, len(result.samples), MANIFEST_BATCH)],
+        schema=schema)
 
 
-def _manifest_batch(result: ShardResult, start: int, stop: int) -> pa.RecordBatch:
+def _manifest_batch(result: ShardResult, start: int, stop: int, profile: DatasetProfile,
+                    schema: pa.Schema) -> pa.RecordBatch:
     samples = result.samples[start:stop]
-    fields = [sample.fields for sample in samples]
     sources = [member_refs(samples, [role]) for role in (IMAGE, LABEL)]
     archives = [[table.archive.name for table in refs.tables] for refs in sources]
     columns = {
@@ -80,17 +94,7 @@ def _manifest_batch(result: ShardResult, start: int, stop: int) -> pa.RecordBatc
         "shard": [result.name] * len(samples),
         "offset": result.offsets[start:stop],
         "sample_bytes": result.sizes[start:stop],
-        "group": [f.group for f in fields],
-        "battery_id": [f.battery_id for f in fields],
-        "data_type": [f.data_type for f in fields],
-        "type": [f.type for f in fields],
-        "form": [f.form for f in fields],
-        "label": [f.label for f in fields],
-        "is_normal": [f.is_normal for f in fields],
-        "swelling": [f.swelling for f in fields],
-        "defect_types": [list(f.defect_types) for f in fields],
-        "width": [f.width for f in fields],
-        "height": [f.height for f in fields],
+        **profile.column_values([sample.fields for sample in samples]),
         "image_ext": [s.image_ext for s in samples],
         "image_bytes": [s.image_size for s in samples],
         "crc32": result.image_crc32s[start:stop],
@@ -101,7 +105,7 @@ def _manifest_batch(result: ShardResult, start: int, stop: int) -> pa.RecordBatc
         "label_archive": pa.DictionaryArray.from_arrays(sources[LABEL].which, archives[LABEL]),
         "label_member": sources[LABEL].names(),
     }
-    return pa.RecordBatch.from_pydict(columns, schema=MANIFEST_SCHEMA)
+    return pa.RecordBatch.from_pydict(columns, schema=schema)
 
 
 def rejects_table(rejects: Iterable[Reject]) -> pa.Table:
@@ -167,7 +171,7 @@ def is_shardify_manifest(path: Path) -> bool:
             tail = handle.read()
         if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
             return False
-        return b"shardify" in (pq.read_schema(path).metadata or {})
+        return b"shardify" in (read_schema(path).metadata or {})
     except (OSError, pa.ArrowException):
         return False
 
@@ -192,10 +196,16 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     move_into_place(partial, path)
 
 
-def read_parquet(path: Path, **options: object) -> pa.Table:
+def read_parquet(path: Path, **options: Any) -> pa.Table:
     """A Parquet file read through a Python file, whatever bytes its path holds."""
     with open(path, "rb") as handle:
         return pq.read_table(handle, **options)
+
+
+def read_schema(path: Path) -> pa.Schema:
+    """A Parquet file's schema (with its metadata), read through a Python file."""
+    with open(path, "rb") as handle:
+        return pq.read_schema(handle)
 
 
 def write_json(document: dict, path: Path) -> None:

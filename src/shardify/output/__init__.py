@@ -1,0 +1,1 @@
+"""The output: OUT's files (the store) and the indexes written there (manifest, rejects, wids)."""

@@ -1,0 +1,236 @@
+"""The output folder, OUT: every name in it, every write to it and every removal from it.
+
+One owner, so that the guarantees hold everywhere: a file is written under a staging name,
+flushed, renamed into place and its folder synced (after a power cut it is there whole or not
+at all); shardify removes only the files it writes; one run at a time holds the lock; the
+journal records each shard once it is in place. Readers (verify, report, loader) take the names
+from here. Local POSIX filesystems today.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import deflate
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.parquet"
+REJECTS = "rejects.parquet"
+SUMMARY = "summary.json"
+STATE_DIR = ".shardify"
+RUN_FILE = "run.json"
+JOURNAL_FILE = "journal.jsonl"
+LOCK_FILE = "lock"
+TAIL_BYTES = 2**20  # the journal records the CRC-32 of each shard's last MiB (resume checks it)
+
+
+def wids_index_name(split: str) -> str:
+    return f"{split}.wids.json"
+
+
+INDEX_FILES = (MANIFEST, REJECTS, SUMMARY, *(wids_index_name(split) for split in SPLITS))
+
+
+def shard_name(split: str, index: int) -> str:
+    """A shard's path relative to OUT: what the manifest, summary and journal record."""
+    return f"{split}/shard-{index:06d}.tar"
+
+
+def staging_path(final: Path) -> Path:
+    """Where `final` is written before it is moved into place."""
+    return final.with_name(f".{final.name}.partial")
+
+
+def move_into_place(staged: Path, final: Path) -> None:
+    """Flush a written file to disk, rename it to `final`, then sync the folder: after a power
+    cut, `final` is there complete or not at all."""
+    fd = os.open(staged, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.replace(staged, final)
+    fsync_folder(final.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """`path` holds `data` whole, or keeps what it held: staged, flushed, renamed, synced."""
+    staged = staging_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged.write_bytes(data)
+    move_into_place(staged, path)
+
+
+def write_parquet_atomically(path: Path, table: pa.Table) -> None:
+    staged = staging_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, staged, compression="zstd")
+    move_into_place(staged, path)
+
+
+def json_bytes(document: dict) -> bytes:
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
+
+
+def tail_crc32(path: Path) -> int:
+    """CRC-32 of a file's last TAIL_BYTES (what the journal records for each shard)."""
+    with open(path, "rb") as handle:
+        handle.seek(max(0, handle.seek(0, os.SEEK_END) - TAIL_BYTES))
+        return deflate.crc32(handle.read())
+
+
+class OutputStore:
+    """OUT on a local filesystem."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / STATE_DIR
+
+    # -- names -------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """The file `name` (relative to OUT, e.g. `train/shard-000000.tar`, MANIFEST)."""
+        return self.root / name
+
+    def is_output(self) -> bool:
+        return self.state.is_dir()
+
+    def free_bytes(self) -> int:
+        """Free bytes on the filesystem that holds (or will hold) OUT."""
+        return shutil.disk_usage(nearest_existing(self.root)).free
+
+    # -- shards ------------------------------------------------------------------------------
+    def create_staged_shard(self, name: str) -> int:
+        """A new, empty staging file for shard `name`, opened for writing."""
+        staged = staging_path(self.path(name))
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(staged, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def discard_staged_shard(self, name: str) -> None:
+        staging_path(self.path(name)).unlink(missing_ok=True)
+
+    def publish_shard(self, name: str) -> None:
+        """Move a written shard into place, durably."""
+        final = self.path(name)
+        move_into_place(staging_path(final), final)
+
+    def shard_files(self) -> list[str]:
+        """The names of the shard files in OUT, sorted."""
+        return sorted(p.relative_to(self.root).as_posix() for split in SPLITS
+                      for p in (self.root / split).glob("shard-*.tar"))
+
+    def remove_staged_shards(self) -> None:
+        for split in SPLITS:
+            for path in (self.root / split).glob(".shard-*.tar.partial"):
+                path.unlink(missing_ok=True)
+
+    def prepare(self, keep: set[str]) -> None:
+        """Remove what shardify wrote in OUT that this run will not keep.
+
+        Only shardify's own files are touched: shard files, their staging files, the index files.
+        """
+        for name in INDEX_FILES:
+            self.path(name).unlink(missing_ok=True)
+            staging_path(self.path(name)).unlink(missing_ok=True)
+        for split in SPLITS:
+            folder = self.root / split
+            if not folder.is_dir():
+                continue
+            for path in [*folder.glob("shard-*.tar"), *folder.glob(".shard-*.tar.partial")]:
+                if path.relative_to(self.root).as_posix() not in keep:
+                    path.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+
+    # -- small files -------------------------------------------------------------------------
+    def write_json(self, name: str, document: dict) -> None:
+        write_atomically(self.path(name), json_bytes(document))
+
+    def write_parquet(self, name: str, table: pa.Table) -> None:
+        write_parquet_atomically(self.path(name), table)
+
+    def remove(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)
+
+    # -- run record, journal, lock -----------------------------------------------------------
+    def read_run(self) -> dict | None:
+        """The record of the run that owns OUT, or None (none yet, or unreadable)."""
+        path = self.state / RUN_FILE
+        if not path.is_file():
+            return None
+        try:
+            document = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError:
+            return None
+        return document if isinstance(document, dict) else None
+
+    def start_run(self, record: dict, *, keep_journal: bool) -> None:
+        """Record the run that owns OUT, durably; the journal is kept only for the same run."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        if not keep_journal:
+            (self.state / JOURNAL_FILE).unlink(missing_ok=True)
+        write_atomically(self.state / RUN_FILE, orjson.dumps(record, option=orjson.OPT_INDENT_2))
+
+    def append_journal(self, entry: dict) -> None:
+        """Record a finished shard's entry, flushed to disk before the shard counts as done."""
+        fd = os.open(self.state / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, orjson.dumps(entry) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def journal(self) -> Iterator[dict]:
+        """The journal's entries whose shard file still has the recorded size and tail CRC.
+
+        Only each shard's last MiB is read back (a re-run over 500 GB of shards must not read
+        them all); shards are only ever renamed into place whole, so this catches a replaced or
+        cut file. A torn last line (a crash while appending) is skipped: that shard is redone.
+        """
+        path = self.state / JOURNAL_FILE
+        if not path.is_file():
+            return
+        for line in path.read_bytes().splitlines():
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            shard = self.path(entry["shard"]) if isinstance(entry, dict) else None
+            if shard is not None and shard.is_file() and shard.stat().st_size == entry["bytes"] \
+                    and tail_crc32(shard) == entry.get("tail_crc32"):
+                yield entry
+
+    def lock(self) -> int:
+        """Lock OUT for this run (released when the descriptor is closed or the process ends);
+        BlockingIOError if another shardify process holds it."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise
+        return fd
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the closest folder above it that exists (OUT may not be created yet)."""
+    existing = path.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    return existing

@@ -1,0 +1,136 @@
+"""Dataset profiles: everything that knows one dataset's labels, behind one small interface.
+
+The converter, planner, writer, manifest, scan, verify and report know only this interface; the
+battery set is its one implementation (`profiles/battery`). A second AI Hub dataset of the same
+"images zip + one JSON per image" shape is one new module implementing `DatasetProfile`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import pyarrow as pa
+
+BOM = b"\xef\xbb\xbf"
+
+
+def strip_bom(raw: bytes) -> bytes:
+    """Label bytes without a UTF-8 BOM (some exporters write one): what shards hold."""
+    return raw[len(BOM) :] if raw.startswith(BOM) else raw
+
+
+class Fields(Protocol):
+    """What generic code reads from a sample's parsed label; a profile's fields hold more."""
+
+    @property
+    def group(self) -> str:
+        """The unit a split never divides (a battery): samples of one group share a split."""
+        ...
+
+    @property
+    def label(self) -> int:
+        """The class index written to `.cls` (a position in `DatasetProfile.class_names`)."""
+        ...
+
+
+class Stratum(NamedTuple):
+    """Where a group goes in the stratified split.
+
+    Groups with the same `balance` are split together, each split getting its share of them;
+    within it, the groups of each `rank` are shuffled and taken highest rank first, so every
+    rank (e.g. batteries with a defect) is spread in the ratio too.
+    """
+
+    balance: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Which label values are image coordinates (for transforms that crop or scale).
+
+    Paths are key sequences into the label JSON; `"*"` steps into every item of a list.
+    `point_lists` are flat [x1, y1, x2, y2, ...] lists in source pixels; `size` is the
+    (width, height) pair that describes the image.
+    """
+
+    point_lists: tuple[tuple[str, ...], ...]
+    size: tuple[tuple[str, ...], tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """One dataset-specific part of `shardify report`: text lines, and for HTML a table."""
+
+    title: str
+    lines: tuple[str, ...]
+    table: tuple[tuple[str, ...], tuple[tuple[Any, ...], ...]] | None = None
+    bars: dict[str, dict[str, int]] | None = None  # per split, count per name: a bar plot
+    bars_axis: str = ""
+
+
+class SampleData(Protocol):
+    """What the sample-data generator planted: what a correct conversion must report."""
+
+    root: Path
+    samples: int
+    rejects: dict[str, int]
+    identical_duplicates: int
+    ignored: int
+
+
+class DatasetProfile(Protocol):
+    """One dataset's rules. Implementations are plain modules' objects; all methods are pure."""
+
+    name: str
+    version: int
+    image_extensions: Mapping[str, str]  # lower-case extension with dot -> image type written
+    label_extension: str
+    class_names: tuple[str, ...]  # `.cls` i names class_names[i]
+    group_noun: str  # what a group is, for messages: "battery"
+    group_unit: str  # the same in the plural, for summaries: "batteries"
+    columns: pa.Schema  # the manifest's dataset columns, in order
+    geometry: Geometry
+
+    def parse_label(self, raw: bytes) -> Fields:
+        """The label's fields; raise BadLabel (its message is the reject detail)."""
+        ...
+
+    def sample_order(self, fields: Fields, key: str) -> tuple[Any, ...]:
+        """Sort key of a sample within a split: a group's samples must come out contiguous."""
+        ...
+
+    def stratum(self, fields: Sequence[Fields]) -> Stratum:
+        """The stratum of a group, from all its samples' fields."""
+        ...
+
+    def column_values(self, fields: Sequence[Fields]) -> dict[str, list[Any]]:
+        """The dataset columns of manifest rows, one list per name in `columns`."""
+        ...
+
+    def scan_counts(self, fields: Iterable[Fields]) -> dict[str, Any]:
+        """Dataset figures `shardify scan` shows (e.g. batteries per data_type)."""
+        ...
+
+    def report_sections(self, manifest: pa.Table, splits: Sequence[str]
+                        ) -> list[ReportSection]:
+        """The report's dataset sections, from the manifest."""
+        ...
+
+    def synthesize(self, dest: Path, *, seed: int = 0, scale: int = 1) -> SampleData:
+        """Write this dataset's sample data under `dest` (the demo's and the tests' input)."""
+        ...
+
+
+def get_profile(name: str = "battery") -> DatasetProfile:
+    """The built-in profile called `name`; UsageError for an unknown one."""
+    from ..errors import UsageError
+
+    if name == "battery":
+        from .battery import PROFILE
+
+        return PROFILE
+    raise UsageError(f"unknown dataset profile {name!r} (built in: battery)")

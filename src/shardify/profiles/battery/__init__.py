@@ -1,0 +1,155 @@
+"""The AI Hub "battery defect image" dataset (71687): its rules, in one place.
+
+Everything shardify knows about this dataset lives in this package: the label schema and its
+fields (`labels.py`); the battery as the group a split never divides, the stratum and the sample
+order; the manifest's dataset columns; which label values are image coordinates; the report's
+dataset sections; and the sample data (`sample.py`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .. import Fields, Geometry, ReportSection, Stratum
+from .labels import BatteryFields, parse_label
+
+COLUMNS = pa.schema([
+    ("group", pa.string()),
+    ("battery_id", pa.int64()),
+    ("data_type", pa.string()),
+    ("type", pa.string()),
+    ("form", pa.string()),
+    ("label", pa.int8()),
+    ("is_normal", pa.bool_()),
+    ("swelling", pa.bool_()),
+    ("defect_types", pa.list_(pa.string())),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+])
+
+# The outline polygon comes in two layouts (swelling.battery_outline as a flat list, or a
+# top-level battery_outline.points); defect polygons are flat lists too.
+GEOMETRY = Geometry(
+    point_lists=(("swelling", "battery_outline"), ("battery_outline", "points"),
+                 ("defects", "*", "points")),
+    size=(("image_info", "width"), ("image_info", "height")))
+
+
+@dataclass(frozen=True)
+class BatteryProfile:
+    """The battery set's `DatasetProfile`."""
+
+    name: str = "battery"
+    version: int = 1
+    image_extensions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(
+        {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}))
+    label_extension: str = ".json"
+    class_names: tuple[str, ...] = ("normal", "defect")
+    group_noun: str = "battery"
+    group_unit: str = "batteries"
+    columns: pa.Schema = COLUMNS
+    geometry: Geometry = GEOMETRY
+
+    def parse_label(self, raw: bytes) -> BatteryFields:
+        return parse_label(raw)
+
+    def sample_order(self, fields: Fields, key: str) -> tuple[str, int, str]:
+        """By data_type, battery, key: a battery's slices are contiguous, in name order."""
+        assert isinstance(fields, BatteryFields)
+        return fields.data_type, fields.battery_id, key
+
+    def stratum(self, fields: Sequence[Fields]) -> Stratum:
+        """Batteries are balanced per data_type; those with a defect image are spread first."""
+        first = fields[0]
+        assert isinstance(first, BatteryFields)
+        return Stratum(first.data_type, int(any(f.label == 1 for f in fields)))
+
+    def column_values(self, fields: Sequence[Fields]) -> dict[str, list[Any]]:
+        battery = [f for f in fields if isinstance(f, BatteryFields)]
+        assert len(battery) == len(fields)
+        return {
+            "group": [f.group for f in battery],
+            "battery_id": [f.battery_id for f in battery],
+            "data_type": [f.data_type for f in battery],
+            "type": [f.type for f in battery],
+            "form": [f.form for f in battery],
+            "label": [f.label for f in battery],
+            "is_normal": [f.is_normal for f in battery],
+            "swelling": [f.swelling for f in battery],
+            "defect_types": [list(f.defect_types) for f in battery],
+            "width": [f.width for f in battery],
+            "height": [f.height for f in battery],
+        }
+
+    def scan_counts(self, fields: Iterable[Fields]) -> dict[str, Any]:
+        """Batteries per data_type, and how many images show a defect."""
+        batteries: dict[str, set[int]] = defaultdict(set)
+        defects = 0
+        for f in fields:
+            assert isinstance(f, BatteryFields)
+            batteries[f.data_type].add(f.battery_id)
+            defects += f.label
+        return {"batteries": {dt: len(ids) for dt, ids in sorted(batteries.items())},
+                "defect_images": defects}
+
+    def report_sections(self, manifest: pa.Table, splits: Sequence[str]
+                        ) -> list[ReportSection]:
+        """By data_type and form; defect types (case-folded); swelling."""
+        return [_by_kind(manifest, splits), _defect_types(manifest, splits),
+                _swelling(manifest, splits)]
+
+    def synthesize(self, dest: Path, *, seed: int = 0, scale: int = 1) -> Any:
+        from .sample import synthesize
+
+        return synthesize(dest, seed=seed, scale=scale)
+
+
+def _by_kind(manifest: pa.Table, splits: Sequence[str]) -> ReportSection:
+    grouped = manifest.group_by(["split", "data_type", "form", "label"]).aggregate(
+        [("key", "count")])
+    kinds: dict[tuple[str, str, str], dict[str, int]] = {}
+    for row in grouped.to_pylist():
+        counts = kinds.setdefault((row["split"], row["data_type"], row["form"] or "-"),
+                                  {"normal": 0, "defect": 0})
+        counts["defect" if row["label"] else "normal"] += row["key_count"]
+    rows = [(split, data_type, form, counts["normal"], counts["defect"])
+            for (split, data_type, form), counts in sorted(
+                kinds.items(), key=lambda item: (splits.index(item[0][0]), item[0][1:]))]
+    lines = tuple(f"  {s:<6} {dt:<5} {form:<12} normal {n:>7}  defect {d:>7}"
+                  for s, dt, form, n, d in rows)
+    return ReportSection("by data_type and form", lines,
+                         (("split", "data_type", "form", "normal", "defect"), tuple(rows)))
+
+
+def _per_split(manifest: pa.Table, splits: Sequence[str]) -> Iterable[tuple[str, pa.Table]]:
+    for split in splits:
+        yield split, manifest.filter(pc.equal(manifest["split"], split))
+
+
+def _defect_types(manifest: pa.Table, splits: Sequence[str]) -> ReportSection:
+    counts = {split: dict(Counter(pc.utf8_lower(pc.list_flatten(rows["defect_types"]))
+                                  .to_pylist()).most_common())
+              for split, rows in _per_split(manifest, splits)}
+    lines = tuple(f"  {split:<6} " + (", ".join(f"{name} {n}" for name, n in found.items())
+                                     or "none") for split, found in counts.items())
+    return ReportSection("defect types (images containing each, case-folded)", lines,
+                         bars=counts, bars_axis="images containing the defect")
+
+
+def _swelling(manifest: pa.Table, splits: Sequence[str]) -> ReportSection:
+    lines = []
+    for split, rows in _per_split(manifest, splits):
+        counts = Counter(rows["swelling"].to_pylist()).most_common()
+        lines.append(f"  {split:<6} " + ", ".join(f"{k} {v}" for k, v in counts))
+    return ReportSection("swelling", tuple(lines))
+
+
+PROFILE = BatteryProfile()

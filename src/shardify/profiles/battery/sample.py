@@ -1,0 +1,475 @@
+"""Generate a small, deterministic dataset shaped like AI Hub's "battery defect image" download.
+
+The real set is ~507 GB, so `make demo` and the tests run on this stand-in instead. Every quirk
+and failure the converter must survive (see docs on the AI Hub layout) is planted on purpose,
+and `SynthResult` records, counted while writing, what a correct conversion has to report.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zipfile import ZIP_DEFLATED, ZIP_STORED
+
+import numpy as np
+import orjson
+from PIL import Image
+
+from ...synth import ZipEntry, flip_byte, write_zip
+
+__all__ = ["SynthResult", "synthesize"]
+
+ROOT_NAME = "103.배터리 불량 이미지 데이터"
+DATA_DIR = Path("3.개방데이터", "1.데이터")
+
+
+_CT_SIZE = (96, 96)
+_RGB_SIZE = (96, 54)
+_DEFECT_NAMES = {"ct": ("porosity", "resin overflow"), "rgb": ("Damaged", "Pollution")}
+
+# Junk that archivers and desktops leave behind; the converter must skip it silently.
+_APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(58)
+_THUMBS_DB = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(56)
+_DESKTOP_INI = b"[.ShellClassInfo]\r\nIconResource=C:\\Windows\\System32\\imageres.dll,-3\r\n"
+_DS_STORE = b"\x00\x00\x00\x01Bud1" + bytes(56)
+# What an expired AI Hub download link saves instead of the real file.
+_HTML_ERROR = b"<!DOCTYPE html><html><body><h1>403 Forbidden</h1></body></html>\n"
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    """What a correct conversion of the synthesized tree must report."""
+
+    root: Path
+    samples: int
+    batteries: dict[str, int]
+    rejects: dict[str, int]
+    identical_duplicates: int
+    ignored: int
+
+
+@dataclass(frozen=True)
+class _ZipSpec:
+    relpath: str  # below DATA_DIR
+    prefix: str  # folder inside the zip; deliberately different in every zip
+    name_encoding: str
+    method: int
+    stream: bool = False
+
+
+_ZIPS: dict[str, _ZipSpec] = {
+    "TS_CT_1": _ZipSpec(
+        "Training/01.원천데이터/TS_CT_Datasets_images_1.zip",
+        "원천데이터/CT/",
+        "cp949",
+        ZIP_DEFLATED,
+    ),
+    "TS_CT_2": _ZipSpec(
+        "Training/01.원천데이터/TS_CT_Datasets_images_2.zip",
+        "TS_CT_Datasets_images_2/",
+        "utf-8",
+        ZIP_DEFLATED,
+    ),
+    "TS_RGB": _ZipSpec(
+        "Training/01.원천데이터/TS_Exterior_Img_Datasets_images_1.zip",
+        "01.원천데이터/외관/",
+        "utf-8",
+        ZIP_STORED,
+    ),
+    "TL_CT": _ZipSpec(
+        "Training/02.라벨링데이터/TL_CT_Datasets_label.zip",
+        "TL_CT_Datasets_label/",
+        "utf-8",
+        ZIP_DEFLATED,
+    ),
+    "TL_RGB": _ZipSpec(
+        "Training/02.라벨링데이터/TL_Exterior_Img_Datasets_label.zip",
+        "라벨링데이터/외관/",
+        "cp949",
+        ZIP_DEFLATED,
+    ),
+    "VS_CT": _ZipSpec(
+        "Validation/01.원천데이터/VS_CT_Datasets_images.zip", "", "utf-8", ZIP_DEFLATED
+    ),
+    "VS_RGB": _ZipSpec(
+        "Validation/01.원천데이터/VS_Exterior_Img_Datasets_images.zip",
+        "VS_Exterior_Img_Datasets_images/",
+        "utf-8",
+        ZIP_DEFLATED,
+    ),
+    "VL_CT": _ZipSpec(
+        "Validation/02.라벨링데이터/VL_CT_Datasets_label.zip",
+        "02.라벨링데이터/CT/",
+        "utf-8",
+        ZIP_DEFLATED,
+        stream=True,
+    ),
+    "VL_RGB": _ZipSpec(
+        "Validation/02.라벨링데이터/VL_Exterior_Img_Datasets_label.zip",
+        "VL/",
+        "utf-8",
+        ZIP_DEFLATED,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Battery:
+    data_type: str  # "ct" or "rgb"
+    ident: int
+    type: str
+    form: str
+    defective: bool
+
+    def stem(self, number: int) -> str:
+        if self.data_type == "ct":
+            axis = "xyz"[number % 3]
+            return f"CT_{self.type}_{self.form}_{self.ident:03d}_{axis}_{number:03d}"
+        return f"RGB_{self.type}_{self.form}_{self.ident:04d}_{number:03d}"
+
+
+@dataclass
+class _Pair:
+    battery: _Battery
+    stem: str
+    ext: str
+    image: bytes
+    label: dict[str, Any]
+
+    @property
+    def image_name(self) -> str:
+        return self.stem + self.ext
+
+    @property
+    def label_name(self) -> str:
+        return self.stem + ".json"
+
+    def label_bytes(self) -> bytes:
+        return orjson.dumps(self.label)
+
+
+def _circle(cx: int, cy: int, r: int, n: int) -> list[int]:
+    """Flat [x1, y1, x2, y2, ...] polygon, the point format the real labels use."""
+    angles = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
+    points = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
+    return [int(v) for v in np.rint(points).ravel()]
+
+
+def _encode(pixels: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    if fmt == "JPEG":
+        image.save(buf, fmt, quality=85)
+    else:
+        image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _ct_image(rng: np.random.Generator, defect: bool) -> tuple[bytes, list[int] | None]:
+    """Noisy grey disc (a cell cross-section); a defect is a dark blob inside it."""
+    w, h = _CT_SIZE
+    yy, xx = np.mgrid[0:h, 0:w]
+    pixels = np.where((xx - w // 2) ** 2 + (yy - h // 2) ** 2 <= 36**2, 170.0, 25.0)
+    pixels += rng.normal(0.0, 10.0, (h, w))
+    points = None
+    if defect:
+        cx, cy = (int(v) for v in rng.integers(30, 67, size=2))
+        r = int(rng.integers(4, 8))
+        pixels[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = 45.0
+        points = _circle(cx, cy, r + 1, 8)
+    return _encode(pixels, "JPEG"), points
+
+
+def _rgb_image(rng: np.random.Generator, defect: str | None) -> tuple[bytes, list[int] | None]:
+    """Blue battery on a grey table; damage is a dark patch, pollution a brown one."""
+    w, h = _RGB_SIZE
+    pixels = np.empty((h, w, 3))
+    pixels[:] = (205.0, 205.0, 210.0)
+    pixels[8:46, 18:78] = (60.0, 90.0, 150.0)
+    points = None
+    if defect:
+        cx, cy = int(rng.integers(25, 71)), int(rng.integers(14, 40))
+        r = int(rng.integers(3, 6))
+        colour = (30.0, 30.0, 30.0) if defect.lower() == "damaged" else (120.0, 90.0, 40.0)
+        yy, xx = np.mgrid[0:h, 0:w]
+        pixels[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = colour
+        points = _circle(cx, cy, r + 1, 6)
+    pixels += rng.normal(0.0, 2.0, (h, w, 1))
+    return _encode(pixels, "PNG"), points
+
+
+def _label(
+    bat: _Battery, file_name: str, image_id: int, defects: list[dict[str, Any]] | None
+) -> dict[str, Any]:
+    """A label in the documented AI Hub shape (key order kept as in the real files)."""
+    ct = bat.data_type == "ct"
+    w, h = _CT_SIZE if ct else _RGB_SIZE
+    outline = _circle(w // 2, h // 2, 36, 12) if ct else [18, 8, 78, 8, 78, 46, 18, 46]
+    return {
+        "data_info": {
+            "data_type": bat.data_type,
+            "battery_ids": bat.ident,
+            "application": "EV" if ct else "가전",
+            "type": bat.type,
+            "form": bat.form,
+            "date": "2023.10.18" if ct else "2023.09.05",
+            "place": "AEONUS",
+            "distance": None if ct else 17,
+            "degree": None if ct else [50, 15],
+            "roi": [12, 84] if ct else None,
+        },
+        "swelling": {"swelling": False, "battery_outline": outline},
+        "defects": defects,
+        "image_info": {
+            "width": w,
+            "height": h,
+            "file_name": file_name,
+            "id": image_id,
+            "is_normal": defects is None,
+        },
+    }
+
+
+@dataclass
+class _Builder:
+    """Collects zip members and counts, member by member, what each is meant to become."""
+
+    rng: np.random.Generator
+    entries: dict[str, list[ZipEntry]] = field(default_factory=lambda: {k: [] for k in _ZIPS})
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+    samples: int = 0
+    batteries: dict[str, set[int]] = field(default_factory=lambda: {"ct": set(), "rgb": set()})
+    rejects: Counter[str] = field(default_factory=Counter)
+    identical_duplicates: int = 0
+    ignored: int = 0
+    next_id: int = 128001
+
+    def make(
+        self,
+        bat: _Battery,
+        number: int,
+        defect: str | None = None,
+        *,
+        stem: str | None = None,
+        ext: str | None = None,
+    ) -> _Pair:
+        """Render an image and its label; nothing is placed in a zip yet."""
+        if bat.data_type == "ct":
+            image, points = _ct_image(self.rng, defect is not None)
+            ext = ext or ".jpg"
+        else:
+            image, points = _rgb_image(self.rng, defect)
+            ext = ext or ".png"
+        stem = stem or bat.stem(number)
+        defects = None if points is None else [{"id": 1, "name": defect, "points": points}]
+        label = _label(bat, stem + ext, self.next_id, defects)
+        self.next_id += 1
+        return _Pair(bat, stem, ext, image, label)
+
+    def member(self, zip_key: str, base: str) -> str:
+        return _ZIPS[zip_key].prefix + base
+
+    def _put(self, zip_key: str, base: str, data: bytes) -> str:
+        spec = _ZIPS[zip_key]
+        name = spec.prefix + base
+        self.entries[zip_key].append(ZipEntry(name, data, spec.method, spec.name_encoding))
+        return name
+
+    def add_sample(
+        self, pair: _Pair, image_zip: str, label_zip: str, label_data: bytes | None = None
+    ) -> None:
+        self._put(image_zip, pair.image_name, pair.image)
+        self._put(label_zip, pair.label_name, label_data or pair.label_bytes())
+        self.samples += 1
+        self.batteries[pair.battery.data_type].add(pair.battery.ident)
+
+    def add_identical_copy(self, zip_key: str, base: str, data: bytes) -> None:
+        self._put(zip_key, base, data)
+        self.identical_duplicates += 1
+
+    def add_reject(self, reason: str, *members: tuple[str, str, bytes]) -> None:
+        """Place members that must each yield one reject row with `reason`."""
+        for zip_key, base, data in members:
+            self._put(zip_key, base, data)
+        self.rejects[reason] += len(members)
+
+    def add_junk(self, zip_key: str, name: str, data: bytes = b"") -> None:
+        """Place a member under its full `name` (no prefix added) that must be ignored."""
+        spec = _ZIPS[zip_key]
+        method = ZIP_STORED if name.endswith("/") else spec.method  # archivers store dirs
+        self.entries[zip_key].append(ZipEntry(name, data, method, spec.name_encoding))
+        self.ignored += 1
+
+    def result(self, root: Path) -> SynthResult:
+        return SynthResult(
+            root=root,
+            samples=self.samples,
+            batteries={k: len(v) for k, v in self.batteries.items()},
+            rejects=dict(sorted(self.rejects.items())),
+            identical_duplicates=self.identical_duplicates,
+            ignored=self.ignored,
+        )
+
+
+def _batteries(data_type: str, count: int) -> list[_Battery]:
+    """Every third battery has defects, so a stratified split finds both strata."""
+    first = 101 if data_type == "ct" else 1
+    return [
+        _Battery(
+            data_type,
+            first + i,
+            ("cell", "module")[i % 2],
+            ("pouch", "cylindrical")[i // 2 % 2],
+            i % 3 == 1,
+        )
+        for i in range(count)
+    ]
+
+
+def _add_regular(b: _Builder, batteries: list[_Battery], per_battery: int) -> None:
+    """Clean pairs, placed like AI Hub did: Validation shares batteries with Training."""
+    n = len(batteries)
+    kind = "CT" if batteries[0].data_type == "ct" else "RGB"
+    names = _DEFECT_NAMES[batteries[0].data_type]
+    for i, bat in enumerate(batteries):
+        for j in range(per_battery):
+            defect = names[j // 2 % 2] if bat.defective and j % 2 == 0 else None
+            pair = b.make(bat, j + 1, defect)
+            if i == n - 1 or (i % 2 == 0 and j == per_battery - 1):
+                b.add_sample(pair, f"VS_{kind}", f"VL_{kind}")
+            elif kind == "RGB":
+                b.add_sample(pair, "TS_RGB", "TL_RGB")
+            else:
+                # The middle battery straddles both Training CT zips.
+                first_zip = i < n // 2 or (i == n // 2 and j % 2 == 0)
+                b.add_sample(pair, "TS_CT_1" if first_zip else "TS_CT_2", "TL_CT")
+
+
+def _add_quirks(b: _Builder, ct: list[_Battery], rgb: list[_Battery]) -> None:
+    """Odd but valid pairs: each must still become exactly one sample."""
+    b.add_sample(b.make(ct[2], 901, ext=".jpeg"), "TS_CT_2", "TL_CT")
+    b.add_sample(b.make(rgb[2], 901, ext=".PNG"), "VS_RGB", "VL_RGB")
+
+    mismatch = b.make(ct[3], 902)
+    mismatch.label["image_info"]["file_name"] = mismatch.stem + ".JPG "
+    b.add_sample(mismatch, "TS_CT_1", "TL_CT")
+
+    # Korean stem: UTF-8-flagged image name, CP949 label name.
+    korean = b.make(rgb[2], 1, stem=f"RGB_배터리_{rgb[2].ident:04d}_001")
+    b.add_sample(korean, "TS_RGB", "TL_RGB")
+
+    bom = b.make(ct[0], 903)
+    b.add_sample(bom, "VS_CT", "VL_CT", label_data=b"\xef\xbb\xbf" + bom.label_bytes())
+
+    swelling = b.make(rgb[1], 902)
+    swelling.label["swelling"]["swelling"] = True
+    swelling.label["image_info"]["is_normal"] = False
+    b.add_sample(swelling, "TS_RGB", "TL_RGB")
+
+    b.add_sample(b.make(rgb[4], 903, "damaged"), "VS_RGB", "VL_RGB")
+
+    # Same bytes in Training and Validation, image and label alike: kept once.
+    twin = b.make(ct[6], 904)
+    b.add_sample(twin, "TS_CT_2", "TL_CT")
+    b.add_identical_copy("VS_CT", twin.image_name, twin.image)
+    b.add_identical_copy("VL_CT", twin.label_name, twin.label_bytes())
+
+
+def _add_rejects(b: _Builder, ct: list[_Battery], rgb: list[_Battery]) -> None:
+    """Broken pairs; every member involved is one reject row."""
+    orphan = b.make(ct[1], 910)
+    b.add_reject("orphan-image", ("TS_CT_1", orphan.image_name, orphan.image))
+
+    orphan = b.make(rgb[1], 910)
+    b.add_reject("orphan-label", ("TL_RGB", orphan.label_name, orphan.label_bytes()))
+
+    not_json = b.make(ct[2], 911)
+    b.add_reject(
+        "bad-label",
+        ("TS_CT_1", not_json.image_name, not_json.image),
+        ("TL_CT", not_json.label_name, not_json.label_bytes()[:60]),
+    )
+
+    incomplete = b.make(rgb[3], 911)
+    del incomplete.label["image_info"]["is_normal"]
+    b.add_reject(
+        "bad-label",
+        ("TS_RGB", incomplete.image_name, incomplete.image),
+        ("TL_RGB", incomplete.label_name, incomplete.label_bytes()),
+    )
+
+    truncated = b.make(ct[3], 912)
+    b.add_reject(
+        "bad-image",
+        ("TS_CT_2", truncated.image_name, truncated.image[: len(truncated.image) // 2]),
+        ("TL_CT", truncated.label_name, truncated.label_bytes()),
+    )
+
+    html = b.make(rgb[4], 912)
+    b.add_reject(
+        "bad-image",
+        ("VS_RGB", html.image_name, _HTML_ERROR),
+        ("VL_RGB", html.label_name, html.label_bytes()),
+    )
+
+    damaged = b.make(rgb[5], 913)
+    b.add_reject(
+        "bad-crc",
+        ("TS_RGB", damaged.image_name, damaged.image),
+        ("TL_RGB", damaged.label_name, damaged.label_bytes()),
+    )
+    b.corrupt.append(("TS_RGB", b.member("TS_RGB", damaged.image_name)))
+
+    # Same stem, different bytes: no way to tell which copy the label describes.
+    first, second = b.make(ct[5], 914), b.make(ct[5], 914)
+    b.add_reject(
+        "duplicate",
+        ("TS_CT_1", first.image_name, first.image),
+        ("TS_CT_2", second.image_name, second.image),
+        ("TL_CT", first.label_name, first.label_bytes()),
+    )
+
+
+def _add_junk(b: _Builder) -> None:
+    """Directory entries and OS droppings; one AppleDouble shadows a real image's name."""
+    b.add_junk("TS_CT_1", "원천데이터/")
+    b.add_junk("TS_CT_1", "원천데이터/CT/")
+    b.add_junk("TL_CT", "TL_CT_Datasets_label/")
+    b.add_junk("TL_CT", b.member("TL_CT", ".DS_Store"), _DS_STORE)
+    shadowed = b.entries["TS_CT_2"][0].name
+    folder, base = posixpath.split(shadowed)
+    b.add_junk("TS_CT_2", posixpath.join("__MACOSX", folder, "._" + base), _APPLEDOUBLE)
+    b.add_junk("TS_CT_2", posixpath.join(folder, "._" + base), _APPLEDOUBLE)
+    b.add_junk("TS_RGB", b.member("TS_RGB", "Thumbs.db"), _THUMBS_DB)
+    b.add_junk("VL_RGB", b.member("VL_RGB", "desktop.ini"), _DESKTOP_INI)
+
+
+def synthesize(dest: Path, *, seed: int = 0, scale: int = 1) -> SynthResult:
+    """Write the sample tree under `dest`; the same seed and scale give byte-identical zips.
+
+    `scale` multiplies both the number of batteries (8 per modality) and the images per
+    battery (6 CT slices, 5 RGB photos), so growth is quadratic.
+    """
+    if not 1 <= scale <= 100:  # keeps ids and slice numbers inside their 3-digit fields
+        raise ValueError(f"scale must be in 1..100, got {scale}")
+    b = _Builder(np.random.default_rng(seed))
+    ct, rgb = _batteries("ct", 8 * scale), _batteries("rgb", 8 * scale)
+    _add_regular(b, ct, 6 * scale)
+    _add_regular(b, rgb, 5 * scale)
+    _add_quirks(b, ct, rgb)
+    _add_rejects(b, ct, rgb)
+    _add_junk(b)
+
+    root = Path(dest) / ROOT_NAME
+    data_dir = root / DATA_DIR
+    for key, spec in _ZIPS.items():
+        path = data_dir / spec.relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_zip(path, b.entries[key], stream=spec.stream)
+    for key, member in b.corrupt:
+        flip_byte(data_dir / _ZIPS[key].relpath, member)
+    return b.result(root)
