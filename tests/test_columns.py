@@ -20,7 +20,7 @@ from shardify.archives.model import MEMBER_COLUMNS, Archive, MemberRefs, MemberT
 from shardify.archives.reader import INLINE_READ, ArchiveReader
 from shardify.archives.zipdir import _entry_starts, is_junk, list_members
 from shardify.errors import ArchiveError
-from shardify.pairing import (
+from shardify.plan.pairing import (
     IMAGE,
     JUNK,
     LABEL,

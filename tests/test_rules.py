@@ -16,12 +16,12 @@ from shardify.archives.model import Archive, Member, MemberTable
 from shardify.cli import main, parse_size
 from shardify.errors import BadLabel
 from shardify.output.store import shard_name
-from shardify.pairing import SAFE_KEY, Sample, safe_key
-from shardify.plan import ShardSizes, plan_shards
+from shardify.plan.pairing import SAFE_KEY, Sample, safe_key
+from shardify.plan.shards import ShardSizes, plan_shards
+from shardify.plan.split import assign_splits, parse_ratios
 from shardify.profiles import Stratum, get_profile
 from shardify.profiles.battery.labels import BatteryFields, parse_label
 from shardify.profiles.battery.sample import SynthResult
-from shardify.split import assign_splits, parse_ratios
 from shardify.write import TAR_END_SIZE, image_problem, sample_tar_size
 
 LABEL = {

@@ -23,7 +23,7 @@ from .progress import human_bytes
 
 if TYPE_CHECKING:
     from .convert import ConvertReport
-from .split import SPLITS, parse_ratios
+from .plan.split import SPLITS, parse_ratios
 
 EXIT_OK = 0
 EXIT_REJECTS = 1

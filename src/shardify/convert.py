@@ -32,9 +32,10 @@ from .output.manifest import (
     write_wids_indexes,
 )
 from .output.store import shard_name
-from .pairing import Pairing
 from .pathnames import path_text
-from .plan import PlannedShard, ShardSizes, plan_shards
+from .plan.pairing import Pairing
+from .plan.shards import PlannedShard, ShardSizes, plan_shards
+from .plan.split import SPLITS, assign_splits, group_strata
 from .profiles import DatasetProfile, get_profile
 from .progress import Progress, human_bytes
 from .rejects import Reject
@@ -50,7 +51,6 @@ from .resume import (
     start_run,
 )
 from .scan import archive_table, survey
-from .split import SPLITS, assign_splits, group_strata
 from .write import TAR_END_SIZE, ShardResult, expand, sample_tar_size, worker_pool, write_shards
 
 OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json",

@@ -27,7 +27,7 @@ import webdataset as wds
 from PIL import Image
 
 from .output.manifest import read_parquet, read_schema
-from .split import SPLITS
+from .plan.split import SPLITS
 
 if TYPE_CHECKING:
     import wids

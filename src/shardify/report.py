@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 
 from .output.manifest import profile_of, read_parquet
 from .pathnames import path_text
+from .plan.split import SPLITS
 from .profiles import DatasetProfile
-from .split import SPLITS
 
 SPLIT_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
 

@@ -21,8 +21,8 @@ import orjson
 
 from . import __version__
 from .archives.model import MemberRefs
-from .pairing import IMAGE, LABEL, member_refs
-from .plan import PlannedShard
+from .plan.pairing import IMAGE, LABEL, member_refs
+from .plan.shards import PlannedShard
 from .write import TAIL_BYTES, ShardResult, expand
 
 STATE_DIR = ".shardify"

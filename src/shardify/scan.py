@@ -17,12 +17,12 @@ from .archives.model import SUPPORTED_METHODS, Member
 from .archives.reader import ArchiveReader
 from .archives.zipdir import Index, index_archives
 from .errors import MemberError, UsageError
-from .pairing import Pairing, pair_members
 from .pathnames import path_text
+from .plan.pairing import Pairing, pair_members
+from .plan.split import SPLITS
 from .profiles import DatasetProfile
 from .progress import Progress, human_bytes
 from .rejects import Reason
-from .split import SPLITS
 from .write import TAR_END_SIZE, sample_tar_size
 
 SHOWN_PROBLEMS = 20

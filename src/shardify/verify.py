@@ -24,10 +24,10 @@ from .archives.reader import ArchiveReader
 from .archives.zipdir import index_archives
 from .errors import BadLabel, OutputMissing
 from .output.manifest import manifest_schema, profile_of, read_parquet
-from .pairing import SAFE_KEY
 from .pathnames import path_text
+from .plan.pairing import SAFE_KEY
+from .plan.split import SPLITS
 from .profiles import BOM, DatasetProfile
-from .split import SPLITS
 from .write import BLOCK, TAR_END_SIZE, padded
 
 BOM_CRC = deflate.crc32(BOM)

@@ -31,7 +31,7 @@ import numpy as np
 from .archives.model import Archive, Member
 from .archives.reader import ArchiveReader
 from .errors import MemberError
-from .pairing import Sample, member_refs
+from .plan.pairing import Sample, member_refs
 from .profiles import strip_bom
 from .rejects import Reason, Reject
 

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 
 from .. import __version__
 from ..errors import UsageError
-from ..pairing import IMAGE, LABEL, member_refs
+from ..plan.pairing import IMAGE, LABEL, member_refs
+from ..plan.split import SPLITS
 from ..profiles import DatasetProfile, get_profile
 from ..rejects import Reject
-from ..split import SPLITS
 from ..write import ShardResult, move_into_place
 
 LOCATION_COLUMNS = [

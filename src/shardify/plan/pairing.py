@@ -18,11 +18,11 @@ from typing import NamedTuple, cast
 
 import numpy as np
 
-from .archives.model import Member, MemberRefs, MemberTable
-from .archives.zipdir import is_junk
-from .errors import BadLabel, MemberError
-from .profiles import DatasetProfile, Fields, strip_bom
-from .rejects import Reason, Reject
+from ..archives.model import Member, MemberRefs, MemberTable
+from ..archives.zipdir import is_junk
+from ..errors import BadLabel, MemberError
+from ..profiles import DatasetProfile, Fields, strip_bom
+from ..rejects import Reason, Reject
 
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")
 UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_-]+")

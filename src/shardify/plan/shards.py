@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import groupby
 
+from ..profiles import DatasetProfile
 from .pairing import Sample
-from .profiles import DatasetProfile
 from .split import SPLITS
 
 

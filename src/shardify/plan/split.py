@@ -14,8 +14,8 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable
 
+from ..profiles import DatasetProfile, Fields, Stratum
 from .pairing import Sample
-from .profiles import DatasetProfile, Fields, Stratum
 
 SPLITS = ("train", "val", "test")
 
