@@ -28,6 +28,7 @@ EXIT_REJECTS = 1
 EXIT_USAGE = 2
 EXIT_NO_SPACE = 3
 EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, as `yes | head` gives for coreutils
 
 EXIT_CODES = """exit codes:
   0    success (also when some inputs were rejected; see OUT/rejects.parquet)
@@ -36,6 +37,8 @@ EXIT_CODES = """exit codes:
   2    usage error, or no input found
   3    not enough disk space for OUT (checked before writing, or disk full)
   130  interrupted (Ctrl-C)
+  141  stdout was closed before all output was written (e.g. `| head`);
+       a convert's output is complete all the same
 An interrupted or failed convert keeps its complete shards: re-run the same
 command to resume."""
 
@@ -190,15 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "convert":
-            return _convert(args)
-        if args.command == "verify":
-            return _verify(args)
-        if args.command == "scan":
-            return _scan(args)
-        if args.command == "report":
-            return _report(args)
-        return _synth(args)
+        code = _run(args)
+        sys.stdout.flush()  # a closed stdout shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader is gone (`| head`): stop writing, quietly, as coreutils do. stdout is
+        # pointed at /dev/null so that what is still buffered is not flushed into the pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_STDOUT_CLOSED
     except UsageError as error:
         print(f"shardify: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -209,6 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"shardify: error: {error}", file=sys.stderr)
         return EXIT_REJECTS
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "convert":
+        return _convert(args)
+    if args.command == "verify":
+        return _verify(args)
+    if args.command == "scan":
+        return _scan(args)
+    if args.command == "report":
+        return _report(args)
+    return _synth(args)
 
 
 def _convert(args: argparse.Namespace) -> int:
