@@ -7,6 +7,7 @@ of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -356,3 +357,51 @@ def test_a_second_run_into_the_same_out_is_refused(dataset: SynthResult, tmp_pat
     finally:
         os.close(held)
     assert main(convert_args(dataset, out)) == 0
+
+
+# Runs `shardify convert` and records each worker's pid as it starts (argv = pid file, "kill" to
+# have the first worker SIGKILL the main process before the worker's own setup ran, or "no").
+ORPHAN_CHILD = """
+import os, signal, sys, time
+from shardify import write
+pid_file, kill = sys.argv[1:3]
+main_pid, real = os.getpid(), write._worker_setup
+def setup(*args):
+    with open(pid_file, "a") as pids:
+        first = pids.tell() == 0
+        pids.write(f"{os.getpid()}\\n")
+    if kill == "kill" and first:
+        os.kill(main_pid, signal.SIGKILL)
+        while os.getppid() == main_pid:  # until it is really gone
+            time.sleep(0.001)
+    real(*args)
+write._worker_setup = setup
+from shardify.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("delay", [None, 0.0, 0.002, 0.005, 0.02])
+def test_no_worker_outlives_a_killed_main_process(dataset: SynthResult, tmp_path: Path,
+                                                  delay: float | None) -> None:
+    """kill -9 of the main process at any moment after the fork (None: before a worker's setup
+    ran): every worker exits, so the pipe given as stdout and stderr reaches EOF."""
+    pid_file = tmp_path / "pids"
+    pid_file.touch()
+    child = subprocess.Popen([sys.executable, "-c", ORPHAN_CHILD, str(pid_file),
+                              "kill" if delay is None else "no",
+                              *convert_args(dataset, tmp_path / "out", "--workers", "3")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        if delay is not None:
+            while not pid_file.read_text() and child.poll() is None:
+                time.sleep(0.0005)
+            time.sleep(delay)
+            child.kill()
+        child.communicate(timeout=10)  # EOF only once every process holding the pipe is gone
+        assert child.returncode == -signal.SIGKILL
+    finally:
+        for pid in map(int, pid_file.read_text().split()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # a worker left behind by a failure
+        child.kill()

@@ -226,7 +226,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         yield None
         return
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"),
-                               initializer=_worker_setup)
+                               initializer=_worker_setup, initargs=(os.getpid(),))
     try:
         pool.submit(int).result()  # with fork, the first task starts every worker at once
         yield pool
@@ -271,12 +271,19 @@ def _written(jobs: list[Job], out_dir: Path, pool: ProcessPoolExecutor | None
         yield future.result()
 
 
-def _worker_setup() -> None:
-    """Workers leave Ctrl-C to the main process, and die with it if it is killed."""
+def _worker_setup(parent: int) -> None:
+    """Workers leave Ctrl-C to the main process `parent`, and die with it if it is killed.
+
+    The death signal only covers a parent that dies after it is set: a parent already gone
+    (killed between the fork and here) shows as another parent, and the worker exits now
+    instead of waiting forever for work, holding the caller's stdout and stderr.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.disable()  # plan records hold no cycles; collecting them would only cost time
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _write_job(job: ShardJob, out_dir: Path) -> dict:
