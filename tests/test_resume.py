@@ -289,22 +289,45 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_stops_fast_and_resumes(dataset: SynthResult, clean_run: Path,
-                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code", "message", "to_group"),
+    [
+        (signal.SIGINT, 130, b"interrupted", False),
+        (signal.SIGINT, 130, b"interrupted", True),    # Ctrl-C in a terminal: every process
+        (signal.SIGTERM, 143, b"terminated", False),   # kill, docker stop
+        (signal.SIGTERM, 143, b"terminated", True),    # timeout, systemd: every process
+    ],
+)
+def test_ctrl_c_or_sigterm_stops_fast_and_resumes(dataset: SynthResult, clean_run: Path,
+                                                 tmp_path: Path, signum: int, code: int,
+                                                 message: bytes, to_group: bool,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """A real signal while shards are being written: the shards written are published and
+    journaled, partial files removed, the resume message, then an exact resume."""
     out = tmp_path / "out"
     child = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD, *convert_args(dataset, out)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
     deadline = time.monotonic() + 60
     while not list(out.rglob("shard-*.tar")) and time.monotonic() < deadline:
         time.sleep(0.01)
     sent = time.monotonic()
-    child.send_signal(signal.SIGINT)
+    if to_group:
+        os.killpg(child.pid, signum)
+    else:
+        child.send_signal(signum)
     _, err = child.communicate(timeout=30)
-    assert child.returncode == 130 and time.monotonic() - sent < 2
-    assert b"re-run the same command to resume" in err and b"Traceback" not in err
+    assert child.returncode == code and time.monotonic() - sent < 2
+    assert message + b"; complete shards are kept: re-run the same command to resume" in err
+    assert b"Traceback" not in err
     assert not list(out.rglob("*.partial"))
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("shard-*.tar")}
+    journal = (out / ".shardify" / "journal.jsonl").read_text().splitlines()
+    assert on_disk and {json.loads(line)["shard"] for line in journal} == on_disk
     assert main(convert_args(dataset, out)) == 0
+    assert f"resumed: {len(on_disk)} complete shards" in capsys.readouterr().out
     assert output_files(out) == output_files(clean_run)
+    assert main(["verify", str(out)]) == 0
 
 
 def test_progress_lines_when_not_a_terminal(dataset: SynthResult, tmp_path: Path,

@@ -231,9 +231,10 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.submit(int).result()  # with fork, the first task starts every worker at once
         yield pool
     finally:
-        # Stop the workers first; the pool then fails what was left, and shuts down at once.
+        # Stop the workers first (SIGKILL: they ignore SIGTERM); the pool then fails what was
+        # left, and shuts down at once.
         for child in multiprocessing.active_children():
-            child.terminate()
+            child.kill()
         pool.shutdown(wait=True)
 
 
@@ -272,13 +273,15 @@ def _written(jobs: list[Job], out_dir: Path, pool: ProcessPoolExecutor | None
 
 
 def _worker_setup(parent: int) -> None:
-    """Workers leave Ctrl-C to the main process `parent`, and die with it if it is killed.
+    """Workers leave Ctrl-C and SIGTERM (sent to every process by `timeout`, systemd) to the
+    main process `parent`, which stops them; they die with it if it is killed.
 
     The death signal only covers a parent that dies after it is set: a parent already gone
     (killed between the fork and here) shows as another parent, and the worker exits now
     instead of waiting forever for work, holding the caller's stdout and stderr.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     gc.disable()  # plan records hold no cycles; collecting them would only cost time
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
