@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -147,33 +146,47 @@ def test_ctrl_c_journals_every_shard_already_written(
     """Ctrl-C after three shards are written (by this process, or by workers): they are all
     published and journaled before the run stops, so the resume keeps every one of them."""
     out = tmp_path / "out"
-    real_write, real_completed = write.write_shard, write.as_completed
+    real_write = write.write_shard
     written = []
 
-    def write_three(*args: object) -> dict:
+    def write_three(*args: object) -> dict:  # in each worker: its 4th shard raises, in its main
         if len(written) == 3:
             raise KeyboardInterrupt
         written.append(real_write(*args))
         return written[-1]
 
-    def complete_three(futures: list) -> Iterator:
-        for count, future in enumerate(real_completed(futures)):
-            if count == 3:
-                raise KeyboardInterrupt
-            yield future
-
     monkeypatch.setattr(write, "write_shard", write_three)
-    monkeypatch.setattr(write, "as_completed", complete_three)
     assert main(convert_args(dataset, out, "--workers", workers)) == 130
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("shard-*.tar")}
     journal = (out / ".shardify" / "journal.jsonl").read_text().splitlines()
     assert len(on_disk) >= 3 and {json.loads(line)["shard"] for line in journal} == on_disk
     assert not list(out.rglob("*.partial"))
     monkeypatch.setattr(write, "write_shard", real_write)
-    monkeypatch.setattr(write, "as_completed", real_completed)
     capsys.readouterr()
     assert main(convert_args(dataset, out)) == 0
     assert f"resumed: {len(on_disk)} complete shards" in capsys.readouterr().out
+    assert output_files(out) == output_files(clean_run)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_written_shards_wait_for_few_unpublished(dataset: SynthResult, clean_run: Path,
+                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 workers: int) -> None:
+    """With a slow disk, writers wait instead of piling up written shards that are not yet
+    durable (all lost to a kill -9): at most two unpublished shards per worker, counting those
+    being written (the partial files on disk), whenever a shard is flushed."""
+    out, partial_counts = tmp_path / "out", []
+    real_sync = os.fdatasync
+
+    def slow_sync(fd: int) -> None:  # a slow disk: the scheduler is under test, not fsync
+        partial_counts.append(len(list(out.rglob(".shard-*.tar.partial"))))
+        time.sleep(0.03)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_sync)
+    assert main(convert_args(dataset, out, "--workers", str(workers))) == 0
+    assert len(partial_counts) > 10
+    assert max(partial_counts) <= 2 * workers
     assert output_files(out) == output_files(clean_run)
 
 
