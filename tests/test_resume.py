@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -356,6 +359,60 @@ def test_progress_lines_when_not_a_terminal(dataset: SynthResult, tmp_path: Path
     assert any(line.startswith("reading labels: ") for line in lines)
     assert main([*args[:3], str(tmp_path / "quiet"), *args[4:], "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def progress_on_a_pty(columns: int, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What a 3 MiB bytes Progress shows on a real pty of `columns` x 24 (0: a 0x0 pty, as
+    `script -qec` gives)."""
+    from shardify import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0,
+                                                          columns, 0, 0))
+    with os.fdopen(follower, "w") as stream:
+        bar = progress.Progress(3 * 2**20, "B", "writing shards", enabled=True, stream=stream)
+        for _ in range(3):
+            time.sleep(0.05)
+            bar.advance(2**20)
+        bar.close()
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once everything written has been read
+        while chunk := os.read(leader, 65536):
+            shown += chunk
+    os.close(leader)
+    return shown.decode()
+
+
+def test_progress_on_a_terminal_of_unknown_size_is_log_lines(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    shown = progress_on_a_pty(0, monkeypatch)
+    assert "writing shards: 3.0 MiB/3.0 MiB (100%), " in shown and "MiB/s, ETA" in shown
+
+
+def test_progress_bar_counts_in_the_units_of_the_summary(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live bar on a real terminal, in KiB/MiB/GiB as human_bytes (and the summary) say."""
+    shown = progress_on_a_pty(80, monkeypatch)
+    final = shown.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("writing shards: 100%") and "|" in final
+    assert "3.0 MiB/3.0 MiB" in final and "MiB/s" in final and "MB/s" not in final
+
+
+def test_progress_into_a_closed_pipe_stops_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`2>&1 | head`: once the reader is gone, progress stops and the work goes on."""
+    from shardify import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    reader, writer = os.pipe()
+    os.close(reader)
+    with os.fdopen(writer, "w") as stream:
+        bar = progress.Progress(10, "labels", "reading labels", enabled=True, stream=stream)
+        bar.advance(5)
+        bar.advance(5)
+        assert not bar.enabled and bar.done == 10
+        with contextlib.suppress(BrokenPipeError):
+            stream.close()
 
 
 def test_a_changed_or_cut_shard_is_redone(dataset: SynthResult, clean_run: Path, tmp_path: Path,
