@@ -7,7 +7,10 @@ converter. Shards are read back with `webdataset` and `tarfile`, sources with `z
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from collections import Counter, defaultdict
@@ -247,3 +250,31 @@ def test_image_decodes(converted: Path) -> None:
                 Image.open(io.BytesIO(sample[ext])).verify()
                 seen.add(ext)
     assert seen == {"jpg", "png"}
+
+
+def run_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    """`shardify ARGS | true` with the reader already gone: every write to stdout fails."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run([sys.executable, "-m", "shardify", *args], stdout=writer,
+                              stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize("command", ["convert", "scan", "verify", "report"])
+def test_closed_stdout_ends_quietly(dataset: SynthResult, converted: Path, tmp_path: Path,
+                                    command: str) -> None:
+    """Like coreutils in `| head`: no message, exit 141; a convert still finishes its output."""
+    out = tmp_path / "out"
+    args = {"convert": ["convert", str(dataset.root), "--out", str(out), "--shard-size",
+                        str(SHARD_SIZE), "--quiet"],
+            "scan": ["scan", str(dataset.root)],
+            "verify": ["verify", str(converted)],
+            "report": ["report", str(converted)]}[command]
+    done = run_into_closed_pipe(*args)
+    assert (done.returncode, done.stderr.decode()) == (141, "")
+    if command == "convert":
+        assert (out / "summary.json").exists() and not list(out.rglob("*.partial"))
+        assert main(["verify", str(out)]) == 0

@@ -7,14 +7,17 @@ of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -146,33 +149,47 @@ def test_ctrl_c_journals_every_shard_already_written(
     """Ctrl-C after three shards are written (by this process, or by workers): they are all
     published and journaled before the run stops, so the resume keeps every one of them."""
     out = tmp_path / "out"
-    real_write, real_completed = write.write_shard, write.as_completed
+    real_write = write.write_shard
     written = []
 
-    def write_three(*args: object) -> dict:
+    def write_three(*args: object) -> dict:  # in each worker: its 4th shard raises, in its main
         if len(written) == 3:
             raise KeyboardInterrupt
         written.append(real_write(*args))
         return written[-1]
 
-    def complete_three(futures: list) -> Iterator:
-        for count, future in enumerate(real_completed(futures)):
-            if count == 3:
-                raise KeyboardInterrupt
-            yield future
-
     monkeypatch.setattr(write, "write_shard", write_three)
-    monkeypatch.setattr(write, "as_completed", complete_three)
     assert main(convert_args(dataset, out, "--workers", workers)) == 130
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("shard-*.tar")}
     journal = (out / ".shardify" / "journal.jsonl").read_text().splitlines()
     assert len(on_disk) >= 3 and {json.loads(line)["shard"] for line in journal} == on_disk
     assert not list(out.rglob("*.partial"))
     monkeypatch.setattr(write, "write_shard", real_write)
-    monkeypatch.setattr(write, "as_completed", real_completed)
     capsys.readouterr()
     assert main(convert_args(dataset, out)) == 0
     assert f"resumed: {len(on_disk)} complete shards" in capsys.readouterr().out
+    assert output_files(out) == output_files(clean_run)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_written_shards_wait_for_few_unpublished(dataset: SynthResult, clean_run: Path,
+                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 workers: int) -> None:
+    """With a slow disk, writers wait instead of piling up written shards that are not yet
+    durable (all lost to a kill -9): at most two unpublished shards per worker, counting those
+    being written (the partial files on disk), whenever a shard is flushed."""
+    out, partial_counts = tmp_path / "out", []
+    real_sync = os.fdatasync
+
+    def slow_sync(fd: int) -> None:  # a slow disk: the scheduler is under test, not fsync
+        partial_counts.append(len(list(out.rglob(".shard-*.tar.partial"))))
+        time.sleep(0.03)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_sync)
+    assert main(convert_args(dataset, out, "--workers", str(workers))) == 0
+    assert len(partial_counts) > 10
+    assert max(partial_counts) <= 2 * workers
     assert output_files(out) == output_files(clean_run)
 
 
@@ -288,22 +305,45 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_stops_fast_and_resumes(dataset: SynthResult, clean_run: Path,
-                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code", "message", "to_group"),
+    [
+        (signal.SIGINT, 130, b"interrupted", False),
+        (signal.SIGINT, 130, b"interrupted", True),    # Ctrl-C in a terminal: every process
+        (signal.SIGTERM, 143, b"terminated", False),   # kill, docker stop
+        (signal.SIGTERM, 143, b"terminated", True),    # timeout, systemd: every process
+    ],
+)
+def test_ctrl_c_or_sigterm_stops_fast_and_resumes(dataset: SynthResult, clean_run: Path,
+                                                 tmp_path: Path, signum: int, code: int,
+                                                 message: bytes, to_group: bool,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """A real signal while shards are being written: the shards written are published and
+    journaled, partial files removed, the resume message, then an exact resume."""
     out = tmp_path / "out"
     child = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD, *convert_args(dataset, out)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
     deadline = time.monotonic() + 60
     while not list(out.rglob("shard-*.tar")) and time.monotonic() < deadline:
         time.sleep(0.01)
     sent = time.monotonic()
-    child.send_signal(signal.SIGINT)
+    if to_group:
+        os.killpg(child.pid, signum)
+    else:
+        child.send_signal(signum)
     _, err = child.communicate(timeout=30)
-    assert child.returncode == 130 and time.monotonic() - sent < 2
-    assert b"re-run the same command to resume" in err and b"Traceback" not in err
+    assert child.returncode == code and time.monotonic() - sent < 2
+    assert message + b"; complete shards are kept: re-run the same command to resume" in err
+    assert b"Traceback" not in err
     assert not list(out.rglob("*.partial"))
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("shard-*.tar")}
+    journal = (out / ".shardify" / "journal.jsonl").read_text().splitlines()
+    assert on_disk and {json.loads(line)["shard"] for line in journal} == on_disk
     assert main(convert_args(dataset, out)) == 0
+    assert f"resumed: {len(on_disk)} complete shards" in capsys.readouterr().out
     assert output_files(out) == output_files(clean_run)
+    assert main(["verify", str(out)]) == 0
 
 
 def test_progress_lines_when_not_a_terminal(dataset: SynthResult, tmp_path: Path,
@@ -319,6 +359,60 @@ def test_progress_lines_when_not_a_terminal(dataset: SynthResult, tmp_path: Path
     assert any(line.startswith("reading labels: ") for line in lines)
     assert main([*args[:3], str(tmp_path / "quiet"), *args[4:], "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def progress_on_a_pty(columns: int, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What a 3 MiB bytes Progress shows on a real pty of `columns` x 24 (0: a 0x0 pty, as
+    `script -qec` gives)."""
+    from shardify import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0,
+                                                          columns, 0, 0))
+    with os.fdopen(follower, "w") as stream:
+        bar = progress.Progress(3 * 2**20, "B", "writing shards", enabled=True, stream=stream)
+        for _ in range(3):
+            time.sleep(0.05)
+            bar.advance(2**20)
+        bar.close()
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once everything written has been read
+        while chunk := os.read(leader, 65536):
+            shown += chunk
+    os.close(leader)
+    return shown.decode()
+
+
+def test_progress_on_a_terminal_of_unknown_size_is_log_lines(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    shown = progress_on_a_pty(0, monkeypatch)
+    assert "writing shards: 3.0 MiB/3.0 MiB (100%), " in shown and "MiB/s, ETA" in shown
+
+
+def test_progress_bar_counts_in_the_units_of_the_summary(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live bar on a real terminal, in KiB/MiB/GiB as human_bytes (and the summary) say."""
+    shown = progress_on_a_pty(80, monkeypatch)
+    final = shown.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("writing shards: 100%") and "|" in final
+    assert "3.0 MiB/3.0 MiB" in final and "MiB/s" in final and "MB/s" not in final
+
+
+def test_progress_into_a_closed_pipe_stops_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`2>&1 | head`: once the reader is gone, progress stops and the work goes on."""
+    from shardify import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    reader, writer = os.pipe()
+    os.close(reader)
+    with os.fdopen(writer, "w") as stream:
+        bar = progress.Progress(10, "labels", "reading labels", enabled=True, stream=stream)
+        bar.advance(5)
+        bar.advance(5)
+        assert not bar.enabled and bar.done == 10
+        with contextlib.suppress(BrokenPipeError):
+            stream.close()
 
 
 def test_a_changed_or_cut_shard_is_redone(dataset: SynthResult, clean_run: Path, tmp_path: Path,
@@ -374,3 +468,51 @@ def test_a_journal_entry_without_label_crcs_is_redone(dataset: SynthResult, clea
     assert main(convert_args(dataset, out)) == 0
     assert f"resumed: {len(lines) - 1} complete shards" in capsys.readouterr().out
     assert output_files(out) == output_files(clean_run)
+
+
+# Runs `shardify convert` and records each worker's pid as it starts (argv = pid file, "kill" to
+# have the first worker SIGKILL the main process before the worker's own setup ran, or "no").
+ORPHAN_CHILD = """
+import os, signal, sys, time
+from shardify import write
+pid_file, kill = sys.argv[1:3]
+main_pid, real = os.getpid(), write._worker_setup
+def setup(*args):
+    with open(pid_file, "a") as pids:
+        first = pids.tell() == 0
+        pids.write(f"{os.getpid()}\\n")
+    if kill == "kill" and first:
+        os.kill(main_pid, signal.SIGKILL)
+        while os.getppid() == main_pid:  # until it is really gone
+            time.sleep(0.001)
+    real(*args)
+write._worker_setup = setup
+from shardify.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("delay", [None, 0.0, 0.002, 0.005, 0.02])
+def test_no_worker_outlives_a_killed_main_process(dataset: SynthResult, tmp_path: Path,
+                                                  delay: float | None) -> None:
+    """kill -9 of the main process at any moment after the fork (None: before a worker's setup
+    ran): every worker exits, so the pipe given as stdout and stderr reaches EOF."""
+    pid_file = tmp_path / "pids"
+    pid_file.touch()
+    child = subprocess.Popen([sys.executable, "-c", ORPHAN_CHILD, str(pid_file),
+                              "kill" if delay is None else "no",
+                              *convert_args(dataset, tmp_path / "out", "--workers", "3")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        if delay is not None:
+            while not pid_file.read_text() and child.poll() is None:
+                time.sleep(0.0005)
+            time.sleep(delay)
+            child.kill()
+        child.communicate(timeout=10)  # EOF only once every process holding the pipe is gone
+        assert child.returncode == -signal.SIGKILL
+    finally:
+        for pid in map(int, pid_file.read_text().split()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # a worker left behind by a failure
+        child.kill()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -30,6 +31,8 @@ EXIT_REJECTS = 1
 EXIT_USAGE = 2
 EXIT_NO_SPACE = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE, as `yes | head` gives for coreutils
 
 EXIT_CODES = """exit codes:
   0    success (also when some inputs were rejected; see OUT/rejects.parquet)
@@ -38,6 +41,9 @@ EXIT_CODES = """exit codes:
   2    usage error, or no input found
   3    not enough disk space for OUT (checked before writing, or disk full)
   130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM: kill, timeout, docker stop, systemd)
+  141  stdout was closed before all output was written (e.g. `| head`);
+       a convert's output is complete all the same
 An interrupted or failed convert keeps its complete shards: re-run the same
 command to resume."""
 
@@ -187,27 +193,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so that it is handled exactly like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the exit code (see EXIT_CODES) instead of raising."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        if args.command == "convert":
-            return _convert(args)
-        if args.command == "verify":
-            return _verify(args)
-        if args.command == "scan":
-            return _scan(args)
-        if args.command == "report":
-            return _report(args)
-        return _synth(args)
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        code = _run(args)
+        sys.stdout.flush()  # a closed stdout shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader is gone (`| head`): stop writing, quietly, as coreutils do. stdout is
+        # pointed at /dev/null so that what is still buffered is not flushed into the pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_STDOUT_CLOSED
     except UsageError as error:
         print(f"shardify: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("shardify: interrupted; complete shards are kept: re-run the same command to "
-              "resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print(f"shardify: {'terminated' if terminated else 'interrupted'}; complete shards are "
+              "kept: re-run the same command to resume", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except OSError as error:
         print(f"shardify: error: {_with_path_texts(error)}", file=sys.stderr)
         return EXIT_REJECTS
@@ -219,6 +241,18 @@ def _with_path_texts(error: OSError) -> OSError:
         if isinstance(getattr(error, attribute), str):
             setattr(error, attribute, path_text(getattr(error, attribute)))
     return error
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "convert":
+        return _convert(args)
+    if args.command == "verify":
+        return _verify(args)
+    if args.command == "scan":
+        return _scan(args)
+    if args.command == "report":
+        return _report(args)
+    return _synth(args)
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -170,7 +170,7 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
         progress.advance(expected[entry["shard"]])
 
     try:
-        write_shards(jobs, options.out, pool, published)
+        write_shards(jobs, options.out, pool, published, options.workers)
     except BrokenProcessPool:
         raise RunFailed(f"a worker process died (killed, or out of memory?); {len(results)} of "
                         f"{len(shards)} shards are complete and kept: re-run the same command "

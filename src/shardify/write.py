@@ -19,7 +19,13 @@ import sys
 import tarfile
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +56,7 @@ CLASS_BYTES = {0: b"0", 1: b"1"}
 PR_SET_PDEATHSIG = 1
 SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_STEP = 32 * 2**20
+UNPUBLISHED_PER_WORKER = 2  # shards written or being written, not yet durable
 TAIL_BYTES = 2**20  # the journal records the CRC-32 of each shard's last MiB (resume checks it)
 _SYNC_FILE_RANGE = getattr(ctypes.CDLL(None), "sync_file_range", None) \
     if sys.platform == "linux" else None
@@ -261,57 +268,85 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         yield None
         return
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"),
-                               initializer=_worker_setup)
+                               initializer=_worker_setup, initargs=(os.getpid(),))
     try:
         pool.submit(int).result()  # with fork, the first task starts every worker at once
         yield pool
     finally:
-        # Stop the workers first; the pool then fails what was left, and shuts down at once.
+        # Stop the workers first (SIGKILL: they ignore SIGTERM); the pool then fails what was
+        # left, and shuts down at once.
         for child in multiprocessing.active_children():
-            child.terminate()
+            child.kill()
         pool.shutdown(wait=True)
 
 
 def write_shards(jobs: list[Job], out_dir: Path, pool: ProcessPoolExecutor | None,
-                 on_published: Callable[[dict], None]) -> None:
+                 on_published: Callable[[dict], None], workers: int = 1) -> None:
     """Write every (shard name, samples) job; `on_published(entry)` as each shard is in place.
 
-    With a pool, each worker is sent a compact ShardJob and writes whole shards with its own file
-    descriptors. A shard is written under a temporary name; one thread of this process then
-    makes it durable, renames it into place and calls `on_published` (`publish`), so no writer
-    waits for the disk. However this ends (done, an error, Ctrl-C), every shard already written
-    is published before it returns or raises; stopping the workers is left to `worker_pool`.
+    With a pool (of `workers` processes), each worker is sent a compact ShardJob and writes
+    whole shards with its own file descriptors. A shard is written under a temporary name; one
+    thread of this process then makes it durable, renames it into place and calls
+    `on_published` (`publish`), so writers do not wait for the disk, unless it falls behind: at
+    most UNPUBLISHED_PER_WORKER shards per writer are being written or waiting to be published,
+    so a kill -9 or a power cut costs only those. However this ends (done, an error, Ctrl-C),
+    every shard already written is published before it returns or raises; stopping the workers
+    is left to `worker_pool`.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="shardify-publish") as publisher:
-        pending: deque[Future[None]] = deque()
-        for entry in _written(jobs, out_dir, pool):
-            pending.append(publisher.submit(publish, out_dir, entry, on_published))
-            while pending and pending[0].done():
-                pending.popleft().result()  # a failed publish stops the run now
-        for published in pending:
-            published.result()
+    executor = pool if len(jobs) > 1 else None  # a single shard is written here
+    limit = UNPUBLISHED_PER_WORKER * (1 if executor is None else workers)
+    todo = deque(jobs)
+    writing: set[Future[dict]] = set()
+    publishing: set[Future[None]] = set()
+    with ThreadPoolExecutor(1, thread_name_prefix="shardify-publish") as publisher, \
+            ArchiveReader() as reader:
+
+        def start(name: str, samples: tuple[Sample, ...]) -> Future[dict]:
+            if executor is not None:
+                return executor.submit(_write_job, shard_job(name, samples), out_dir)
+            written: Future[dict] = Future()
+            written.set_result(write_shard(shard_job(name, samples), out_dir, reader))
+            return written
+
+        def settle() -> None:
+            """Hand each written shard to the publisher; a failed write or publish raises."""
+            for future in [future for future in writing if future.done()]:
+                writing.discard(future)
+                publishing.add(publisher.submit(publish, out_dir, future.result(), on_published))
+            for future in [future for future in publishing if future.done()]:
+                publishing.discard(future)
+                future.result()
+
+        try:
+            while True:
+                settle()
+                while todo and len(writing) + len(publishing) < limit:
+                    writing.add(start(*todo.popleft()))
+                    settle()
+                if not writing and not publishing:
+                    return
+                wait(writing | publishing, return_when=FIRST_COMPLETED)
+        finally:
+            for future in writing:  # written, but not handed over yet when this stopped
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    publisher.submit(publish, out_dir, future.result(), on_published)
 
 
-def _written(jobs: list[Job], out_dir: Path, pool: ProcessPoolExecutor | None
-             ) -> Iterator[dict]:
-    """The entry of each job once its temporary file is written, in order of completion."""
-    if pool is None or len(jobs) <= 1:
-        with ArchiveReader() as reader:
-            for name, samples in jobs:
-                yield write_shard(shard_job(name, samples), out_dir, reader)
-        return
-    futures = [pool.submit(_write_job, shard_job(name, samples), out_dir)
-               for name, samples in jobs]
-    for future in as_completed(futures):
-        yield future.result()
+def _worker_setup(parent: int) -> None:
+    """Workers leave Ctrl-C and SIGTERM (sent to every process by `timeout`, systemd) to the
+    main process `parent`, which stops them; they die with it if it is killed.
 
-
-def _worker_setup() -> None:
-    """Workers leave Ctrl-C to the main process, and die with it if it is killed."""
+    The death signal only covers a parent that dies after it is set: a parent already gone
+    (killed between the fork and here) shows as another parent, and the worker exits now
+    instead of waiting forever for work, holding the caller's stdout and stderr.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     gc.disable()  # plan records hold no cycles; collecting them would only cost time
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _write_job(job: ShardJob, out_dir: Path) -> dict:
