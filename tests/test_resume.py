@@ -22,18 +22,21 @@ from pathlib import Path
 
 import pytest
 
-from shardify import write
 from shardify.cli import main
 from shardify.profiles.battery.sample import SynthResult, synthesize
+from shardify.write import executor, shard
 
 SHARD_SIZE = "32KiB"
+STORE = "shardify.output.store:OutputStore"
 
 # Runs `shardify convert` with one function wrapped so that the process SIGKILLs itself on the
 # Nth call (before or after the real call): argv = module, function, N, when, convert args...
 CHILD = """
 import os, signal, sys, importlib
-module, name, nth, when = sys.argv[1:5]
+path, name, nth, when = sys.argv[1:5]
+module, _, attribute = path.partition(":")  # "package.module:Class" wraps a method
 target = importlib.import_module(module)
+target = getattr(target, attribute) if attribute else target
 real = getattr(target, name)
 calls = 0
 def wrapped(*args, **kwargs):
@@ -71,6 +74,7 @@ def output_files(out: Path) -> dict[str, bytes]:
 
 def run_child_killed(dataset: SynthResult, out: Path, target: str, nth: int, when: str,
                      workers: str) -> subprocess.CompletedProcess:
+    """`target` is `module.function` or `module:Class.method`."""
     module, name = target.rsplit(".", 1)
     return subprocess.run([sys.executable, "-c", CHILD, module, name, str(nth), when,
                            *convert_args(dataset, out, "--workers", workers)],
@@ -80,14 +84,14 @@ def run_child_killed(dataset: SynthResult, out: Path, target: str, nth: int, whe
 @pytest.mark.parametrize(
     ("target", "nth", "when", "workers"),
     [
-        ("shardify.write.write_shard", 1, "before", "1"),       # before any shard
-        ("shardify.convert.append_journal", 3, "after", "1"),   # 3 shards journaled
-        ("shardify.convert.append_journal", 3, "after", "2"),   # the same, 2 workers busy
-        ("shardify.convert.append_journal", 4, "before", "2"),  # shard 4 renamed, not journaled
-        ("shardify.write._write_all", 20, "before", "1"),       # in the middle of a shard
-        ("shardify.write.publish", 2, "before", "2"),           # shard 2 written, not durable
-        ("shardify.output.manifest.move_into_place", 2, "before", "2"),  # manifest not renamed
-        ("shardify.output.manifest.move_into_place", 2, "after", "2"),  # summary not renamed
+        ("shardify.write.executor.write_shard", 1, "before", "1"),  # before any shard
+        (f"{STORE}.append_journal", 3, "after", "1"),   # 3 shards journaled
+        (f"{STORE}.append_journal", 3, "after", "2"),   # the same, 2 workers busy
+        (f"{STORE}.append_journal", 4, "before", "2"),  # shard 4 renamed, not journaled
+        ("shardify.write.shard.write_all", 20, "before", "1"),  # in the middle of a shard
+        (f"{STORE}.publish_shard", 2, "before", "2"),   # shard 2 written, not durable
+        ("shardify.output.store.write_parquet_atomically", 2, "before", "2"),  # no manifest
+        ("shardify.output.store.write_parquet_atomically", 2, "after", "2"),  # no summary
     ],
 )
 def test_sigkill_then_resume_gives_identical_output(dataset: SynthResult, clean_run: Path,
@@ -149,7 +153,7 @@ def test_ctrl_c_journals_every_shard_already_written(
     """Ctrl-C after three shards are written (by this process, or by workers): they are all
     published and journaled before the run stops, so the resume keeps every one of them."""
     out = tmp_path / "out"
-    real_write = write.write_shard
+    real_write = executor.write_shard
     written = []
 
     def write_three(*args: object) -> dict:  # in each worker: its 4th shard raises, in its main
@@ -158,13 +162,13 @@ def test_ctrl_c_journals_every_shard_already_written(
         written.append(real_write(*args))
         return written[-1]
 
-    monkeypatch.setattr(write, "write_shard", write_three)
+    monkeypatch.setattr(executor, "write_shard", write_three)
     assert main(convert_args(dataset, out, "--workers", workers)) == 130
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("shard-*.tar")}
     journal = (out / ".shardify" / "journal.jsonl").read_text().splitlines()
     assert len(on_disk) >= 3 and {json.loads(line)["shard"] for line in journal} == on_disk
     assert not list(out.rglob("*.partial"))
-    monkeypatch.setattr(write, "write_shard", real_write)
+    monkeypatch.setattr(executor, "write_shard", real_write)
     capsys.readouterr()
     assert main(convert_args(dataset, out)) == 0
     assert f"resumed: {len(on_disk)} complete shards" in capsys.readouterr().out
@@ -198,7 +202,7 @@ def test_full_disk_stops_cleanly_and_resumes(dataset: SynthResult, clean_run: Pa
                                              capsys: pytest.CaptureFixture) -> None:
     """ENOSPC at a write: exit 3, partial removed, complete shards kept, then an exact resume."""
     out = tmp_path / "out"
-    real, calls = write._write_all, []
+    real, calls = shard.write_all, []
 
     def fill_up(fd: int, chunks: list[bytes]) -> int:
         calls.append(1)
@@ -206,7 +210,7 @@ def test_full_disk_stops_cleanly_and_resumes(dataset: SynthResult, clean_run: Pa
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, chunks)
 
-    monkeypatch.setattr(write, "_write_all", fill_up)
+    monkeypatch.setattr(shard, "write_all", fill_up)
     assert main(convert_args(dataset, out, "--workers", "1")) == 3
     err = capsys.readouterr().err
     assert "disk full" in err and "more is needed" in err and "re-run the same command" in err
@@ -214,7 +218,7 @@ def test_full_disk_stops_cleanly_and_resumes(dataset: SynthResult, clean_run: Pa
     kept = sorted(out.rglob("shard-*.tar"))
     assert kept and all(p.read_bytes() == (clean_run / p.relative_to(out)).read_bytes()
                         for p in kept)
-    monkeypatch.setattr(write, "_write_all", real)
+    monkeypatch.setattr(shard, "write_all", real)
     assert main(convert_args(dataset, out)) == 0
     assert f"resumed: {len(kept)} complete shards" in capsys.readouterr().out
     assert output_files(out) == output_files(clean_run)
@@ -247,9 +251,9 @@ def test_only_own_files_are_removed(dataset: SynthResult, tmp_path: Path) -> Non
 def test_preflight_refuses_before_writing(dataset: SynthResult, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture) -> None:
-    from shardify import convert
+    from shardify.output.store import OutputStore
 
-    monkeypatch.setattr(convert, "_free_bytes", lambda out: 10_000)
+    monkeypatch.setattr(OutputStore, "free_bytes", lambda store: 10_000)
     out = tmp_path / "out"
     assert main(convert_args(dataset, out)) == 3
     err = capsys.readouterr().err
@@ -284,7 +288,7 @@ def test_killed_worker_stops_the_run_and_resume_is_exact(dataset: SynthResult,
                                                          tmp_path: Path) -> None:
     """A worker SIGKILLed mid-shard (as by the OOM killer): a clear error, exit 1, no hang."""
     out = tmp_path / "out"
-    done = run_child_killed(dataset, out, "shardify.write._write_all", 30, "before", "2")
+    done = run_child_killed(dataset, out, "shardify.write.shard.write_all", 30, "before", "2")
     assert done.returncode == 1
     assert b"worker process died" in done.stderr and b"Traceback" not in done.stderr
     assert not list(out.rglob("*.partial"))
@@ -294,12 +298,12 @@ def test_killed_worker_stops_the_run_and_resume_is_exact(dataset: SynthResult,
 
 CTRL_C_CHILD = """
 import sys, time
-from shardify import write
-real = write.write_shard
+from shardify.write import executor
+real = executor.write_shard
 def slow(*args, **kwargs):
     time.sleep(0.2)
     return real(*args, **kwargs)
-write.write_shard = slow
+executor.write_shard = slow
 from shardify.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -437,12 +441,12 @@ def test_a_second_run_into_the_same_out_is_refused(dataset: SynthResult, tmp_pat
     """While one run holds OUT, another stops before touching anything there."""
     import os
 
-    from shardify.resume import claim_output
+    from shardify.output.store import OutputStore
 
     out = tmp_path / "out"
     assert main(convert_args(dataset, out)) == 0
     before = output_files(out)
-    held = claim_output(out)
+    held = OutputStore(out).lock()
     try:
         assert main(convert_args(dataset, out, "--seed", "5", "--overwrite")) == 2
         assert "another shardify convert is writing" in capsys.readouterr().err
@@ -474,9 +478,9 @@ def test_a_journal_entry_without_label_crcs_is_redone(dataset: SynthResult, clea
 # have the first worker SIGKILL the main process before the worker's own setup ran, or "no").
 ORPHAN_CHILD = """
 import os, signal, sys, time
-from shardify import write
+from shardify.write import executor
 pid_file, kill = sys.argv[1:3]
-main_pid, real = os.getpid(), write._worker_setup
+main_pid, real = os.getpid(), executor._worker_setup
 def setup(*args):
     with open(pid_file, "a") as pids:
         first = pids.tell() == 0
@@ -486,7 +490,7 @@ def setup(*args):
         while os.getppid() == main_pid:  # until it is really gone
             time.sleep(0.001)
     real(*args)
-write._worker_setup = setup
+executor._worker_setup = setup
 from shardify.cli import main
 sys.exit(main(sys.argv[3:]))
 """

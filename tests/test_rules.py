@@ -22,7 +22,8 @@ from shardify.plan.split import assign_splits, parse_ratios
 from shardify.profiles import Stratum, get_profile
 from shardify.profiles.battery.labels import BatteryFields, parse_label
 from shardify.profiles.battery.sample import SynthResult
-from shardify.write import TAR_END_SIZE, image_problem, sample_tar_size
+from shardify.write.images import image_problem
+from shardify.write.tar import TAR_END_SIZE, planned_sample_bytes
 
 LABEL = {
     "data_info": {"data_type": "CT", "battery_ids": 101, "type": "cell", "form": "pouch"},
@@ -123,12 +124,12 @@ def sample(battery: int, index: int, image_size: int) -> Sample:
 
 
 def test_plan_keeps_batteries_whole_and_respects_the_limit() -> None:
-    one = sample_tar_size(sample(1, 0, 1000))
+    one = planned_sample_bytes(sample(1, 0, 1000))
     limit = TAR_END_SIZE + 5 * one
     samples = [sample(b, i, 1000) for b, n in ((1, 3), (2, 3), (3, 13), (4, 2)) for i in range(n)]
     samples.append(sample(5, 0, 50_000))
     shards = plan_shards(reversed(samples), {f"ct-{b}": "train" for b in range(1, 6)}, limit,
-                         get_profile(), ShardSizes(sample_tar_size, TAR_END_SIZE), shard_name)
+                         get_profile(), ShardSizes(planned_sample_bytes, TAR_END_SIZE), shard_name)
     contents = [[(s.fields.battery_id, s.key) for s in shard.samples] for shard in shards]
     assert [key for shard in contents for key in shard] == sorted((s.fields.battery_id, s.key)
                                                                   for s in samples)
@@ -228,7 +229,7 @@ def test_ustar_header_is_what_tarfile_writes() -> None:
     import random
     import tarfile
 
-    from shardify.write import ustar_header
+    from shardify.write.tar import ustar_header
 
     rng = random.Random(0)
     for _ in range(2000):

@@ -1,18 +1,17 @@
-"""The main job, stage after stage: sources → labels/pairing → split → plan → write → manifest.
+"""The main job, stage after stage: sources -> pairing -> split -> plan -> write -> manifest.
 
 Planning holds member locations and parsed label fields only, never payloads; writing streams one
-shard at a time. This module owns the output folder: what may be written there and removed.
+shard at a time through an executor; the output store owns every file in OUT. This module puts
+the stages in order, checks the command's paths before any work, and sums the run up.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,34 +26,33 @@ from .output.manifest import (
     manifest_table,
     rejects_table,
     summary_beside,
-    write_json,
-    write_parquet,
-    write_wids_indexes,
+    wids_indexes,
 )
-from .output.store import shard_name
+from .output.store import (
+    MANIFEST,
+    REJECTS,
+    SUMMARY,
+    OutputStore,
+    RunRecord,
+    json_bytes,
+    nearest_existing,
+    shard_name,
+    write_atomically,
+    write_parquet_atomically,
+)
 from .pathnames import path_text
+from .plan.fingerprint import plan_fingerprint
 from .plan.pairing import Pairing
 from .plan.shards import PlannedShard, ShardSizes, plan_shards
 from .plan.split import SPLITS, assign_splits, group_strata
 from .profiles import DatasetProfile, get_profile
 from .progress import Progress, human_bytes
 from .rejects import Reject
-from .resume import (
-    RunRecord,
-    append_journal,
-    claim_output,
-    is_shardify_output,
-    journaled_shards,
-    plan_fingerprint,
-    read_run,
-    reset_journal,
-    start_run,
-)
 from .scan import archive_table, survey
-from .write import TAR_END_SIZE, ShardResult, expand, sample_tar_size, worker_pool, write_shards
+from .write.executor import Executor, Inline, local_executor, write_shards
+from .write.shard import ShardResult, expand, shard_job
+from .write.tar import TAR_END_SIZE, planned_sample_bytes
 
-OWN_FILES = ("manifest.parquet", "rejects.parquet", "summary.json",
-             *(f"{split}.wids.json" for split in SPLITS))
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk check
 
@@ -97,37 +95,38 @@ class ConvertReport:
 def convert(options: ConvertOptions) -> ConvertReport:
     """Plan, then write the shards not already finished by an earlier run of the same plan."""
     started = time.monotonic()
-    out = options.out
-    _check_output_folder(out, options.sources)
+    out, profile = options.out, options.profile
+    store = OutputStore(out)
+    _check_output_folder(store, options.sources)
     _check_manifest_path(options.manifest, options.sources)
     lock = None
     try:
-        with worker_pool(options.workers) as pool, ArchiveReader() as reader:
-            profile = options.profile
+        with local_executor(options.workers) as pool, ArchiveReader() as reader:
             index, pairing = survey(options.sources, reader, profile, quiet=options.quiet)
             rejects = index.rejects + pairing.all_rejects()
             split_of_group = assign_splits(group_strata(pairing.samples, profile),
                                            options.ratios, options.seed)
             shards = plan_shards(pairing.samples, split_of_group, options.shard_size, profile,
-                                 ShardSizes(sample_tar_size, TAR_END_SIZE), shard_name)
+                                 ShardSizes(planned_sample_bytes, TAR_END_SIZE), shard_name)
             run = RunRecord(plan_fingerprint(shards, options.shaping()), options.shaping())
-            finished = _reusable_shards(out, run, shards, options.overwrite)
+            finished = _reusable_shards(store, run, shards, options.overwrite)
             todo = [shard for shard in shards if shard.name not in finished]
             if options.space_check:
-                _check_space(out, todo, len(pairing.samples))
-            lock = _claim(out)
-            _prepare_output_folder(out, run, shards, finished)
-            results = _write_shards(shards, finished, options, pool)
+                _check_space(store, todo, len(pairing.samples))
+            lock = _claim(store)
+            store.start_run(run, keep_journal=bool(finished))
+            store.prepare(keep=set(finished))
+            results = _write_shards(shards, finished, options, store, pool or Inline(reader))
     finally:
         if lock is not None:
-            _remove_partial_shards(out)  # after the workers are gone: none can be writing
+            store.remove_staged_shards()  # after the workers are gone: none can be writing
             os.close(lock)
 
     rejects += [reject for result in results for reject in result.rejects]
     summary = _summary(options, index, pairing, results, rejects)
     del index, pairing, shards  # the results hold what the manifest needs
     try:
-        _write_index_files(options, results, rejects, summary)
+        _write_index_files(options, store, results, rejects, summary)
     except OSError as error:
         if error.errno in DISK_FULL:
             raise NotEnoughSpace(f"disk full on {path_text(out)} while writing the manifest: "
@@ -137,40 +136,45 @@ def convert(options: ConvertOptions) -> ConvertReport:
     return ConvertReport(out, summary, rejects, time.monotonic() - started, len(finished))
 
 
-def _write_index_files(options: ConvertOptions, results: list[ShardResult],
+def _write_index_files(options: ConvertOptions, store: OutputStore, results: list[ShardResult],
                        rejects: list[Reject], summary: dict) -> None:
     """Manifest, rejects and summary, each atomically; summary.json last, as the sign of done."""
     manifest = manifest_table(results, options.profile)
-    write_parquet(rejects_table(rejects), options.out / "rejects.parquet")
-    write_parquet(manifest, options.out / "manifest.parquet")
-    write_wids_indexes(options.out, {result.name: len(result.samples) for result in results})
+    store.write_parquet(REJECTS, rejects_table(rejects))
+    store.write_parquet(MANIFEST, manifest)
+    for name, index in wids_indexes(results).items():
+        if index is None:
+            store.remove(name)
+        else:
+            store.write_json(name, index)
     if options.manifest is not None:
-        write_parquet(manifest, options.manifest)
-        write_json(summary, summary_beside(options.manifest))
-    write_json(summary, options.out / "summary.json")
+        write_parquet_atomically(options.manifest, manifest)
+        write_atomically(summary_beside(options.manifest), json_bytes(summary))
+    store.write_json(SUMMARY, summary)
 
 
 def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
-                  options: ConvertOptions, pool: ProcessPoolExecutor | None
+                  options: ConvertOptions, store: OutputStore, executor: Executor
                   ) -> list[ShardResult]:
-    """Write the unfinished shards (in parallel), journaling each; results in plan order."""
+    """Write the unfinished shards, journaling each; results in plan order."""
     expected = {shard.name: shard.expected_bytes for shard in shards}
     samples = {shard.name: shard.samples for shard in shards}
     progress = Progress(sum(expected.values()), "B", "writing shards", enabled=not options.quiet)
     progress.advance(sum(expected[name] for name in finished))
     results = dict(finished)
     # Largest first: the last shards to finish are small, so workers end together.
-    jobs = [(shard.name, shard.samples) for shard in sorted(
+    jobs = [shard_job(shard.name, shard.samples) for shard in sorted(
         shards, key=lambda s: -s.expected_bytes) if shard.name not in finished]
 
-    def published(entry: dict) -> None:
-        """A shard is in place (called by the one publishing thread): journal it first."""
-        append_journal(options.out, entry)
+    def publish(entry: dict) -> None:
+        """A shard is written (called by the one publishing thread): in place, then journaled."""
+        store.publish_shard(entry["shard"])
+        store.append_journal(entry)
         results[entry["shard"]] = expand(samples[entry["shard"]], entry)
         progress.advance(expected[entry["shard"]])
 
     try:
-        write_shards(jobs, options.out, pool, published, options.workers)
+        write_shards(jobs, executor, store, publish)
     except BrokenProcessPool:
         raise RunFailed(f"a worker process died (killed, or out of memory?); {len(results)} of "
                         f"{len(shards)} shards are complete and kept: re-run the same command "
@@ -182,24 +186,35 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
         raise NotEnoughSpace(
             f"disk full on {path_text(options.out)}: {len(results)} of {len(shards)} shards are "
             f"complete and kept; about {human_bytes(needed)} more is needed "
-            f"({human_bytes(_free_bytes(options.out))} free). Free some space and re-run the "
+            f"({human_bytes(store.free_bytes())} free). Free some space and re-run the "
             "same command to resume") from None
     finally:
         progress.close()
     return [results[shard.name] for shard in shards]
 
 
-def _reusable_shards(out: Path, run: RunRecord, shards: list[PlannedShard],
+def _reusable_shards(store: OutputStore, run: RunRecord, shards: list[PlannedShard],
                      overwrite: bool) -> dict[str, ShardResult]:
-    """Finished shards of an earlier run of the same plan; refuse a different earlier run."""
-    previous = read_run(out)
+    """Finished shards of an earlier run of the same plan (journaled, their files intact);
+    refuse a different earlier run."""
+    previous = store.read_run()
     if previous is None or overwrite:
         return {}
     if previous.fingerprint != run.fingerprint:
-        raise UsageError(f"{path_text(out)} holds shards of another conversion "
+        raise UsageError(f"{path_text(store.root)} holds shards of another conversion "
                          f"({_what_changed(previous, run)}); re-run with --overwrite to "
                          "discard them, or choose another --out")
-    return journaled_shards(out, shards)
+    planned = {shard.name: shard for shard in shards}
+    finished: dict[str, ShardResult] = {}
+    for entry in store.journal():
+        shard = planned.get(entry["shard"])
+        if shard is None:
+            continue
+        try:
+            finished[shard.name] = expand(shard.samples, entry)
+        except (ValueError, KeyError, TypeError):
+            continue  # an entry of an older build or a damaged line: that shard is redone
+    return finished
 
 
 def _what_changed(previous: RunRecord, run: RunRecord) -> str:
@@ -209,23 +224,20 @@ def _what_changed(previous: RunRecord, run: RunRecord) -> str:
     return ", ".join(changed) if changed else "the inputs differ: other archives or members"
 
 
-def _check_space(out: Path, todo: list[PlannedShard], samples: int) -> None:
+def _check_space(store: OutputStore, todo: list[PlannedShard], samples: int) -> None:
     """Stop before writing anything if OUT's filesystem cannot hold what is left to write."""
     needed = sum(shard.expected_bytes for shard in todo) + samples * MANIFEST_ROW_BYTES
-    free = _free_bytes(out)
+    free = store.free_bytes()
     if needed > free:
-        raise NotEnoughSpace(f"not enough space on {path_text(out)}: the output needs about "
+        raise NotEnoughSpace(f"not enough space on {path_text(store.root)}: the output needs "
+                             "about "
                              f"{human_bytes(needed)}, {human_bytes(free)} is free "
                              "(--no-space-check to try anyway)")
 
 
-def _free_bytes(out: Path) -> int:
-    """Free bytes on the filesystem that holds (or will hold) OUT."""
-    return shutil.disk_usage(_nearest_existing(out)).free
-
-
-def _check_output_folder(out: Path, sources: list[str]) -> None:
+def _check_output_folder(store: OutputStore, sources: list[str]) -> None:
     """Refuse an OUT inside a source folder, or a non-empty one that shardify did not write."""
+    out = store.root
     resolved = out.resolve()
     for source in sources:
         source_path = Path(os.path.realpath(source))  # a link loop: said by find_archives
@@ -234,7 +246,7 @@ def _check_output_folder(out: Path, sources: list[str]) -> None:
                              f"{path_text(source)}; sources are only ever read")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {path_text(out)} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_shardify_output(out):
+    if out.is_dir() and any(out.iterdir()) and not store.is_output():
         raise UsageError(f"--out {path_text(out)} is not empty and is not a shardify output; "
                          "choose a new or empty folder")
     _check_writable(out, "--out")
@@ -281,58 +293,21 @@ def _check_outside_sources(path: Path, sources: list[str], said: str) -> None:
                              "sources are only ever read")
 
 
-def _nearest_existing(path: Path) -> Path:
-    """`path`, or the closest folder above it that exists (OUT may not be created yet)."""
-    existing = path.resolve()
-    while not existing.exists():
-        existing = existing.parent
-    return existing
-
-
 def _check_writable(path: Path, option: str) -> None:
     """Fail now, not after hours of work, if `path` (or its nearest existing parent) is read-only.
     """
-    existing = _nearest_existing(path)
+    existing = nearest_existing(path)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path_text(path)}: {path_text(existing)} is not writable")
 
 
-def _claim(out: Path) -> int:
-    out.mkdir(parents=True, exist_ok=True)
+def _claim(store: OutputStore) -> int:
+    store.root.mkdir(parents=True, exist_ok=True)
     try:
-        return claim_output(out)
+        return store.lock()
     except BlockingIOError:
-        raise UsageError(f"another shardify convert is writing to {path_text(out)}; wait for "
-                         "it, or choose another --out") from None
-
-
-def _remove_partial_shards(out: Path) -> None:
-    for split in SPLITS:
-        for path in (out / split).glob(".shard-*.tar.partial"):
-            path.unlink(missing_ok=True)
-
-
-def _prepare_output_folder(out: Path, run: RunRecord, shards: list[PlannedShard],
-                           finished: dict[str, ShardResult]) -> None:
-    """Own OUT for this run: remove what shardify wrote there that this run will not keep.
-
-    Only shardify's own files are touched: shard files, their partial files, the index files.
-    """
-    if not finished:
-        reset_journal(out)
-    start_run(out, run)
-    for name in OWN_FILES:
-        (out / name).unlink(missing_ok=True)
-        (out / f".{name}.partial").unlink(missing_ok=True)
-    for split in SPLITS:
-        folder = out / split
-        if not folder.is_dir():
-            continue
-        for path in [*folder.glob("shard-*.tar"), *folder.glob(".shard-*.tar.partial")]:
-            if path.relative_to(out).as_posix() not in finished:
-                path.unlink()
-        if not any(folder.iterdir()):
-            folder.rmdir()
+        raise UsageError(f"another shardify convert is writing to {path_text(store.root)}; "
+                         "wait for it, or choose another --out") from None
 
 
 def _summary(options: ConvertOptions, index: Index, pairing: Pairing,

@@ -27,6 +27,7 @@ import webdataset as wds
 from PIL import Image
 
 from .output.manifest import read_parquet, read_schema
+from .output.store import MANIFEST, wids_index_name
 from .plan.split import SPLITS
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def manifest_rows(out: Path | str, split: str = "train", select: Select = None) 
 
     That is the order of the samples on disk, hence of `open_indexed`'s sample numbers.
     """
-    path = Path(out) / "manifest.parquet"
+    path = Path(out) / MANIFEST
     filters = select_expression(split, select, read_schema(path).names)
     table = read_parquet(path, filters=filters)
     return table.sort_by([("shard", "ascending"), ("offset", "ascending")])
@@ -219,7 +220,7 @@ def open_indexed(out: Path | str, split: str = "train", **options: Any) -> wids.
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(f"open_indexed needs wids and torch ({error}); "
                                   "pip install 'shardify[train]'") from error
-    index = Path(out) / f"{split}.wids.json"
+    index = Path(out) / wids_index_name(split)
     if not index.is_file():
         raise FileNotFoundError(f"{index} not found: an empty split, or converted by a shardify "
                                 "without wids indexes (re-run the same convert command)")

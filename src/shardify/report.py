@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .output.manifest import profile_of, read_parquet
+from .output.store import MANIFEST
 from .pathnames import path_text
 from .plan.split import SPLITS
 from .profiles import DatasetProfile
@@ -27,7 +28,7 @@ SPLIT_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
 def load_manifest(out: Path) -> tuple[pa.Table, DatasetProfile]:
     """The manifest and the profile that wrote it; FileNotFoundError (said for the user) if it
     is missing, unreadable or names no profile shardify knows."""
-    path = out / "manifest.parquet"
+    path = out / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path_text(path)} not found: is {path_text(out)} a shardify "
                                 "output?")

@@ -23,7 +23,7 @@ from .plan.split import SPLITS
 from .profiles import DatasetProfile
 from .progress import Progress, human_bytes
 from .rejects import Reason
-from .write import TAR_END_SIZE, sample_tar_size
+from .write.tar import TAR_END_SIZE, planned_sample_bytes
 
 SHOWN_PROBLEMS = 20
 
@@ -109,7 +109,7 @@ def scan(sources: list[str], profile: DatasetProfile) -> dict:
              "detail": r.detail}
             for r in rejects if r.reason not in (Reason.ORPHAN_IMAGE, Reason.ORPHAN_LABEL)
         ],
-        "estimated_output_bytes": sum(map(sample_tar_size, pairing.samples))
+        "estimated_output_bytes": sum(map(planned_sample_bytes, pairing.samples))
         + len(SPLITS) * TAR_END_SIZE,
     }
 

@@ -24,14 +24,14 @@ from .archives.reader import ArchiveReader
 from .archives.zipdir import index_archives
 from .errors import BadLabel, OutputMissing
 from .output.manifest import manifest_schema, profile_of, read_parquet
+from .output.store import MANIFEST, SUMMARY, OutputStore
 from .pathnames import path_text
 from .plan.pairing import SAFE_KEY
 from .plan.split import SPLITS
 from .profiles import BOM, DatasetProfile
-from .write import BLOCK, TAR_END_SIZE, padded
+from .write.tar import BLOCK, TAR_END_SIZE, padded
 
 BOM_CRC = deflate.crc32(BOM)
-MANIFEST, SUMMARY = "manifest.parquet", "summary.json"
 VALUES_NEEDED = frozenset({"key", "split", "shard", "offset", "sample_bytes", "group", "label",
                            "image_ext", "image_bytes", "crc32", "label_bytes", "label_crc32"})
 TAIL_CHUNK = 2**20
@@ -151,8 +151,7 @@ def _check_sources(rows: list[dict], sources: list[str],
 
 def _check_shard_files(out: Path, summary: dict, expected: dict) -> list[Problem]:
     listed = {name for split in SPLITS for name in summary["splits"][split]["shards"]}
-    present = {p.relative_to(out).as_posix() for split in SPLITS
-               for p in (out / split).glob("shard-*.tar")}
+    present = set(OutputStore(out).shard_files())
     problems = [Problem(name, "shard file is missing") for name in sorted(listed - present)]
     problems += [Problem(name, "extra shard file not in summary.json")
                  for name in sorted(present - listed)]

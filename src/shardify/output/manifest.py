@@ -1,7 +1,7 @@
-"""The index a training job reads: one Parquet row per sample, the rejects, and a JSON summary.
+"""The indexes a training job reads: one Parquet row per sample, the rejects, wids indexes.
 
-Files are written under a temporary name and renamed, so a manifest that exists is complete.
-Nothing time- or host-dependent goes in, so the same inputs give byte-identical files.
+Built from the shards' entries (what was written) and the profile's columns; the output store
+writes them. Nothing time- or host-dependent goes in, so the same inputs give identical files.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from ..plan.pairing import IMAGE, LABEL, member_refs
 from ..plan.split import SPLITS
 from ..profiles import DatasetProfile, get_profile
 from ..rejects import Reject
-from ..write import ShardResult, move_into_place
+from ..write.shard import ShardResult
+from .store import wids_index_name
 
 LOCATION_COLUMNS = [
     ("key", pa.string()),
@@ -96,9 +97,9 @@ def _manifest_batch(result: ShardResult, start: int, stop: int, profile: Dataset
         "sample_bytes": result.sizes[start:stop],
         **profile.column_values([sample.fields for sample in samples]),
         "image_ext": [s.image_ext for s in samples],
-        "image_bytes": [s.image_size for s in samples],
+        "image_bytes": result.image_sizes[start:stop],
         "crc32": result.image_crc32s[start:stop],
-        "label_bytes": [s.label_size for s in samples],
+        "label_bytes": result.label_sizes[start:stop],
         "label_crc32": result.label_crc32s[start:stop],
         "source_archive": pa.DictionaryArray.from_arrays(sources[IMAGE].which, archives[IMAGE]),
         "source_member": sources[IMAGE].names(),
@@ -142,19 +143,16 @@ def wids_index(split: str, shards: list[tuple[str, int, int]]) -> dict:
     }
 
 
-def write_wids_indexes(out: Path, samples: dict[str, int]) -> None:
-    """OUT/{split}.wids.json for each split with samples (`samples`: per shard, how many),
-    atomically; an empty split's is removed, so a stale index never points at shards a later
-    run deleted."""
-    samples = {name: count for name, count in samples.items() if count}
+def wids_indexes(results: list[ShardResult]) -> dict[str, dict | None]:
+    """Each split's wids index file name and content, from what the shards hold; None for a
+    split without samples (its file is removed: a stale index never points at shards a later
+    run deleted)."""
+    indexes: dict[str, dict | None] = {}
     for split in SPLITS:
-        path = out / f"{split}.wids.json"
-        shards = sorted(name for name in samples if name.startswith(f"{split}/"))
-        if not shards:
-            path.unlink(missing_ok=True)
-            continue
-        entries = [(name, samples[name], (out / name).stat().st_size) for name in shards]
-        write_json(wids_index(split, entries), path)
+        shards = [(r.name, len(r.samples), r.bytes_out) for r in results
+                  if r.split == split and r.samples]
+        indexes[wids_index_name(split)] = wids_index(split, shards) if shards else None
+    return indexes
 
 
 def summary_beside(manifest: Path) -> Path:
@@ -187,15 +185,6 @@ def is_shardify_summary(path: Path) -> bool:
     return isinstance(document, dict) and "shardify" in document and "splits" in document
 
 
-def write_parquet(table: pa.Table, path: Path) -> None:
-    """Written through a Python file: Arrow's own paths must be UTF-8, OUT's name need not be."""
-    partial = path.with_name(f".{path.name}.partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(partial, "wb") as handle:
-        pq.write_table(table, handle, compression="zstd")
-    move_into_place(partial, path)
-
-
 def read_parquet(path: Path, **options: Any) -> pa.Table:
     """A Parquet file read through a Python file, whatever bytes its path holds."""
     with open(path, "rb") as handle:
@@ -206,10 +195,3 @@ def read_schema(path: Path) -> pa.Schema:
     """A Parquet file's schema (with its metadata), read through a Python file."""
     with open(path, "rb") as handle:
         return pq.read_schema(handle)
-
-
-def write_json(document: dict, path: Path) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
-    move_into_place(partial, path)

@@ -13,6 +13,7 @@ import fcntl
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import deflate
@@ -20,7 +21,9 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SPLITS = ("train", "val", "test")
+from ..plan.split import SPLITS
+from ..write.shard import TAIL_BYTES
+
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
 SUMMARY = "summary.json"
@@ -28,7 +31,6 @@ STATE_DIR = ".shardify"
 RUN_FILE = "run.json"
 JOURNAL_FILE = "journal.jsonl"
 LOCK_FILE = "lock"
-TAIL_BYTES = 2**20  # the journal records the CRC-32 of each shard's last MiB (resume checks it)
 
 
 def wids_index_name(split: str) -> str:
@@ -78,9 +80,12 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def write_parquet_atomically(path: Path, table: pa.Table) -> None:
+    """As `write_atomically`; written through a Python file: Arrow's own paths must be UTF-8,
+    OUT's name need not be."""
     staged = staging_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, staged, compression="zstd")
+    with open(staged, "wb") as handle:
+        pq.write_table(table, handle, compression="zstd")
     move_into_place(staged, path)
 
 
@@ -95,8 +100,20 @@ def tail_crc32(path: Path) -> int:
         return deflate.crc32(handle.read())
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """The options and plan fingerprint of the run that owns an output folder."""
+
+    fingerprint: str
+    options: dict
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"fingerprint": self.fingerprint, "options": self.options},
+                            option=orjson.OPT_INDENT_2)
+
+
 class OutputStore:
-    """OUT on a local filesystem."""
+    """OUT on a local filesystem. Picklable (a path): workers write staged shards through it."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -164,27 +181,30 @@ class OutputStore:
     def write_parquet(self, name: str, table: pa.Table) -> None:
         write_parquet_atomically(self.path(name), table)
 
+    def size(self, name: str) -> int:
+        return self.path(name).stat().st_size
+
     def remove(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
 
     # -- run record, journal, lock -----------------------------------------------------------
-    def read_run(self) -> dict | None:
-        """The record of the run that owns OUT, or None (none yet, or unreadable)."""
+    def read_run(self) -> RunRecord | None:
+        """The record of the run that owns OUT, or None (none yet, or unreadable: start afresh)."""
         path = self.state / RUN_FILE
         if not path.is_file():
             return None
         try:
             document = orjson.loads(path.read_bytes())
-        except orjson.JSONDecodeError:
+            return RunRecord(document["fingerprint"], document["options"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
             return None
-        return document if isinstance(document, dict) else None
 
-    def start_run(self, record: dict, *, keep_journal: bool) -> None:
+    def start_run(self, record: RunRecord, *, keep_journal: bool) -> None:
         """Record the run that owns OUT, durably; the journal is kept only for the same run."""
         self.state.mkdir(parents=True, exist_ok=True)
         if not keep_journal:
             (self.state / JOURNAL_FILE).unlink(missing_ok=True)
-        write_atomically(self.state / RUN_FILE, orjson.dumps(record, option=orjson.OPT_INDENT_2))
+        write_atomically(self.state / RUN_FILE, record.to_json())
 
     def append_journal(self, entry: dict) -> None:
         """Record a finished shard's entry, flushed to disk before the shard counts as done."""
@@ -210,8 +230,10 @@ class OutputStore:
                 entry = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
-            shard = self.path(entry["shard"]) if isinstance(entry, dict) else None
-            if shard is not None and shard.is_file() and shard.stat().st_size == entry["bytes"] \
+            if not isinstance(entry, dict) or not isinstance(entry.get("shard"), str):
+                continue
+            shard = self.path(entry["shard"])
+            if shard.is_file() and shard.stat().st_size == entry.get("bytes") \
                     and tail_crc32(shard) == entry.get("tail_crc32"):
                 yield entry
 

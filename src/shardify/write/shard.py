@@ -1,0 +1,207 @@
+"""Write one planned shard: read its members, check them, write the tar into a staging file.
+
+A shard is the unit of work, of parallelism, of progress and of resume. A worker gets a compact
+`ShardJob` (plain numpy records, never an open ZipFile) and returns the shard's entry: what was
+really written (each sample's offset, sizes and CRCs, the rejects, the shard's size and the CRC
+of its last MiB). That entry, not the plan, is the truth the manifest and the journal record.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+import deflate
+import numpy as np
+
+from ..archives.model import MEMBER_COLUMNS, Archive, Member
+from ..archives.reader import ArchiveReader
+from ..errors import MemberError
+from ..plan.pairing import Sample, member_refs
+from ..profiles import strip_bom
+from ..rejects import Reason, Reject
+from .images import image_problem
+from .tar import TAR_END_SIZE, class_bytes, sample_chunks
+
+SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_STEP = 32 * 2**20
+TAIL_BYTES = 2**20  # the entry records the CRC-32 of the shard's last MiB (resume checks it)
+_SYNC_FILE_RANGE = getattr(ctypes.CDLL(None), "sync_file_range", None) \
+    if sys.platform == "linux" else None
+ENTRY_COLUMNS = 6  # per written sample, after its key (see `expand`)
+
+
+class ShardSink(Protocol):
+    """Where a shard's bytes go until it is published (the output store)."""
+
+    def create_staged_shard(self, name: str) -> int:
+        """A new, empty staging file for shard `name`, opened for writing."""
+        ...
+
+    def discard_staged_shard(self, name: str) -> None:
+        ...
+
+
+@dataclass
+class ShardResult:
+    """A finished shard: the samples written, in shard order, and per sample (as columns) where
+    it landed and what was written: enough for a manifest row and random access."""
+
+    name: str
+    samples: list[Sample]
+    offsets: np.ndarray  # int64
+    sizes: np.ndarray  # int64: the sample's three members in the shard
+    image_sizes: np.ndarray  # int64
+    image_crc32s: np.ndarray  # uint32
+    label_sizes: np.ndarray  # int64, of the label as written (without BOM)
+    label_crc32s: np.ndarray  # uint32
+    rejects: list[Reject] = field(default_factory=list)
+    bytes_out: int = 0
+
+    @property
+    def split(self) -> str:
+        return self.name.split("/", 1)[0]
+
+
+# A member's location in a job: which of the job's archives, then the member table's columns.
+LOCATION = np.dtype([("archive", "<i4"), *MEMBER_COLUMNS.descr])
+
+
+class ShardJob(NamedTuple):
+    """One shard to write, as plain compact data: what a worker process is sent.
+
+    Member locations are numpy records (a few dozen bytes per sample, pickled in one piece), so
+    a worker holds far less than the plan's objects would take. Members already known to be
+    unusable carry their problem in `problems`, keyed by (sample index, 0 image / 1 label).
+    """
+
+    name: str
+    keys: list[str]
+    image_exts: list[str]
+    classes: list[bytes]
+    images: np.ndarray
+    labels: np.ndarray
+    problems: dict[tuple[int, int], tuple[Reason, str]]
+    archives: tuple[Archive, ...]
+
+
+def shard_job(name: str, samples: tuple[Sample, ...]) -> ShardJob:
+    """The job for a shard, its member locations read from the tables' columns in bulk."""
+    refs = member_refs(samples)
+    records, count = refs.records(), len(samples)
+    locations = np.zeros(2 * count, LOCATION)
+    locations["archive"] = refs.which
+    for column in LOCATION.names[1:]:
+        locations[column] = records[column]
+    problems = {divmod(i, count)[::-1]: problem for i, problem in refs.problems().items()}
+    return ShardJob(name, [s.key for s in samples], [s.image_ext for s in samples],
+                    [class_bytes(s.fields.label) for s in samples],
+                    locations[:count], locations[count:], problems,
+                    tuple(table.archive for table in refs.tables))
+
+
+def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
+    """The ShardResult of a shard's entry (from a worker, or the journal), with the plan's samples.
+
+    Entries name samples by key (`[key, offset, sample bytes, image bytes, image CRC-32, label
+    bytes, label CRC-32]`) and rejects by sample index; the names of the rejected members come
+    from the plan, so workers never need them. Raises ValueError for an entry of another shape
+    (a journal of an older build).
+    """
+    by_key = {sample.key: sample for sample in samples}
+    rows = entry["samples"]
+    numbers = np.array([row[1:] for row in rows], np.int64).reshape(len(rows), ENTRY_COLUMNS)
+    rejects = [Reject(samples[i].key, Reason(reason), member.archive.name, member.name, detail)
+               for i, reason, detail in entry["rejects"]
+               for member in (samples[i].image, samples[i].label)]
+    crc = np.uint32
+    return ShardResult(entry["shard"], [by_key[row[0]] for row in rows], numbers[:, 0],
+                       numbers[:, 1], numbers[:, 2], numbers[:, 3].astype(crc), numbers[:, 4],
+                       numbers[:, 5].astype(crc), rejects, entry["bytes"])
+
+
+def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
+    """Write shard `job.name` to its staging file; return its entry (see `expand`).
+
+    Samples whose members fail a check are left out and listed as rejects.
+    """
+    written: list[list] = []
+    rejects: list[list] = []
+    images, labels = job.images.tolist(), job.labels.tolist()
+    fd = sink.create_staged_shard(job.name)
+    try:
+        offset = flushed = 0
+        for i, key in enumerate(job.keys):
+            image = _member(job, images[i], job.problems.get((i, 0)))
+            label = _member(job, labels[i], job.problems.get((i, 1)))
+            payloads = _read_sample(reader, image, label, job.image_exts[i])
+            if isinstance(payloads, list):
+                rejects.append([i, *payloads])
+                continue
+            image_bytes, label_bytes = payloads
+            size = write_all(fd, sample_chunks(key, job.image_exts[i], image_bytes, label_bytes,
+                                               job.classes[i]))
+            written.append([key, offset, size, len(image_bytes), image.crc32, len(label_bytes),
+                            deflate.crc32(label_bytes)])
+            offset += size
+            if offset - flushed >= WRITEBACK_STEP:
+                _start_writeback(fd, flushed, offset - flushed)
+                flushed = offset
+        write_all(fd, [bytes(TAR_END_SIZE)])
+        size = offset + TAR_END_SIZE
+        tail = os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES))  # from the page cache
+    except BaseException:
+        os.close(fd)
+        sink.discard_staged_shard(job.name)
+        raise
+    os.close(fd)
+    return {"shard": job.name, "bytes": size, "tail_crc32": deflate.crc32(tail),
+            "samples": written, "rejects": rejects}
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a written range to disk now, without waiting (Linux sync_file_range).
+
+    The final fdatasync then waits only for the last few MiB instead of the whole shard, so
+    making each shard durable overlaps with reading the next samples.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, ctypes.c_int64(offset), ctypes.c_int64(length),
+                         SYNC_FILE_RANGE_WRITE)
+
+
+def _member(job: ShardJob, location: tuple, problem: tuple[Reason, str] | None) -> Member:
+    """A Member record for reading, from a job's location record (names are not needed)."""
+    archive, *columns = location
+    return Member(job.archives[archive], "", *columns, problem)
+
+
+def write_all(fd: int, chunks: list[bytes]) -> int:
+    """writev until every byte is written (a regular file may take a large write in parts)."""
+    total = sum(map(len, chunks))
+    done = os.writev(fd, chunks)
+    if done < total:
+        rest = b"".join(chunks)[done:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+    return total
+
+
+def _read_sample(reader: ArchiveReader, image: Member, label: Member,
+                 ext: str) -> tuple[bytes, bytes] | list:
+    """Both payloads, checked (label without BOM); or [reason, detail] if the pair is rejected."""
+    try:
+        image_bytes = reader.read(image)
+    except MemberError as error:
+        return [error.reason, f"image: {error}"]
+    problem = image_problem(image_bytes, ext)
+    if problem:
+        return [Reason.BAD_IMAGE, problem]
+    try:
+        label_bytes = reader.read(label)
+    except MemberError as error:
+        return [error.reason, f"label: {error}"]
+    return image_bytes, strip_bom(label_bytes)

@@ -1,0 +1,88 @@
+"""The sample's tar layout, in one place: which members a sample has, their bytes and sizes.
+
+A sample is three adjacent members, `{key}.{image ext}`, `{key}.json`, `{key}.cls`, each a USTAR
+header (no PAX: wids reads only the 100-byte name field), its payload and zero padding to the
+next 512-byte block. Headers have a fixed mtime, uid/gid 0 and mode 0444, so GNU tar, webdataset
+and wids all read the same thing and the same inputs give the same bytes. The planner's sizes
+and the writer's bytes both come from here.
+"""
+
+from __future__ import annotations
+
+import tarfile
+
+from ..plan.pairing import Sample
+
+BLOCK = 512
+TAR_END_SIZE = 2 * BLOCK  # two zero blocks end the archive
+MTIME = 0
+LABEL_EXT, CLASS_EXT = "json", "cls"
+NAME_FIELD, SIZE_FIELD, CHECKSUM_FIELD = slice(0, 100), slice(124, 136), slice(148, 156)
+MAX_MEMBER_SIZE = 8**11 - 1
+
+
+def padded(size: int) -> int:
+    """`size` rounded up to whole blocks."""
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+def class_bytes(label: int) -> bytes:
+    """The `.cls` member: the class index in ASCII digits (webdataset's convention)."""
+    return str(label).encode("ascii")
+
+
+def sample_tar_size(image_bytes: int, label_bytes: int, class_size: int) -> int:
+    """Bytes a sample takes in a tar: a header plus the padded payload, per member."""
+    return sum(BLOCK + padded(size) for size in (image_bytes, label_bytes, class_size))
+
+
+def planned_sample_bytes(sample: Sample) -> int:
+    """What a planned sample will take in its shard, from its members' sizes in the zips."""
+    return sample_tar_size(sample.image_size, sample.label_size,
+                           len(class_bytes(sample.fields.label)))
+
+
+def _header_template() -> tuple[bytes, int]:
+    """tarfile's own USTAR header for our fixed fields, with name, size and checksum blanked.
+
+    Returns the template and the checksum of its fixed part. Patching three fields is ~10x
+    faster than `TarInfo.tobuf` (25 us per member), which matters at 1.2M members.
+    """
+    info = tarfile.TarInfo("")
+    info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o444, MTIME, 0, 0, "", ""
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict"))
+    header[NAME_FIELD] = bytes(100)
+    header[SIZE_FIELD] = bytes(12)
+    header[CHECKSUM_FIELD] = b" " * 8
+    return bytes(header), sum(header)
+
+
+HEADER_TEMPLATE, HEADER_SUM = _header_template()
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """A USTAR header for a read-only regular file, byte for byte what `tarfile` writes.
+
+    Raises ValueError if the name is not ASCII or too long, or the size needs more than USTAR.
+    """
+    raw_name = name.encode("ascii")
+    if len(raw_name) > 99 or size > MAX_MEMBER_SIZE:
+        raise ValueError(f"{name!r} ({size} bytes) does not fit a USTAR header")
+    size_field = b"%011o\0" % size
+    checksum = HEADER_SUM + sum(raw_name) + sum(size_field)
+    header = bytearray(HEADER_TEMPLATE)
+    header[: len(raw_name)] = raw_name
+    header[SIZE_FIELD] = size_field
+    header[CHECKSUM_FIELD] = b"%06o\0 " % checksum
+    return bytes(header)
+
+
+def sample_chunks(key: str, image_ext: str, image: bytes, label: bytes, cls: bytes
+                  ) -> list[bytes]:
+    """Header, payload and padding of the image, label and class members, in that order."""
+    chunks: list[bytes] = []
+    for member_ext, payload in ((image_ext, image), (LABEL_EXT, label), (CLASS_EXT, cls)):
+        chunks.append(ustar_header(f"{key}.{member_ext}", len(payload)))
+        chunks.append(payload)
+        chunks.append(bytes(padded(len(payload)) - len(payload)))
+    return chunks
