@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import wids
 
 Decode = Literal["pil", "numpy", "raw"]
-Select = pc.Expression | Mapping[str, Any] | None
+Select: TypeAlias = pc.Expression | Mapping[str, Any] | None
 Item = tuple[dict[str, Any], dict[str, Any]]  # (webdataset sample, manifest row)
 DECODES = ("pil", "numpy", "raw")
 

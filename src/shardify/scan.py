@@ -48,7 +48,7 @@ def survey(sources: list[str], reader: ArchiveReader, profile: DatasetProfile, *
     progress: list[Progress] = []
 
     def read_labels(chunks: Iterable[list[Member]], count: int
-                    ) -> Iterator[tuple[Member, bytes | MemberError]]:
+                    ) -> Iterator[tuple[Member, bytes | bytearray | MemberError]]:
         progress.append(Progress(count, "labels", "reading labels", enabled=not quiet))
         for members in chunks:
             yield from reader.read_many(members)

@@ -61,7 +61,7 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
         rows, summary, profile = _read_index_files(out)
     except Unusable as error:
         return 0, [error.problem]
-    expected = {row["shard"]: {} for row in rows}
+    expected: dict[str, dict[str, dict]] = {row["shard"]: {} for row in rows}
     for row in rows:
         expected[row["shard"]][row["key"]] = row
     problems = _check_shard_files(out, summary, expected)

@@ -83,7 +83,8 @@ def _walk(folder: Path, found: Discovery) -> list[Path]:
 
     files: list[Path] = []
     listed: set[tuple[int, int]] = set()
-    folders, linked = [folder], []
+    folders: list[Path] = [folder]
+    linked: list[Path] = []
     while folders or linked:
         top = folders.pop() if folders else linked.pop()
         try:
@@ -188,14 +189,14 @@ def _collect(files: dict[str, Extent], container: str, found: Discovery) -> None
             continue
         extents = tuple(extent for _, _, extent in sorted(parts, key=lambda p: p[0]))
         found.archives.append(Archive(zip_name, f"{kind_prefix}pieces", extents, notes=notes))
-    for zip_name, parts in volumes.items():
+    for zip_name, numbered in volumes.items():
         last = zips.pop(zip_name, None)
-        numbers = sorted(number for number, _ in parts)
+        numbers = sorted(number for number, _ in numbered)
         if last is None or numbers != list(range(1, len(numbers) + 1)):
             found.rejects.append(Reject("", Reason.BAD_ARCHIVE, zip_name, "", _volume_problem(
                 zip_name, numbers, last is not None)))
             continue
-        extents = (*(extent for _, extent in sorted(parts, key=lambda p: p[0])), last)
+        extents = (*(extent for _, extent in sorted(numbered, key=lambda p: p[0])), last)
         starts = tuple(sum(e.length for e in extents[:i]) for i in range(len(extents)))
         found.archives.append(Archive(zip_name, f"{kind_prefix}volumes", extents,
                                       volume_starts=starts))
@@ -289,7 +290,7 @@ def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
     except (tarfile.TarError, OSError) as error:
         if not entries:
             detail = (f"{name}: cannot read: {error.strerror}" if isinstance(error, OSError)
-                      else _not_a_tar(name, _first_bytes(extent.path), error))
+                      else _not_a_tar(name, _first_bytes(extent), error))
             found.rejects.append(Reject("", Reason.BAD_ARCHIVE, name, "", detail))
             return
         cut = f"{error} after {len(entries)} members"
@@ -300,13 +301,15 @@ def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
     _collect(entries, name, found)
 
 
-def _first_bytes(path: Path) -> bytes:
-    with open(path, "rb") as handle:
+def _first_bytes(extent: Extent) -> bytes:
+    assert extent.path is not None  # a tar on disk, never a hole
+    with open(extent.path, "rb") as handle:
         return handle.read(64)
 
 
 def _tar_end_found(extent: Extent, end: int) -> bool:
     """Whether two zero blocks (the end-of-archive marker) follow the last member at `end`."""
+    assert extent.path is not None  # a tar on disk, never a hole
     with open(extent.path, "rb") as handle:
         handle.seek(end)
         marker = handle.read(1024)

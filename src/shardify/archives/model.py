@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from ..rejects import Reason
+
 METHOD_STORED = 0
-
-
 METHOD_DEFLATED = 8
-
-
 METHOD_DEFLATE64 = 9
-
-
 SUPPORTED_METHODS = {METHOD_STORED: "stored", METHOD_DEFLATED: "deflate",
                      METHOD_DEFLATE64: "deflate64"}
 
@@ -61,11 +57,20 @@ class Archive:
         return sum(extent.length for extent in self.extents)
 
 
+Problem = tuple[Reason, str]  # (reject reason, detail) of a member known to be unusable
+
+# A member's location, one numpy record per member: the columns of a MemberTable, in the order
+# of Member's fields after (archive, name).
+MEMBER_COLUMNS = np.dtype([("header_offset", "<i8"), ("compressed_size", "<i8"),
+                           ("file_size", "<i8"), ("crc32", "<u4"), ("method", "<u2"),
+                           ("flags", "<u2"), ("raw_name_len", "<u2")])
+
+
 class Member(NamedTuple):
     """One file inside an archive, located well enough to read it with a single `pread`.
 
-    `problem` is (reject reason, detail) for a member already known to be unusable (zip bomb,
-    overlap, unsupported method, inside a broken archive); reading it raises that.
+    `problem` is set for a member already known to be unusable (zip bomb, overlap, unsupported
+    method, inside a broken archive); reading it raises that.
     """
 
     archive: Archive
@@ -77,19 +82,27 @@ class Member(NamedTuple):
     method: int
     flags: int
     raw_name_len: int
-    problem: tuple[str, str] | None = None
+    problem: Problem | None = None
+
+    @classmethod
+    def at(cls, archive: Archive, name: str, location: Sequence[int],
+           problem: Problem | None = None) -> Member:
+        """A member from its MEMBER_COLUMNS values (a record's `tolist()`), in column order."""
+        return cls._make((archive, name, *location, problem))
+
+    def location(self) -> tuple[int, ...]:
+        """Its MEMBER_COLUMNS values, in column order."""
+        return tuple(self[2:9])
 
     @property
     def base_name(self) -> str:
         return self.name.rsplit("/", 1)[-1]
 
 
-MEMBER_COLUMNS = np.dtype([("header_offset", "<i8"), ("compressed_size", "<i8"),
-                           ("file_size", "<i8"), ("crc32", "<u4"), ("method", "<u2"),
-                           ("flags", "<u2"), ("raw_name_len", "<u2")])
+assert Member._fields[2:9] == MEMBER_COLUMNS.names  # one order for the record and the tuple
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class MemberTable:
     """The members of one archive as columns: names, one numpy record per member, problems.
 
@@ -97,33 +110,44 @@ class MemberTable:
     offsets (`name_offsets`). A 200k-member archive costs ~34 bytes a member plus its name,
     instead of several Python objects per member, and is classified and paired with vectorised
     operations; `names` and `member(row)` build Python objects only where they are needed.
+    Complete and immutable once built: a table with more problems is a new table.
     """
 
     archive: Archive
     name_data: bytes
     name_offsets: np.ndarray  # int64, len(columns) + 1
     columns: np.ndarray  # MEMBER_COLUMNS, one row per member
-    problems: dict[int, tuple[str, str]] = field(default_factory=dict)
+    problems: Mapping[int, Problem] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for array in (self.name_offsets, self.columns):
+            array.flags.writeable = False
 
     @classmethod
     def from_names(cls, archive: Archive, names: list[str], columns: np.ndarray,
-                   problems: dict[int, tuple[str, str]] | None = None) -> MemberTable:
+                   problems: Mapping[int, Problem] | None = None) -> MemberTable:
         data = "".join(names).encode()
         lengths = map(len, names) if len(data) == sum(map(len, names)) else (
             len(name.encode()) for name in names)
         offsets = np.zeros(len(names) + 1, np.int64)
         offsets[1:] = np.cumsum(np.fromiter(lengths, np.int64, len(names)))
-        table = cls(archive, data, offsets, columns, problems or {})
+        table = cls(archive, data, offsets, columns, dict(problems or {}))
         table.__dict__["names"] = names
         return table
 
     @classmethod
     def from_members(cls, archive: Archive, members: list[Member]) -> MemberTable:
-        columns = np.array([m[2:9] for m in members], dtype=MEMBER_COLUMNS) if members \
-            else np.zeros(0, MEMBER_COLUMNS)
+        columns = np.array([m.location() for m in members], dtype=MEMBER_COLUMNS)
         return cls.from_names(archive, [m.name for m in members], columns,
                               {row: m.problem for row, m in enumerate(members)
                                if m.problem is not None})
+
+    def with_problems(self, problems: Mapping[int, Problem]) -> MemberTable:
+        """The same members with these problems added (a row's earlier problem is kept)."""
+        table = replace(self, problems={**problems, **self.problems})
+        if "names" in self.__dict__:
+            table.__dict__["names"] = self.names
+        return table
 
     def __len__(self) -> int:
         return len(self.columns)
@@ -149,8 +173,8 @@ class MemberTable:
         return self.name_data[self.name_offsets[row] : self.name_offsets[row + 1]].decode()
 
     def member(self, row: int) -> Member:
-        return Member(self.archive, self.name(row), *self.columns[row].tolist(),
-                      self.problems.get(row))
+        return Member.at(self.archive, self.name(row), self.columns[row].tolist(),
+                         self.problems.get(row))
 
     def names_of(self, rows: list[int]) -> list[str]:
         """The names of `rows`, without keeping every name (400k names take ~40 MB)."""
@@ -164,7 +188,7 @@ class MemberTable:
         """Member records for `rows` (all by default), built in bulk."""
         rows = list(range(len(self))) if rows is None else rows
         archive, problems = self.archive, self.problems
-        return [Member(archive, name, *values, problems.get(row)) for row, name, values
+        return [Member.at(archive, name, values, problems.get(row)) for row, name, values
                 in zip(rows, self.names_of(rows), self.columns[rows].tolist(), strict=True)]
 
     def take(self, rows: np.ndarray) -> MemberTable:
@@ -213,7 +237,7 @@ class MemberRefs:
                 found[i] = name
         return found
 
-    def problems(self) -> dict[int, tuple[str, str]]:
+    def problems(self) -> dict[int, Problem]:
         """The known problem of each flawed reference, by position."""
         return {i: problem for table, at in self._groups() if table.problems
                 for i, row in zip(at.tolist(), self.rows[at].tolist(), strict=True)

@@ -39,6 +39,7 @@ MAX_NESTED_INFLATE = 512 * 2**20
 MAX_OPEN_FILES = 64  # descriptors an ArchiveReader keeps open at once
 
 
+Payload = bytes | bytearray  # a member's bytes (libdeflate inflates into a bytearray)
 INFLATE64_CHUNK = 1024  # input per step: Deflate64 output past a lying size stays < ~30 MB
 
 
@@ -64,7 +65,7 @@ class ArchiveReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
-        self._inflated: dict[str, bytes] = {}
+        self._inflated: dict[str, Payload] = {}
 
     def __enter__(self) -> ArchiveReader:
         return self
@@ -78,7 +79,7 @@ class ArchiveReader:
     def pread(self, archive: Archive, size: int, offset: int) -> bytes:
         """Up to `size` bytes at `offset` of the archive (fewer only at its end)."""
         if archive.parent is not None:
-            return self._nested_bytes(archive)[offset : offset + size]
+            return bytes(self._nested_bytes(archive)[offset : offset + size])
         chunks = []
         start = 0
         for extent in archive.extents:
@@ -96,14 +97,14 @@ class ArchiveReader:
             start = end
         return b"".join(chunks)
 
-    def read(self, member: Member) -> bytes:
+    def read(self, member: Member) -> Payload:
         """Return the member's uncompressed bytes, CRC-checked; raise MemberError if unusable."""
         # Small members come with their header in one read; large ones are read on their own,
         # so the payload is not copied out of a bigger buffer.
         inline = member.compressed_size if member.compressed_size <= INLINE_READ else 0
         return self._read(member, None, 0, inline)
 
-    def read_many(self, members: list[Member]) -> Iterator[tuple[Member, bytes | MemberError]]:
+    def read_many(self, members: list[Member]) -> Iterator[tuple[Member, Payload | MemberError]]:
         """Each member with its bytes or its MemberError, in order; neighbours share one read.
 
         For many small members (400k labels), one pread per window of neighbours instead of one
@@ -133,7 +134,7 @@ class ArchiveReader:
                     yield member, error
             i = j
 
-    def _read(self, member: Member, window: bytes | None, at: int, inline: int) -> bytes:
+    def _read(self, member: Member, window: bytes | None, at: int, inline: int) -> Payload:
         """The member's bytes from `window[at:]` when it holds them, else from the archive."""
         if member.problem is not None:
             raise MemberError(*member.problem)
@@ -166,7 +167,7 @@ class ArchiveReader:
             raise MemberError(Reason.BAD_CRC, f"crc32 {crc:08x} != {member.crc32:08x} in directory")
         return data
 
-    def _nested_bytes(self, archive: Archive) -> bytes:
+    def _nested_bytes(self, archive: Archive) -> Payload:
         """A deflated zip inside a zip is inflated once and kept while it is in use.
 
         The cache holds at most MAX_NESTED_INFLATE bytes: the least recently used goes first.
@@ -201,7 +202,7 @@ def _upper_end(member: Member) -> int:
         + member.compressed_size
 
 
-def inflate(raw: bytes, method: int, size: int) -> bytes:
+def inflate(raw: bytes, method: int, size: int) -> Payload:
     """Uncompress member data into exactly `size` bytes, never more (bomb-safe).
 
     libdeflate (`deflate`) inflates about twice as fast as zlib here and needs the size up front,

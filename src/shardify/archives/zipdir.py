@@ -32,6 +32,7 @@ from .model import (
     Extent,
     Member,
     MemberTable,
+    Problem,
 )
 from .reader import (
     LOCAL_HEADER_SIZE,
@@ -95,9 +96,9 @@ def decode_name(raw: bytes, flags: int, extra: bytes = b"") -> str:
     (Korean Windows tools); else CP437. Valid UTF-8 is rarely valid CP949 Korean, and vice versa.
     """
     if raw.isascii():
-        name = raw.decode("ascii")
-        return name.replace("\\", "/") if "\\" in name else name
-    name = None
+        ascii_name = raw.decode("ascii")
+        return ascii_name.replace("\\", "/") if "\\" in ascii_name else ascii_name
+    name: str | None = None
     if not flags & FLAG_UTF8:
         name = _unicode_path(raw, extra)
     for encoding in ("utf-8", "cp949", "cp437"):
@@ -227,8 +228,8 @@ def list_members(archive: Archive, reader: ArchiveReader) -> tuple[Archive, Memb
             table = _central_directory(archive, reader)
         except ArchiveError:
             raise ArchiveError(archive.broken) from None
-        table.problems = dict.fromkeys(range(len(table)), (Reason.BAD_ARCHIVE, archive.broken))
-        return archive, table
+        return archive, table.with_problems(
+            dict.fromkeys(range(len(table)), (Reason.BAD_ARCHIVE, archive.broken)))
     directory = None  # the central directory, when it reads but its local headers are not found
     try:
         table = _central_directory(archive, reader)
@@ -238,7 +239,7 @@ def list_members(archive: Archive, reader: ArchiveReader) -> tuple[Archive, Memb
                                "directory says")
         if not len(table):  # valid, and nothing to read: said, neither a crash nor a reject
             archive = replace(archive, notes=(*archive.notes, "empty zip: no members"))
-            table.archive = archive
+            table = replace(table, archive=archive)
     except MissingVolume:
         raise
     except ArchiveError as error:
@@ -248,7 +249,7 @@ def list_members(archive: Archive, reader: ArchiveReader) -> tuple[Archive, Memb
         if reader.pread(archive, 4, 0) not in (LOCAL_SIG, DESCRIPTOR_SIG):
             raise
         archive, table = _recover(archive, reader, str(error), directory is not None)
-    _flag_hostile(archive, table)
+    table = table.with_problems(_hostile(archive, table))
     return archive, table
 
 
@@ -663,7 +664,7 @@ def _recover(archive: Archive, reader: ArchiveReader, why: str,
                 "members and the central directory are missing")
         kind = f"{archive.kind} (truncated)"
     recovered = replace(archive, kind=kind, notes=(*archive.notes, note))
-    return recovered, MemberTable.from_members(recovered, members + [cut] * (cut is not None))
+    return recovered, MemberTable.from_members(recovered, [*members, *([cut] if cut else [])])
 
 
 def _delimit(archive: Archive, reader: ArchiveReader, data_start: int,
@@ -699,8 +700,9 @@ def _delimit(archive: Archive, reader: ArchiveReader, data_start: int,
     return None
 
 
-def _flag_hostile(archive: Archive, table: MemberTable) -> None:
-    """Mark members that must not be read: bombs, overlaps, data past the end, odd methods.
+def _hostile(archive: Archive, table: MemberTable) -> dict[int, Problem]:
+    """The members that must not be read, with why: bombs, overlaps, data past the end, odd
+    methods (a problem the table already holds stays first).
 
     Vectorised with numpy: the checks run on every member of 100k-member archives.
     """
@@ -715,21 +717,22 @@ def _flag_hostile(archive: Archive, table: MemberTable) -> None:
                | (offset + LOCAL_HEADER_SIZE + csize > archive.size)
                | ((method != METHOD_STORED) & (usize > BOMB_MIN_BYTES)
                   & (usize > BOMB_RATIO * np.maximum(csize, 1))))
+    found: dict[int, Problem] = {}
     for row in sorted({*np.flatnonzero(suspect).tolist(), *overlaps}):
-        problem = (table.problems.get(row) or _member_problem(table.member(row), archive.size)
-                   or overlaps.get(row))
+        problem = _member_problem(table.member(row), archive.size) or overlaps.get(row)
         if problem is not None:
-            table.problems[row] = problem
+            found[row] = problem
+    return found
 
 
 def _overlaps(table: MemberTable, start: np.ndarray,
-              end: np.ndarray) -> dict[int, tuple[str, str]]:
+              end: np.ndarray) -> dict[int, Problem]:
     """Members whose data starts inside an earlier member's data, and that earlier member."""
     order = np.argsort(start, kind="stable")
     sorted_end = end[order]
     reach = np.maximum.accumulate(sorted_end)
     holder = np.maximum.accumulate(np.where(sorted_end == reach, np.arange(len(order)), 0))
-    problems: dict[int, tuple[str, str]] = {}
+    problems: dict[int, Problem] = {}
     for position in (np.flatnonzero(start[order][1:] < reach[:-1]) + 1).tolist():
         later, earlier = int(order[position]), int(order[holder[position - 1]])
         problems[later] = (Reason.OVERLAP, f"data overlaps {table.name(earlier)}")
@@ -737,7 +740,7 @@ def _overlaps(table: MemberTable, start: np.ndarray,
     return problems
 
 
-def _member_problem(member: Member, archive_size: int) -> tuple[str, str] | None:
+def _member_problem(member: Member, archive_size: int) -> Problem | None:
     if member.flags & FLAG_ENCRYPTED:
         return Reason.UNSUPPORTED_METHOD, "member is encrypted"
     if member.method not in SUPPORTED_METHODS:

@@ -123,7 +123,7 @@ def safe_key(stem: str) -> str:
 # Reads labels: given chunks of label members and their total count, yields each member with
 # its bytes or its MemberError, in order.
 LabelReader = Callable[[Iterable[list[Member]], int],
-                       Iterable[tuple[Member, "bytes | MemberError"]]]
+                       Iterable[tuple[Member, "bytes | bytearray | MemberError"]]]
 
 IMAGE, LABEL, OTHER, JUNK = range(4)
 KINDS = ("images", "labels", "other", "junk")
@@ -499,7 +499,7 @@ def _one_copy(
 
 
 def _reject(
-    result: Pairing, key: str, reason: str, members: list[Member], detail: str
+    result: Pairing, key: str, reason: Reason, members: list[Member], detail: str
 ) -> None:
     for member in members:
         result.rejects.append(Reject(key, reason, member.archive.name, member.name, detail))

@@ -64,9 +64,9 @@ def assign_splits(
     for balance in sorted({stratum.balance for stratum in strata}):
         ordered: list[str] = []
         for rank in sorted({s.rank for s in strata if s.balance == balance}, reverse=True):
-            stratum = sorted(strata[Stratum(balance, rank)])
-            random.Random(_stratum_seed(seed, balance, rank)).shuffle(stratum)
-            ordered += stratum
+            members = sorted(strata[Stratum(balance, rank)])
+            random.Random(_stratum_seed(seed, balance, rank)).shuffle(members)
+            ordered += members
         assigned = [0] * len(SPLITS)
         for position, group in enumerate(ordered, start=1):
             deficits = [r * position - n for r, n in zip(ratios, assigned, strict=True)]

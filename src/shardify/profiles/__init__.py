@@ -17,7 +17,7 @@ import pyarrow as pa
 BOM = b"\xef\xbb\xbf"
 
 
-def strip_bom(raw: bytes) -> bytes:
+def strip_bom(raw: bytes | bytearray) -> bytes | bytearray:
     """Label bytes without a UTF-8 BOM (some exporters write one): what shards hold."""
     return raw[len(BOM) :] if raw.startswith(BOM) else raw
 
@@ -83,19 +83,52 @@ class SampleData(Protocol):
 
 
 class DatasetProfile(Protocol):
-    """One dataset's rules. Implementations are plain modules' objects; all methods are pure."""
+    """One dataset's rules. Implementations are plain immutable objects; all methods are pure."""
 
-    name: str
-    version: int
-    image_extensions: Mapping[str, str]  # lower-case extension with dot -> image type written
-    label_extension: str
-    class_names: tuple[str, ...]  # `.cls` i names class_names[i]
-    group_noun: str  # what a group is, for messages: "battery"
-    group_unit: str  # the same in the plural, for summaries: "batteries"
-    columns: pa.Schema  # the manifest's dataset columns, in order
-    geometry: Geometry
+    @property
+    def name(self) -> str:
+        """How the profile is named (manifest metadata, run fingerprint)."""
+        ...
 
-    def parse_label(self, raw: bytes) -> Fields:
+    @property
+    def version(self) -> int:
+        """Changes whenever a rule changes what a conversion writes (part of the fingerprint)."""
+        ...
+
+    @property
+    def image_extensions(self) -> Mapping[str, str]:
+        """Lower-case extension with dot (1-4 letters) -> the image type written (`.jpeg`: jpg)."""
+        ...
+
+    @property
+    def label_extension(self) -> str:
+        ...
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """`.cls` i names class_names[i]."""
+        ...
+
+    @property
+    def group_noun(self) -> str:
+        """What a group is, for messages: "battery"."""
+        ...
+
+    @property
+    def group_unit(self) -> str:
+        """The same in the plural, for summaries: "batteries"."""
+        ...
+
+    @property
+    def columns(self) -> pa.Schema:
+        """The manifest's dataset columns, in order; they include `group` and `label`."""
+        ...
+
+    @property
+    def geometry(self) -> Geometry:
+        ...
+
+    def parse_label(self, raw: bytes | bytearray) -> Fields:
         """The label's fields; raise BadLabel (its message is the reject detail)."""
         ...
 

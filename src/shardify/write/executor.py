@@ -24,7 +24,7 @@ from concurrent.futures import (
     wait,
 )
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..archives.reader import ArchiveReader
 from .shard import ShardJob, ShardSink, write_shard
@@ -113,9 +113,9 @@ def write_shards(jobs: list[ShardJob], executor: Executor, sink: ShardSink,
             for future in [future for future in writing if future.done()]:
                 writing.discard(future)
                 publishing.add(publisher.submit(publish, future.result()))
-            for future in [future for future in publishing if future.done()]:
-                publishing.discard(future)
-                future.result()
+            for published in [future for future in publishing if future.done()]:
+                publishing.discard(published)
+                published.result()
 
         try:
             while True:
@@ -125,11 +125,12 @@ def write_shards(jobs: list[ShardJob], executor: Executor, sink: ShardSink,
                     settle()
                 if not writing and not publishing:
                     return
-                wait(writing | publishing, return_when=FIRST_COMPLETED)
+                pending: set[Future[Any]] = {*writing, *publishing}
+                wait(pending, return_when=FIRST_COMPLETED)
         finally:
-            for future in writing:  # written, but not handed over yet when this stopped
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    publisher.submit(publish, future.result())
+            for written in writing:  # written, but not handed over yet when this stopped
+                if written.done() and not written.cancelled() and written.exception() is None:
+                    publisher.submit(publish, written.result())
 
 
 def _worker_setup(parent: int) -> None:

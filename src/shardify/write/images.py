@@ -18,7 +18,7 @@ PNG_CHUNK_HEAD = struct.Struct(">I4s")  # length, type; then the data and a 4-by
 PNG_CHUNK_OVERHEAD = PNG_CHUNK_HEAD.size + 4
 
 
-def image_problem(data: bytes, ext: str) -> str | None:
+def image_problem(data: bytes | bytearray, ext: str) -> str | None:
     """Why the bytes are not a complete image of the named kind, or None if they look whole.
 
     Cheap structural check: JPEG has SOI, a marker chain up to SOS and an EOI after it; PNG is
@@ -37,7 +37,7 @@ def image_problem(data: bytes, ext: str) -> str | None:
     return None
 
 
-def _png_problem(data: bytes) -> str | None:
+def _png_problem(data: bytes | bytearray) -> str | None:
     """Signature, IHDR (13 bytes) first, every chunk (length, type, data, CRC) within the bytes,
     an IDAT, and IEND last, ending exactly at the end: bytes after IEND are refused too (real
     PNGs end there, and a chunk after IEND means the file is not what it claims). CRCs are not
@@ -65,7 +65,7 @@ def _png_problem(data: bytes) -> str | None:
     return "PNG is cut off (no IEND chunk)"
 
 
-def _jpeg_scan_start(data: bytes) -> int | None:
+def _jpeg_scan_start(data: bytes | bytearray) -> int | None:
     """Offset just past the first SOS segment header, walking the marker segments from SOI."""
     pos = 2
     while pos + 4 <= len(data):

@@ -18,7 +18,7 @@ import deflate
 import numpy as np
 
 from ..archives.model import MEMBER_COLUMNS, Archive, Member
-from ..archives.reader import ArchiveReader
+from ..archives.reader import ArchiveReader, Payload
 from ..errors import MemberError
 from ..plan.pairing import Sample, member_refs
 from ..profiles import strip_bom
@@ -94,7 +94,7 @@ def shard_job(name: str, samples: tuple[Sample, ...]) -> ShardJob:
     records, count = refs.records(), len(samples)
     locations = np.zeros(2 * count, LOCATION)
     locations["archive"] = refs.which
-    for column in LOCATION.names[1:]:
+    for column in MEMBER_COLUMNS.names or ():
         locations[column] = records[column]
     problems = {divmod(i, count)[::-1]: problem for i, problem in refs.problems().items()}
     return ShardJob(name, [s.key for s in samples], [s.image_ext for s in samples],
@@ -176,10 +176,10 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 def _member(job: ShardJob, location: tuple, problem: tuple[Reason, str] | None) -> Member:
     """A Member record for reading, from a job's location record (names are not needed)."""
     archive, *columns = location
-    return Member(job.archives[archive], "", *columns, problem)
+    return Member.at(job.archives[archive], "", columns, problem)
 
 
-def write_all(fd: int, chunks: list[bytes]) -> int:
+def write_all(fd: int, chunks: list[Payload]) -> int:
     """writev until every byte is written (a regular file may take a large write in parts)."""
     total = sum(map(len, chunks))
     done = os.writev(fd, chunks)
@@ -191,7 +191,7 @@ def write_all(fd: int, chunks: list[bytes]) -> int:
 
 
 def _read_sample(reader: ArchiveReader, image: Member, label: Member,
-                 ext: str) -> tuple[bytes, bytes] | list:
+                 ext: str) -> tuple[Payload, Payload] | list:
     """Both payloads, checked (label without BOM); or [reason, detail] if the pair is rejected."""
     try:
         image_bytes = reader.read(image)

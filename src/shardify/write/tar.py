@@ -77,10 +77,10 @@ def ustar_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
-def sample_chunks(key: str, image_ext: str, image: bytes, label: bytes, cls: bytes
-                  ) -> list[bytes]:
+def sample_chunks(key: str, image_ext: str, image: bytes | bytearray,
+                  label: bytes | bytearray, cls: bytes) -> list[bytes | bytearray]:
     """Header, payload and padding of the image, label and class members, in that order."""
-    chunks: list[bytes] = []
+    chunks: list[bytes | bytearray] = []
     for member_ext, payload in ((image_ext, image), (LABEL_EXT, label), (CLASS_EXT, cls)):
         chunks.append(ustar_header(f"{key}.{member_ext}", len(payload)))
         chunks.append(payload)

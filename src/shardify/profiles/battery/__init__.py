@@ -58,7 +58,7 @@ class BatteryProfile:
     columns: pa.Schema = COLUMNS
     geometry: Geometry = GEOMETRY
 
-    def parse_label(self, raw: bytes) -> BatteryFields:
+    def parse_label(self, raw: bytes | bytearray) -> BatteryFields:
         return parse_label(raw)
 
     def sample_order(self, fields: Fields, key: str) -> tuple[str, int, str]:

@@ -42,7 +42,7 @@ class BatteryFields(NamedTuple):
         return f"{self.data_type}-{self.battery_id}"
 
 
-def parse_label(raw: bytes) -> BatteryFields:
+def parse_label(raw: bytes | bytearray) -> BatteryFields:
     """Parse label bytes (BOM allowed); raise BadLabel saying what is missing or malformed."""
     try:
         document = orjson.loads(strip_bom(raw))
