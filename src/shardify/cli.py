@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import orjson
 
 from . import __version__
-from .errors import UsageError
+from .errors import Terminated, UsageError
 from .pathnames import path_text
 from .profiles import get_profile
 from .progress import human_bytes
@@ -191,10 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--scale", type=int, default=1, help="multiply batteries and images")
     return parser
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C would be, so that it is handled exactly like Ctrl-C."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

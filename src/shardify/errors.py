@@ -43,3 +43,17 @@ class NotEnoughSpace(Exception):
 
 class OutputMissing(Exception):
     """OUT lacks the manifest or summary: it is not a shardify output (exit 2)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so that it is handled exactly like Ctrl-C
+    (exit 143 instead of 130)."""
+
+
+class UnusableIndex(Exception):
+    """verify: an index file (manifest, summary) that cannot be checked against; `where` and
+    `what` are the one problem to report."""
+
+    def __init__(self, where: str, what: str) -> None:
+        super().__init__(f"{where}: {what}")
+        self.where, self.what = where, what

@@ -22,7 +22,7 @@ import pyarrow as pa
 from .archives.discovery import find_archives
 from .archives.reader import ArchiveReader
 from .archives.zipdir import index_archives
-from .errors import BadLabel, OutputMissing
+from .errors import BadLabel, OutputMissing, UnusableIndex
 from .output.manifest import manifest_schema, profile_of, read_parquet
 from .output.store import MANIFEST, SUMMARY, OutputStore
 from .pathnames import path_text
@@ -59,8 +59,8 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
     """
     try:
         rows, summary, profile = _read_index_files(out)
-    except Unusable as error:
-        return 0, [error.problem]
+    except UnusableIndex as error:
+        return 0, [Problem(error.where, error.what)]
     expected: dict[str, dict[str, dict]] = {row["shard"]: {} for row in rows}
     for row in rows:
         expected[row["shard"]][row["key"]] = row
@@ -76,14 +76,6 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
     return len(rows), problems
 
 
-class Unusable(Exception):
-    """An index file that cannot be checked against: the one problem to report."""
-
-    def __init__(self, problem: Problem) -> None:
-        super().__init__(str(problem))
-        self.problem = problem
-
-
 def _read_index_files(out: Path) -> tuple[list[dict], dict, DatasetProfile]:
     """The manifest's rows, the summary and the profile that made them; Unusable if either file
     is missing, unreadable, lacks a column or holds nulls where verify needs values."""
@@ -93,33 +85,33 @@ def _read_index_files(out: Path) -> tuple[list[dict], dict, DatasetProfile]:
                             "output?")
     for path in (manifest_path, summary_path):
         if not path.is_file():
-            raise Unusable(Problem(path.name, "missing; re-run the convert command to rewrite it"))
+            raise UnusableIndex(path.name, "missing; re-run the convert command to rewrite it")
     try:
         table = read_parquet(manifest_path)
     except (pa.ArrowException, OSError) as error:
-        raise Unusable(Problem(MANIFEST, f"unreadable: {error}")) from None
+        raise UnusableIndex(MANIFEST, f"unreadable: {error}") from None
     profile = profile_of(table.schema)
     if profile is None:
-        raise Unusable(Problem(MANIFEST, "names no dataset profile shardify knows (written by "
-                               "another version?); re-run the convert command to rewrite it"))
+        raise UnusableIndex(MANIFEST, "names no dataset profile shardify knows (written by "
+                            "another version?); re-run the convert command to rewrite it")
     schema = manifest_schema(profile)
     missing = [name for name in schema.names if name not in table.column_names]
     if missing:
-        raise Unusable(Problem(MANIFEST, f"lacks the columns {missing}"))
+        raise UnusableIndex(MANIFEST, f"lacks the columns {missing}")
     for name in schema.names:
         wanted, found = schema.field(name).type, table.schema.field(name).type
         if found != wanted:
-            raise Unusable(Problem(MANIFEST, f"column {name} is {found}, expected {wanted}"))
+            raise UnusableIndex(MANIFEST, f"column {name} is {found}, expected {wanted}")
         if name in VALUES_NEEDED and table.column(name).null_count:
-            raise Unusable(Problem(MANIFEST, f"column {name} has empty values"))
+            raise UnusableIndex(MANIFEST, f"column {name} has empty values")
     try:
         summary = orjson.loads(summary_path.read_bytes())
         if not all(isinstance(summary["splits"][split]["shards"], list)
                    and isinstance(summary["splits"][split]["samples"], int) for split in SPLITS):
             raise KeyError("splits")
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as error:
-        raise Unusable(Problem(SUMMARY, f"damaged ({error!r}); re-run the convert command to "
-                               "rewrite it")) from None
+        raise UnusableIndex(SUMMARY, f"damaged ({error!r}); re-run the convert command to "
+                            "rewrite it") from None
     return table.to_pylist(), summary, profile
 
 
