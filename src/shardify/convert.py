@@ -8,8 +8,10 @@ the stages in order, checks the command's paths before any work, and sums the ru
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import stat
+import threading
 import time
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
@@ -20,14 +22,6 @@ from . import __version__
 from .archives.reader import ArchiveReader
 from .archives.zipdir import Index
 from .errors import NotEnoughSpace, RunFailed, UsageError
-from .output.manifest import (
-    is_shardify_manifest,
-    is_shardify_summary,
-    manifest_table,
-    rejects_table,
-    summary_beside,
-    wids_indexes,
-)
 from .output.store import (
     MANIFEST,
     REJECTS,
@@ -37,6 +31,7 @@ from .output.store import (
     json_bytes,
     nearest_existing,
     shard_name,
+    summary_beside,
     write_atomically,
     write_parquet_atomically,
 )
@@ -55,6 +50,7 @@ from .write.tar import TAR_END_SIZE, planned_sample_bytes
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk check
+OUTPUT_TABLES = "shardify.output.manifest"
 
 
 @dataclass(frozen=True)
@@ -139,6 +135,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
 def _write_index_files(options: ConvertOptions, store: OutputStore, results: list[ShardResult],
                        rejects: list[Reject], summary: dict) -> None:
     """Manifest, rejects and summary, each atomically; summary.json last, as the sign of done."""
+    from .output.manifest import manifest_table, rejects_table, wids_indexes
+
     manifest = manifest_table(results, options.profile)
     store.write_parquet(REJECTS, rejects_table(rejects))
     store.write_parquet(MANIFEST, manifest)
@@ -173,6 +171,11 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
         results[entry["shard"]] = expand(samples[entry["shard"]], entry)
         progress.advance(expected[entry["shard"]])
 
+    # The manifest's modules (pyarrow) are imported while the workers write, not before the
+    # fork (each worker would map them) nor after the last shard (the run would wait for it).
+    preload = threading.Thread(target=importlib.import_module, args=(OUTPUT_TABLES,),
+                               daemon=True)
+    preload.start()
     try:
         write_shards(jobs, executor, store, publish)
     except BrokenProcessPool:
@@ -261,6 +264,8 @@ def _check_manifest_path(manifest: Path | None, sources: list[str]) -> None:
     if manifest.is_dir():
         raise UsageError(f"{option} is a folder; give a file name, "
                          "e.g. manifests/aihub-71687.parquet")
+    from .output.manifest import is_shardify_manifest, is_shardify_summary
+
     for path, ours, what in ((manifest, is_shardify_manifest, "a manifest"),
                              (summary_beside(manifest), is_shardify_summary, "a summary")):
         shown = path_text(path)

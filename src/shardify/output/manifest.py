@@ -155,9 +155,6 @@ def wids_indexes(results: list[ShardResult]) -> dict[str, dict | None]:
     return indexes
 
 
-def summary_beside(manifest: Path) -> Path:
-    """Where `--manifest PATH` puts its summary: PATH's `.summary.json` sibling."""
-    return manifest.with_suffix(".summary.json")
 
 
 def is_shardify_manifest(path: Path) -> bool:

@@ -15,14 +15,16 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import deflate
 import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..plan.split import SPLITS
 from ..write.shard import TAIL_BYTES
+
+if TYPE_CHECKING:  # pyarrow is imported when a table is written, after the workers are forked
+    import pyarrow as pa
 
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
@@ -43,6 +45,11 @@ INDEX_FILES = (MANIFEST, REJECTS, SUMMARY, *(wids_index_name(split) for split in
 def shard_name(split: str, index: int) -> str:
     """A shard's path relative to OUT: what the manifest, summary and journal record."""
     return f"{split}/shard-{index:06d}.tar"
+
+
+def summary_beside(manifest: Path) -> Path:
+    """Where `--manifest PATH` puts its summary: PATH's `.summary.json` sibling."""
+    return manifest.with_suffix(".summary.json")
 
 
 def staging_path(final: Path) -> Path:
@@ -82,6 +89,8 @@ def write_atomically(path: Path, data: bytes) -> None:
 def write_parquet_atomically(path: Path, table: pa.Table) -> None:
     """As `write_atomically`; written through a Python file: Arrow's own paths must be UTF-8,
     OUT's name need not be."""
+    import pyarrow.parquet as pq
+
     staged = staging_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(staged, "wb") as handle:

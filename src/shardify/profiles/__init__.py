@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-import pyarrow as pa
+if TYPE_CHECKING:  # pyarrow is imported where tables are built, not by every command
+    import pyarrow as pa
 
 BOM = b"\xef\xbb\xbf"
 

@@ -11,29 +11,37 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 from .. import Fields, Geometry, ReportSection, Stratum
 from .labels import BatteryFields, parse_label
 
-COLUMNS = pa.schema([
-    ("group", pa.string()),
-    ("battery_id", pa.int64()),
-    ("data_type", pa.string()),
-    ("type", pa.string()),
-    ("form", pa.string()),
-    ("label", pa.int8()),
-    ("is_normal", pa.bool_()),
-    ("swelling", pa.bool_()),
-    ("defect_types", pa.list_(pa.string())),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-])
+
+@cache
+def battery_columns() -> pa.Schema:
+    """The manifest's dataset columns (built on first use: pyarrow is not imported before the
+    workers are forked)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("group", pa.string()),
+        ("battery_id", pa.int64()),
+        ("data_type", pa.string()),
+        ("type", pa.string()),
+        ("form", pa.string()),
+        ("label", pa.int8()),
+        ("is_normal", pa.bool_()),
+        ("swelling", pa.bool_()),
+        ("defect_types", pa.list_(pa.string())),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ])
 
 # The outline polygon comes in two layouts (swelling.battery_outline as a flat list, or a
 # top-level battery_outline.points); defect polygons are flat lists too.
@@ -55,8 +63,11 @@ class BatteryProfile:
     class_names: tuple[str, ...] = ("normal", "defect")
     group_noun: str = "battery"
     group_unit: str = "batteries"
-    columns: pa.Schema = COLUMNS
     geometry: Geometry = GEOMETRY
+
+    @property
+    def columns(self) -> pa.Schema:
+        return battery_columns()
 
     def parse_label(self, raw: bytes | bytearray) -> BatteryFields:
         return parse_label(raw)
@@ -130,11 +141,15 @@ def _by_kind(manifest: pa.Table, splits: Sequence[str]) -> ReportSection:
 
 
 def _per_split(manifest: pa.Table, splits: Sequence[str]) -> Iterable[tuple[str, pa.Table]]:
+    import pyarrow.compute as pc
+
     for split in splits:
         yield split, manifest.filter(pc.equal(manifest["split"], split))
 
 
 def _defect_types(manifest: pa.Table, splits: Sequence[str]) -> ReportSection:
+    import pyarrow.compute as pc
+
     counts = {split: dict(Counter(pc.utf8_lower(pc.list_flatten(rows["defect_types"]))
                                   .to_pylist()).most_common())
               for split, rows in _per_split(manifest, splits)}
