@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import tarfile
 import zipfile
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 
 def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
@@ -33,3 +36,32 @@ def zip_member(archive: Path, member: str) -> bytes:
             if name.replace("\\", "/") == member:
                 return zf.read(info)
     raise KeyError(member)
+
+
+def table_rows(path: Path) -> list[dict]:
+    """A Parquet file's rows, read through a Python file (the path's bytes need not be UTF-8)."""
+    with open(path, "rb") as handle:
+        return pq.read_table(handle).to_pylist()
+
+
+def manifest_rows(out: Path) -> list[dict]:
+    return table_rows(out / "manifest.parquet")
+
+
+def reject_rows(out: Path) -> list[dict]:
+    return table_rows(out / "rejects.parquet")
+
+
+def summary_of(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_bytes())
+
+
+def output_files(out: Path, *index_files: str) -> dict[str, bytes]:
+    """Every file a finished output holds except shardify's private state; with `index_files`,
+    only the shards and those files."""
+    if index_files:
+        files = {p.relative_to(out).as_posix(): p.read_bytes()
+                 for p in sorted(out.glob("*/shard-*.tar"))}
+        return files | {name: (out / name).read_bytes() for name in index_files}
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and ".shardify" not in p.parts}

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from helpers import zip_member
+from helpers import manifest_rows, zip_member
 
 from shardify.cli import main
 from shardify.profiles import strip_bom
@@ -38,10 +38,6 @@ def converted(dataset: SynthResult, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("run") / "out"
     assert run_convert(dataset.root, out) == 0
     return out
-
-
-def manifest_rows(out: Path) -> list[dict]:
-    return pq.read_table(out / "manifest.parquet").to_pylist()
 
 
 def shard_samples(out: Path) -> dict[str, dict]:

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import inflate64
-import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from helpers import read_shards
+from helpers import manifest_rows, output_files, read_shards, reject_rows, summary_of
 from PIL import Image
 
 from shardify.archives.reader import inflate
@@ -198,23 +197,9 @@ def run_scan(capsys: pytest.CaptureFixture[str], *sources: Path | str,
     return code, capsys.readouterr().out
 
 
-def rejects(out: Path) -> list[dict]:
-    return pq.read_table(out / "rejects.parquet").to_pylist()
-
-
-def manifest(out: Path) -> list[dict]:
-    return pq.read_table(out / "manifest.parquet").to_pylist()
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
-
-
-def output_files(out: Path) -> dict[str, bytes]:
+def delivered(out: Path) -> dict[str, bytes]:
     """The shards and the manifest: what must not depend on how the zips were delivered."""
-    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.glob("*/shard-*.tar")}
-    files["manifest.parquet"] = (out / "manifest.parquet").read_bytes()
-    return files
+    return output_files(out, "manifest.parquet")
 
 
 def assert_samples(out: Path, pairs: list[Pair]) -> None:
@@ -227,7 +212,7 @@ def assert_samples(out: Path, pairs: list[Pair]) -> None:
 def reasons_by_member(out: Path) -> dict[str, str]:
     """Reject reason per member base name (archive-level rows under their archive's name)."""
     return {(r["source_member"] or r["source_archive"]).rsplit("/", 1)[-1]: r["reason"]
-            for r in rejects(out)}
+            for r in reject_rows(out)}
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
@@ -273,8 +258,8 @@ def reference(synth: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> d
     """Shards and manifest from the whole, correctly merged zips."""
     out = tmp_path_factory.mktemp("reference") / "out"
     assert run_convert(out, synth.root.parent) == 0
-    files = output_files(out)
-    assert len(files) > 1 and len(manifest(out)) == synth.samples
+    files = delivered(out)
+    assert len(files) > 1 and len(manifest_rows(out)) == synth.samples
     return files
 
 
@@ -309,8 +294,8 @@ def test_pieces_are_read_in_place_like_the_merged_zip(
 
     out = tmp_path / "out"
     assert run_convert(out, root) == 0
-    assert output_files(out) == reference
-    kinds = {a["name"].rsplit("/", 1)[-1]: a["kind"] for a in summary(out)["archives"]}
+    assert delivered(out) == reference
+    kinds = {a["name"].rsplit("/", 1)[-1]: a["kind"] for a in summary_of(out)["archives"]}
     assert kinds == dict.fromkeys(sizes, "pieces")
 
 
@@ -328,7 +313,7 @@ def test_thousands_of_pieces_stay_within_the_open_file_limit(
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert code == 0
-    assert output_files(tmp_path / "out") == reference
+    assert delivered(tmp_path / "out") == reference
 
 
 def test_one_piece_named_as_source_brings_its_whole_set(tmp_path: Path) -> None:
@@ -341,7 +326,7 @@ def test_one_piece_named_as_source_brings_its_whole_set(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert run_convert(out, src / "images.zip", src / "labels.zip.part0") == 0
     assert_samples(out, pairs)
-    assert rejects(out) == []
+    assert reject_rows(out) == []
 
 
 @pytest.mark.parametrize("broken", ["merge-cut-short", "last-piece-missing"])
@@ -369,9 +354,9 @@ def test_pieces_beside_their_merged_zip_the_complete_one_is_read(
     out, out_whole = tmp_path / "out", tmp_path / "out-whole"
     assert run_convert(out, src) == 0
     assert run_convert(out_whole, whole) == 0
-    assert output_files(out) == output_files(out_whole)
+    assert delivered(out) == delivered(out_whole)
     assert_samples(out, pairs)
-    [archive] = [a for a in summary(out)["archives"] if a["name"] == "images.zip"]
+    [archive] = [a for a in summary_of(out)["archives"] if a["name"] == "images.zip"]
     assert archive["kind"] == kind and note in " ".join(archive["notes"])
 
 
@@ -412,7 +397,7 @@ def test_broken_piece_set_is_a_bad_archive_and_the_rest_converts(
     good, lost, expected = broken_piece_set(src, how, tmp_path)
     out = tmp_path / "out"
     assert run_convert(out, src) == 0
-    bad = [r for r in rejects(out) if r["reason"] == "bad-archive"]
+    bad = [r for r in reject_rows(out) if r["reason"] == "bad-archive"]
     [archive_row] = [r for r in bad if not r["source_member"]]
     assert archive_row["source_archive"] == "b_images.zip"
     assert "b_images.zip" in archive_row["detail"] and expected in archive_row["detail"]
@@ -421,9 +406,9 @@ def test_broken_piece_set_is_a_bad_archive_and_the_rest_converts(
                            for zip_name in ("b_images.zip", "b_labels.zip")}
     assert all(expected in r["detail"] for r in bad)
     assert_samples(out, good)
-    assert {r["key"] for r in manifest(out)} == {p.stem for p in good}
-    assert not [r for r in rejects(out) if r["reason"].startswith("orphan")]
-    [listed] = [a for a in summary(out)["archives"] if a["name"] == "b_images.zip"]
+    assert {r["key"] for r in manifest_rows(out)} == {p.stem for p in good}
+    assert not [r for r in reject_rows(out) if r["reason"].startswith("orphan")]
+    [listed] = [a for a in summary_of(out)["archives"] if a["name"] == "b_images.zip"]
     assert listed["members"] == len(lost) and "broken" in listed["kind"]
 
     code, text = run_scan(capsys, src)
@@ -440,14 +425,14 @@ def test_broken_piece_set_delivered_twice_stays_broken(tmp_path: Path) -> None:
     shutil.copytree(first, second)
     out = tmp_path / "out"
     assert run_convert(out, first, second) == 0
-    archive_rows = [r for r in rejects(out) if not r["source_member"]]
+    archive_rows = [r for r in reject_rows(out) if not r["source_member"]]
     assert {(r["reason"], r["source_archive"]) for r in archive_rows} == {
         ("bad-archive", "b_images.zip"), ("bad-archive", "b_images.zip #2")}
     assert all(expected in r["detail"] for r in archive_rows)
-    listed = {a["name"]: a["kind"] for a in summary(out)["archives"]}
+    listed = {a["name"]: a["kind"] for a in summary_of(out)["archives"]}
     assert listed["b_images.zip"] == listed["b_images.zip #2"] == "pieces (broken)"
-    assert {r["key"] for r in manifest(out)} == {p.stem for p in good}
-    assert not {p.stem for p in lost} & {r["key"] for r in manifest(out)}
+    assert {r["key"] for r in manifest_rows(out)} == {p.stem for p in good}
+    assert not {p.stem for p in lost} & {r["key"] for r in manifest_rows(out)}
 
 
 # --- 2b. folders: links, loops and entries that are not files --------------------------------
@@ -472,11 +457,12 @@ def test_linked_folders_are_followed_once_and_odd_entries_are_rejects(tmp_path: 
     with deadline(60):
         assert run_convert(out, src) == 0
     assert_samples(out, pairs)
-    assert {r["key"] for r in manifest(out)} == {p.stem for p in pairs}
-    assert sorted(a["name"] for a in summary(out)["archives"]) == ["labels/labels.zip",
+    assert {r["key"] for r in manifest_rows(out)} == {p.stem for p in pairs}
+    assert sorted(a["name"] for a in summary_of(out)["archives"]) == ["labels/labels.zip",
                                                                    "real/images.zip"]
-    bad = {r["source_archive"]: r["detail"] for r in rejects(out) if r["reason"] == "bad-archive"}
-    assert len(rejects(out)) == len(bad) == 3
+    bad = {r["source_archive"]: r["detail"] for r in reject_rows(out)
+           if r["reason"] == "bad-archive"}
+    assert len(reject_rows(out)) == len(bad) == 3
     assert "FIFO" in bad["stream.zip"] and "socket" in bad["server.sock"]
     assert "dangling" in bad["gone.zip"] and "nowhere.zip" in bad["gone.zip"]
 
@@ -544,10 +530,10 @@ def test_download_tar_is_read_in_place_like_the_merged_zips(
 
     out = tmp_path / "out"
     assert run_convert(out, tar_path if twice else tar_dir) == 0
-    assert output_files(out) == reference
+    assert delivered(out) == reference
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith("out")} == before
-    kinds = sorted({a["kind"] for a in summary(out)["archives"]})
+    kinds = sorted({a["kind"] for a in summary_of(out)["archives"]})
     assert kinds == ["download.tar: pieces", "download.tar: zip"]
 
 
@@ -581,8 +567,8 @@ def test_download_tar_cut_off_gives_what_it_holds(tmp_path: Path, where: str) ->
     out = tmp_path / "out"
     assert run_convert(out, src) == 0
     assert_samples(out, complete)
-    assert {r["key"] for r in manifest(out)} == {p.stem for p in complete}
-    rows = rejects(out)
+    assert {r["key"] for r in manifest_rows(out)} == {p.stem for p in complete}
+    rows = reject_rows(out)
     [tar_row] = [r for r in rows if r["source_archive"] == "download.tar"]
     assert tar_row["reason"] == "truncated" and "cut off" in tar_row["detail"]
     assert any(r["source_archive"] == "images.zip" and r["reason"] == "truncated" for r in rows)
@@ -624,7 +610,7 @@ def test_html_page_saved_as_download_tar_beside_good_zips(
     out = tmp_path / "out"
     assert run_convert(out, src) == 0
     assert_samples(out, pairs)
-    [bad] = rejects(out)
+    [bad] = reject_rows(out)
     assert (bad["reason"], bad["source_archive"]) == ("bad-archive", "download.tar")
     assert "web page" in bad["detail"]
 
@@ -660,9 +646,9 @@ def test_wrong_order_merge_is_detected_reported_and_read_right(
 
     out = tmp_path / "out"
     assert run_convert(out, root) == 0
-    assert output_files(out) == reference
+    assert delivered(out) == reference
     noted = {}
-    for archive in summary(out)["archives"]:
+    for archive in summary_of(out)["archives"]:
         notes = " ".join(archive["notes"])
         noted[archive["name"].rsplit("/", 1)[-1]] = "wrong order" in notes and ".part" in notes
     assert {name for name, flagged in noted.items() if flagged} == scrambled
@@ -683,8 +669,8 @@ def test_pieces_beside_a_wrong_order_merge_are_used(
         merge_in_string_order(zip_path, 1024)
     out = tmp_path / "out"
     assert run_convert(out, root) == 0
-    assert output_files(out) == reference
-    for archive in summary(out)["archives"]:
+    assert delivered(out) == reference
+    for archive in summary_of(out)["archives"]:
         assert archive["kind"] == "pieces"
         assert "was not read" in " ".join(archive["notes"])
 
@@ -715,9 +701,9 @@ def test_wrong_order_merge_of_any_piece_size_is_read_right(tmp_path: Path) -> No
     out, out_whole = tmp_path / "out", tmp_path / "out-whole"
     assert run_convert(out, src) == 0
     assert run_convert(out_whole, whole) == 0
-    assert output_files(out) == output_files(out_whole)
-    assert rejects(out) == []
-    [notes] = [a["notes"] for a in summary(out)["archives"] if a["name"] == "images.zip"]
+    assert delivered(out) == delivered(out_whole)
+    assert reject_rows(out) == []
+    [notes] = [a["notes"] for a in summary_of(out)["archives"] if a["name"] == "images.zip"]
     assert f"pieces of {piece} bytes" in " ".join(notes) and ".part" in " ".join(notes)
 
 
@@ -737,11 +723,11 @@ def test_local_headers_not_where_the_directory_says_is_not_called_truncated(
     (src / "images.zip").write_bytes(bytes(data))
     out = tmp_path / "out"
     assert run_convert(out, src) == 0
-    [row] = [r for r in rejects(out) if not r["source_member"]]
+    [row] = [r for r in reject_rows(out) if not r["source_member"]]
     assert (row["reason"], row["source_archive"]) == ("bad-archive", "images.zip")
     assert "wrong order" in row["detail"] and "damaged" in row["detail"]
     assert ".part" in row["detail"] and "download it again" in row["detail"]
-    assert not [r for r in rejects(out) if r["reason"] == "truncated"]
+    assert not [r for r in reject_rows(out) if r["reason"] == "truncated"]
 
 
 # --- 5. truncated zips -------------------------------------------------------------------------
@@ -780,13 +766,13 @@ def test_truncated_zip_gives_every_complete_member(
     out = tmp_path / "out"
     assert run_convert(out, src) == 0
     assert_samples(out, pairs[:complete])
-    assert {r["key"] for r in manifest(out)} == {p.stem for p in pairs[:complete]}
-    rows = rejects(out)
+    assert {r["key"] for r in manifest_rows(out)} == {p.stem for p in pairs[:complete]}
+    rows = reject_rows(out)
     [archive_row] = [r for r in rows if r["reason"] == "truncated" and not r["source_member"]]
     assert archive_row["source_archive"] == "images.zip"
     lost = size - starts[complete]
     last = f"img/{pairs[complete - 1].stem}.jpg"
-    for text in (archive_row["detail"], " ".join(summary(out)["archives"][0]["notes"])):
+    for text in (archive_row["detail"], " ".join(summary_of(out)["archives"][0]["notes"])):
         assert "truncated" in text and f"{lost} bytes" in text and last in text
     cut_rows = [r for r in rows if r["reason"] == "truncated" and r["source_member"]]
     if half is None:
@@ -832,10 +818,10 @@ def test_multi_volume_zip_reads_as_one_archive(tmp_path: Path) -> None:
     assert run_convert(out, spanned) == 0
     assert run_convert(out_whole, whole) == 0
     assert_samples(out, pairs)
-    assert output_files(out) == output_files(out_whole)
-    kinds = {a["name"]: a["kind"] for a in summary(out)["archives"]}
+    assert delivered(out) == delivered(out_whole)
+    kinds = {a["name"]: a["kind"] for a in summary_of(out)["archives"]}
     assert kinds == {"images.zip": "volumes", "labels.zip": "zip"}
-    assert rejects(out) == []
+    assert reject_rows(out) == []
 
 
 @needs_zip_tool
@@ -852,12 +838,12 @@ def test_multi_volume_zip_missing_a_volume_is_a_bad_archive(tmp_path: Path, gone
 
     out = tmp_path / "out"
     assert run_convert(out, spanned) == 0
-    bad = [r for r in rejects(out) if r["source_archive"] == "images.zip"]
+    bad = [r for r in reject_rows(out) if r["source_archive"] == "images.zip"]
     assert [r["reason"] for r in bad] == ["bad-archive"]
     missing = victim.name if gone == "final-zip" else victim.suffix
     assert missing in bad[0]["detail"] and "missing" in bad[0]["detail"]
-    assert manifest(out) == []
-    assert {r["reason"] for r in rejects(out)} == {"bad-archive", "orphan-label"}
+    assert manifest_rows(out) == []
+    assert {r["reason"] for r in reject_rows(out)} == {"bad-archive", "orphan-label"}
 
 
 # --- 7. nested zips ----------------------------------------------------------------------------
@@ -882,13 +868,13 @@ def test_nested_zips_are_descended_into_and_pair_across(tmp_path: Path) -> None:
                                    ZipEntry("deep.zip", middle, ZIP_DEFLATED)])
     out = tmp_path / "out"
     assert run_convert(out, src) == 0
-    assert rejects(out) == []
+    assert reject_rows(out) == []
     assert_samples(out, pairs)
-    where = {r["key"]: (r["source_archive"], r["label_archive"]) for r in manifest(out)}
+    where = {r["key"]: (r["source_archive"], r["label_archive"]) for r in manifest_rows(out)}
     assert where[pairs[0].stem] == ("images.zip", "labels.zip/x/a.zip")
     assert where[pairs[5].stem] == ("images.zip", "labels.zip/x/b.zip")
     assert where[pairs[9].stem] == ("images.zip/img/more.zip", "labels.zip/deep.zip/deeper/c.zip")
-    kinds = {a["name"]: a["kind"] for a in summary(out)["archives"]}
+    kinds = {a["name"]: a["kind"] for a in summary_of(out)["archives"]}
     assert kinds["labels.zip/x/a.zip"] == "nested zip"
     assert kinds["labels.zip/x/b.zip"] == "nested zip (deflated)"
     assert kinds["images.zip/img/more.zip"] == "nested zip"
@@ -938,13 +924,13 @@ def test_hostile_members_become_rejects_and_the_run_goes_on(tmp_path: Path) -> N
     with deadline(60):
         assert run_convert(out, src) == 0
     assert_samples(out, [pairs["ok"], pairs["deflate64"]])
-    assert {r["key"] for r in manifest(out)} == {pairs["ok"].stem, pairs["deflate64"].stem}
+    assert {r["key"] for r in manifest_rows(out)} == {pairs["ok"].stem, pairs["deflate64"].stem}
     expected = {"zeros": "bomb", "declared": "bomb", "overlap1": "overlap",
                 "overlap2": "overlap", "bzip2": "unsupported-method",
                 "lzma": "unsupported-method", "encrypted": "unsupported-method",
                 "lying64": "bad-crc"}
     got: dict[str, set[str]] = {}
-    for row in rejects(out):
+    for row in reject_rows(out):
         got.setdefault(row["key"], set()).add(f"{row['reason']} {row['source_archive']}")
     for name, reason in expected.items():
         image_zip = "raw.zip" if name in ("declared", "overlap1", "overlap2", "encrypted",

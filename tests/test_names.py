@@ -15,8 +15,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+from helpers import output_files, summary_of, table_rows
 
 from shardify.cli import main
 from shardify.profiles.battery.sample import SynthResult
@@ -53,21 +53,9 @@ def run_child(*args: str | bytes | Path) -> subprocess.CompletedProcess:
                           capture_output=True, env=env, timeout=120)
 
 
-def table(path: Path) -> list[dict]:
-    with open(path, "rb") as handle:  # the real (bytes) path; pyarrow's own paths are UTF-8
-        return pq.read_table(handle).to_pylist()
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_bytes())
-
-
 def published(out: Path) -> dict[str, bytes]:
     """Shards, manifest and rejects: what must not depend on the folders' name bytes."""
-    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.glob("*/shard-*.tar")}
-    for name in ("manifest.parquet", "rejects.parquet"):
-        files[name] = (out / name).read_bytes()
-    return files
+    return output_files(out, "manifest.parquet", "rejects.parquet")
 
 
 def test_cp949_folder_under_source_shows_its_korean_reading(
@@ -80,11 +68,11 @@ def test_cp949_folder_under_source_shows_its_korean_reading(
     assert code == 0, said
     # The CP949 folder reads as the Korean name it stands for: the same bytes out.
     assert published(cp949_out) == published(utf8_out)
-    rows = table(cp949_out / "manifest.parquet")
+    rows = table_rows(cp949_out / "manifest.parquet")
     assert len(rows) == dataset.samples
     assert {row["source_archive"].split("/", 1)[0] for row in rows} == {KOREAN}
     assert {row["label_archive"].split("/", 1)[0] for row in rows} == {KOREAN}
-    archives = summary(cp949_out)["archives"]
+    archives = summary_of(cp949_out)["archives"]
     assert archives and all(a["name"].startswith(f"{KOREAN}/") for a in archives)
 
     code, said = run(capsys, "verify", cp949_out, "--sources", cp949_source)
@@ -99,8 +87,8 @@ def test_non_utf8_source_argument(dataset: SynthResult, tmp_path: Path) -> None:
     out = tmp_path / "out"
     child = run_child("convert", source, "--out", out, "--quiet")
     assert child.returncode == 0, child.stderr.decode(errors="replace")
-    assert summary(out)["options"]["sources"] == [f"{tmp_path}/{KOREAN}"]
-    assert len(table(out / "manifest.parquet")) == dataset.samples
+    assert summary_of(out)["options"]["sources"] == [f"{tmp_path}/{KOREAN}"]
+    assert len(table_rows(out / "manifest.parquet")) == dataset.samples
     child = run_child("verify", out, "--sources", source)
     assert child.returncode == 0 and child.stdout.startswith(b"verify: OK"), child.stderr
 
@@ -110,8 +98,8 @@ def test_non_utf8_out_folder(dataset: SynthResult, tmp_path: Path) -> None:
     child = run_child("convert", dataset.root, "--out", out, "--quiet")
     assert child.returncode == 0, child.stderr.decode(errors="replace")
     assert f"samples to {tmp_path}/{KOREAN}/out in ".encode() in child.stdout
-    assert len(table(out / "manifest.parquet")) == dataset.samples
-    assert summary(out)["samples"] == dataset.samples
+    assert len(table_rows(out / "manifest.parquet")) == dataset.samples
+    assert summary_of(out)["samples"] == dataset.samples
 
     child = run_child("verify", out)
     assert child.returncode == 0, child.stderr.decode(errors="replace")
@@ -131,7 +119,7 @@ def test_names_neither_utf8_nor_cp949_are_escaped(
     out = tmp_path / "out"
     code, said = run(capsys, "convert", source, "--out", out, "--quiet")
     assert code == 0, said
-    rows = table(out / "manifest.parquet")
+    rows = table_rows(out / "manifest.parquet")
     assert len(rows) == dataset.samples
     assert {row["source_archive"].split("/", 1)[0] for row in rows} == {r"\xff\xfe"}
     code, said = run(capsys, "verify", out, "--sources", source)
@@ -148,9 +136,9 @@ def test_cp949_and_utf8_folders_of_one_name_both_count(
     assert run(capsys, "convert", source / KOREAN, "--out", once, "--quiet")[0] == 0
     out = tmp_path / "out"
     assert run(capsys, "convert", source, "--out", out, "--quiet")[0] == 0
-    names = [a["name"] for a in summary(out)["archives"]]
+    names = [a["name"] for a in summary_of(out)["archives"]]
     escaped = CP949.decode("utf-8", "backslashreplace")
-    once_names = [a["name"] for a in summary(once)["archives"]]
+    once_names = [a["name"] for a in summary_of(once)["archives"]]
     assert sorted(names) == sorted([f"{KOREAN}/{name}" for name in once_names]
                                    + [f"{escaped}/{name}" for name in once_names])
 
@@ -179,6 +167,6 @@ def test_non_utf8_names_inside_download_tar(
     out = tmp_path / "out"
     code, said = run(capsys, "convert", tar_path, "--out", out, "--quiet")
     assert code == 0, said
-    rows = table(out / "manifest.parquet")
+    rows = table_rows(out / "manifest.parquet")
     assert len(rows) == dataset.samples
     assert {row["source_archive"].split("/", 1)[0] for row in rows} == {KOREAN}

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import output_files
 
 from shardify.cli import main
 from shardify.profiles.battery.sample import SynthResult, synthesize
@@ -64,12 +65,6 @@ def clean_run(dataset: SynthResult, tmp_path_factory: pytest.TempPathFactory) ->
 def convert_args(dataset: SynthResult, out: Path, *extra: str) -> list[str]:
     return ["convert", str(dataset.root), "--out", str(out), "--shard-size", SHARD_SIZE,
             "--quiet", *extra]
-
-
-def output_files(out: Path) -> dict[str, bytes]:
-    """Every file a finished output holds, except shardify's private state."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and ".shardify" not in p.parts}
 
 
 def run_child_killed(dataset: SynthResult, out: Path, target: str, nth: int, when: str,

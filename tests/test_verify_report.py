@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import manifest_rows
 
 from shardify.cli import main
 from shardify.profiles.battery.sample import SynthResult, synthesize
@@ -32,10 +33,6 @@ def damaged_copy(converted: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def rows(out: Path) -> list[dict]:
-    return pq.read_table(out / "manifest.parquet").to_pylist()
-
-
 def verify(out: Path, capsys: pytest.CaptureFixture, *extra: str) -> tuple[int, str]:
     capsys.readouterr()
     code = main(["verify", str(out), *extra])
@@ -53,12 +50,12 @@ def test_clean_output_passes_also_against_sources(dataset: SynthResult, converte
 def test_flipped_byte_truncation_and_missing_shard(converted: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     out = damaged_copy(converted, tmp_path)
-    first, *_ = rows(out)
+    first, *_ = manifest_rows(out)
     shard = out / first["shard"]
     data = bytearray(shard.read_bytes())
     data[first["offset"] + 512 + 100] ^= 0x55
     shard.write_bytes(bytes(data))
-    by_shard = Counter(r["shard"] for r in rows(out))
+    by_shard = Counter(r["shard"] for r in manifest_rows(out))
     cut_name = next(name for name in sorted(by_shard) if name != first["shard"]
                     and by_shard[name] > 1)
     cut = out / cut_name
@@ -69,7 +66,7 @@ def test_flipped_byte_truncation_and_missing_shard(converted: Path, tmp_path: Pa
     assert code == 1 and printed.startswith("verify: FAILED")
     assert f"{first['shard']}:{first['key']}: image crc32 differs from the manifest" in printed
     assert f"{gone_name}: shard file is missing" in printed
-    lost = [r["key"] for r in rows(out) if r["shard"] == cut_name][-1]
+    lost = [r["key"] for r in manifest_rows(out) if r["shard"] == cut_name][-1]
     assert f"{cut_name}:{lost}: in the manifest but not in the shard" in printed
 
 
@@ -77,7 +74,7 @@ def test_extra_shard_and_stray_sample(converted: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture) -> None:
     out = damaged_copy(converted, tmp_path)
     shutil.copy(out / "train" / "shard-000000.tar", out / "train" / "shard-000999.tar")
-    first = rows(out)[0]
+    first = manifest_rows(out)[0]
     shard = out / first["shard"]
     with tarfile.open(shard) as tar:
         members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
@@ -98,7 +95,7 @@ def test_battery_moved_into_another_split_is_leakage(converted: Path, tmp_path: 
     """A sample moved (shard and manifest, consistently) into another split's shard: only the
     leakage of its battery remains to be found, and verify finds it."""
     out = damaged_copy(converted, tmp_path)
-    table = rows(out)
+    table = manifest_rows(out)
     victim = next(r for r in table if r["split"] == "train")
     target = next(r["shard"] for r in table if r["split"] == "test")
     shards = {name: _members(out / name) for name in {victim["shard"], target}}
@@ -149,7 +146,7 @@ def test_sources_that_differ_are_named(dataset: SynthResult, converted: Path, tm
 
 def test_report_numbers_equal_manifest_counts(converted: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
-    table = rows(converted)
+    table = manifest_rows(converted)
     capsys.readouterr()
     page = tmp_path / "report.html"
     assert main(["report", str(converted), "--html", str(page)]) == 0
@@ -206,7 +203,7 @@ def test_sample_bytes_label_padding_and_end_blocks(converted: Path, tmp_path: Pa
                                                   capsys: pytest.CaptureFixture) -> None:
     """Damage that leaves every image intact, each in its own shard: all four are named."""
     out = damaged_copy(converted, tmp_path)
-    table = rows(out)
+    table = manifest_rows(out)
     firsts = {}
     for row in table:
         firsts.setdefault(row["shard"], row)
@@ -235,9 +232,9 @@ def test_sample_bytes_label_padding_and_end_blocks(converted: Path, tmp_path: Pa
 def test_damaged_tar_header_is_named_once(converted: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
     out = damaged_copy(converted, tmp_path)
-    by_shard = Counter(r["shard"] for r in rows(out))
+    by_shard = Counter(r["shard"] for r in manifest_rows(out))
     name = max(by_shard, key=lambda shard: by_shard[shard])
-    mine = [r for r in rows(out) if r["shard"] == name]
+    mine = [r for r in manifest_rows(out) if r["shard"] == name]
     victim = mine[1]
     edit(out / name, victim["offset"] + 3, b"\x7f")
     code, printed = verify(out, capsys)
@@ -250,7 +247,7 @@ def test_damaged_tar_header_is_named_once(converted: Path, tmp_path: Path,
 def test_data_after_the_end_blocks_is_named(converted: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture) -> None:
     out = damaged_copy(converted, tmp_path)
-    name = rows(out)[0]["shard"]
+    name = manifest_rows(out)[0]["shard"]
     size = (out / name).stat().st_size
     with open(out / name, "ab") as shard:
         shard.write(bytes(700) + b"junk")
@@ -282,10 +279,10 @@ def test_damaged_manifest_exits_1_and_no_output_exits_2(converted: Path, tmp_pat
 def test_damaged_first_header_is_named_once(converted: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture) -> None:
     out = damaged_copy(converted, tmp_path)
-    name = rows(out)[0]["shard"]
+    name = manifest_rows(out)[0]["shard"]
     edit(out / name, 3, b"\x7f")
     code, printed = verify(out, capsys)
-    count = sum(r["shard"] == name for r in rows(out))
+    count = sum(r["shard"] == name for r in manifest_rows(out))
     assert (code, printed.splitlines()[1:]) == (1, [
         f"{name}: damaged tar header at offset 0; the {count} samples from there on could not "
         "be read"])
