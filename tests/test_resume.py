@@ -451,22 +451,45 @@ def test_a_second_run_into_the_same_out_is_refused(dataset: SynthResult, tmp_pat
     assert main(convert_args(dataset, out)) == 0
 
 
-def test_a_journal_entry_without_label_crcs_is_redone(dataset: SynthResult, clean_run: Path,
-                                                      tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
-    """An entry of an older build (samples without the label CRC-32) is not reused: that shard is
-    written again, and the output is the same as a clean run's."""
+@pytest.mark.parametrize("damage", ["older build", "reject index", "negative index", "key"])
+def test_a_journal_entry_that_does_not_fit_the_plan_is_redone(
+        dataset: SynthResult, clean_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        damage: str) -> None:
+    """An entry of an older build (samples without the label CRC-32) or a damaged one (a reject
+    index outside the shard, a key the plan lacks) is not reused, and no traceback: that shard
+    is written again, and the output is the same as a clean run's."""
     out = tmp_path / "out"
     assert main(convert_args(dataset, out)) == 0
     journal = out / ".shardify" / "journal.jsonl"
     lines = journal.read_text().splitlines()
-    old = json.loads(lines[0])
-    old["samples"] = [row[:4] for row in old["samples"]]
-    journal.write_text("\n".join([json.dumps(old), *lines[1:]]) + "\n")
+    entry = json.loads(lines[0])
+    if damage == "older build":
+        entry["samples"] = [row[:4] for row in entry["samples"]]
+    elif damage == "key":
+        entry["samples"][0][0] = "not_in_the_plan"
+    else:
+        entry["rejects"].append([10**6 if damage == "reject index" else -1, "bad-crc", "x"])
+    journal.write_text("\n".join([json.dumps(entry), *lines[1:]]) + "\n")
     capsys.readouterr()
     assert main(convert_args(dataset, out)) == 0
     assert f"resumed: {len(lines) - 1} complete shards" in capsys.readouterr().out
     assert output_files(out) == output_files(clean_run)
+
+
+def test_an_older_builds_run_is_named_as_such(dataset: SynthResult, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """A run.json written before dataset profiles: refused with a message that says so."""
+    out = tmp_path / "out"
+    assert main(convert_args(dataset, out)) == 0
+    run = out / ".shardify" / "run.json"
+    record = json.loads(run.read_text())
+    del record["options"]["profile"]
+    record["fingerprint"] = "0" * 64
+    run.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(convert_args(dataset, out)) == 2
+    assert "written by an older shardify" in capsys.readouterr().err
+    assert main(convert_args(dataset, out, "--overwrite")) == 0
 
 
 # Runs `shardify convert` and records each worker's pid as it starts (argv = pid file, "kill" to

@@ -306,18 +306,23 @@ def test_deeply_nested_battery_ids_are_a_bad_label_in_convert_and_scan(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     deep = labelled(0).replace(b'"battery_ids":0', b'"battery_ids":' + b"[" * 1000 + b"7"
                                + b"]" * 1000)  # orjson cannot write it: spelled out
+    deep_normal = labelled(7).replace(b'"is_normal":false', b'"is_normal":' + b"[" * 1000
+                                      + b"]" * 1000)
     source = pair_source(tmp_path / "src", {"CT_good_001.png": (png(), labelled(7)),
                                             "CT_deep_001.png": (png(), deep),
-                                            "CT_twice_001.png": (png(), labelled([[7]]))})
+                                            "CT_twice_001.png": (png(), labelled([[7]])),
+                                            "CT_normal_001.png": (png(), deep_normal)})
     assert main(["scan", str(source), "--json"]) == 0
     report = orjson.loads(capsys.readouterr().out)
-    assert (report["pairs"], report["problems"]) == (1, {"bad-label": 4})
+    assert (report["pairs"], report["problems"]) == (1, {"bad-label": 6})
     out = tmp_path / "out"
     assert main(["convert", str(source), "--out", str(out), "--quiet"]) == 0
     rows = rejected(out)
     for stem in ("CT_deep_001", "CT_twice_001"):
         reason, detail = rows[f"{stem}.json"]
         assert reason == "bad-label" and "data_info.battery_ids is not a battery number" in detail
+    reason, detail = rows["CT_normal_001.json"]
+    assert reason == "bad-label" and "image_info.is_normal is not true/false" in detail
     assert main(["verify", str(out)]) == 0
 
 
@@ -329,7 +334,7 @@ def test_damaged_png_structure_is_a_bad_image() -> None:
         b"\x89PNG\r\n\x1a\nIEND": "cut off",
         good[:8] + iend: "IHDR",
         good[:ihdr_end] + iend + good[ihdr_end:-12] + iend: "IDAT",
-        good[:-12] + iend + good[ihdr_end:]: "after its IEND",
+        good[:-12] + iend + good[ihdr_end:]: "chunks after its IEND",
         good[:-12] + iend[:6]: "cut off",
         good[:ihdr_end] + good[ihdr_end:ihdr_end + 4] + b"ID": "cut off",
         good[:-12]: "cut off",
@@ -339,7 +344,7 @@ def test_damaged_png_structure_is_a_bad_image() -> None:
     for data, message in cases.items():
         problem = image_problem(data, "png")
         assert problem is not None and message in problem, (data[:40], problem)
-    assert image_problem(good + b"\0" * 3, "png") == "PNG has 3 bytes after its IEND chunk"
+    assert image_problem(good + b"\0" * 3, "png") is None  # padding after IEND, as before
     assert image_problem(good[:8] + good[-12:], "png") == "PNG does not start with an IHDR chunk" \
         " of 13 bytes"
     assert image_problem(good[:ihdr_end] + iend, "png") == "PNG has no IDAT chunk before IEND"
@@ -363,8 +368,9 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_manifest_path_that_would_replace_anything_is_refused(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """--manifest never replaces a source, a device or a file shardify did not write; nothing is
-    created inside a SOURCE folder. Each refusal: exit 2, one line, no OUT."""
+    """--manifest never replaces a source, a device, a file in OUT (which the run writes) or a
+    file shardify did not write; nothing is created inside a SOURCE folder. Each refusal: exit
+    2, one line, no OUT."""
     import os
     import stat
 
@@ -392,6 +398,8 @@ def test_manifest_path_that_would_replace_anything_is_refused(
         elsewhere / "loop.parquet": "symbolic links",
         Path("/dev/null"): "not a regular file",
         Path("/dev/full"): "not a regular file",
+        tmp_path / "out" / "train" / "shard-000000.tar": "inside --out",
+        tmp_path / "out" / "rejects.parquet": "inside --out",
     }
     out = tmp_path / "out"
     # SOURCE as a folder, then as files (a new file beside a SOURCE file replaces nothing).

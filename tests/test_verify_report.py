@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -274,6 +275,30 @@ def test_damaged_manifest_exits_1_and_no_output_exits_2(converted: Path, tmp_pat
     capsys.readouterr()
     assert main(["verify", str(out)]) == 2
     assert "is it a shardify output?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["verify", "report"])
+def test_unreadable_or_older_manifests_end_with_their_exit_code(
+        converted: Path, tmp_path: Path, command: str) -> None:
+    """In a process of its own (as users run it), a damaged manifest is exit 1 for verify and a
+    one-line exit 2 for report, never an abort; a manifest of an older build (no metadata, no
+    label_crc32) is read with the battery rules: report works, verify names the missing column.
+    """
+    out = damaged_copy(converted, tmp_path)
+    (out / "manifest.parquet").write_bytes(b"PAR1 not really PAR1")
+    for _ in range(3):  # Arrow's read-ahead threads aborted such runs at exit, now and then
+        done = subprocess.run([sys.executable, "-m", "shardify", command, str(out)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == (1 if command == "verify" else 2), done.stderr
+        assert "Traceback" not in done.stderr and "terminate called" not in done.stderr
+    older = pq.read_table(converted / "manifest.parquet").drop_columns(["label_crc32"])
+    pq.write_table(older.replace_schema_metadata(None), out / "manifest.parquet")
+    done = subprocess.run([sys.executable, "-m", "shardify", command, str(out)],
+                          capture_output=True, text=True, timeout=60)
+    if command == "verify":
+        assert done.returncode == 1 and "lacks the columns ['label_crc32']" in done.stdout
+    else:
+        assert done.returncode == 0 and "samples per battery" in done.stdout
 
 
 def test_damaged_first_header_is_named_once(converted: Path, tmp_path: Path,

@@ -18,6 +18,7 @@ import orjson
 
 from . import __version__
 from .errors import Terminated, UsageError
+from .output.store import REJECTS
 from .pathnames import path_text
 from .profiles import get_profile
 from .progress import human_bytes
@@ -281,16 +282,17 @@ def format_report(report: ConvertReport) -> str:
     if report.resumed_shards:
         lines.append(f"  resumed: {report.resumed_shards} complete shards from an earlier run "
                      "kept")
-    lines.append(f"  {'split':<6} {'samples':>9} {'batteries':>9} {'shards':>6} {'bytes':>11}")
+    groups = report.group_unit
+    lines.append(f"  {'split':<6} {'samples':>9} {groups:>9} {'shards':>6} {'bytes':>11}")
     for split in SPLITS:
         row = summary["splits"][split]
-        lines.append(f"  {split:<6} {row['samples']:>9} {row['batteries']:>9} "
+        lines.append(f"  {split:<6} {row['samples']:>9} {row[groups]:>9} "
                      f"{len(row['shards']):>6} {human_bytes(row['bytes']):>11}")
     rejects = summary["rejects"]
     if rejects:
         by_reason = ", ".join(f"{reason} {count}" for reason, count in rejects.items())
         lines.append(f"  rejects: {sum(rejects.values())} ({by_reason}) "
-                     f"-> {path_text(report.out / 'rejects.parquet')}")
+                     f"-> {path_text(report.out / REJECTS)}")
     else:
         lines.append("  rejects: none")
     skipped = [f"{summary['ignored_members']} junk members (folders, __MACOSX, Thumbs.db, ...)"]

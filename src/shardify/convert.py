@@ -28,6 +28,8 @@ from .output.store import (
     SUMMARY,
     OutputStore,
     RunRecord,
+    is_shardify_manifest,
+    is_shardify_summary,
     json_bytes,
     nearest_existing,
     shard_name,
@@ -83,6 +85,7 @@ class ConvertReport:
 
     out: Path
     summary: dict
+    group_unit: str  # the summary's key for the groups' count ("batteries")
     rejects: list[Reject] = field(default_factory=list)
     seconds: float = 0.0
     resumed_shards: int = 0
@@ -94,7 +97,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
     out, profile = options.out, options.profile
     store = OutputStore(out)
     _check_output_folder(store, options.sources)
-    _check_manifest_path(options.manifest, options.sources)
+    _check_manifest_path(options.manifest, options.sources, out)
     lock = None
     try:
         with local_executor(options.workers) as pool, ArchiveReader() as reader:
@@ -129,7 +132,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
                                  "all shards are complete; free some space and re-run the same "
                                  "command") from None
         raise
-    return ConvertReport(out, summary, rejects, time.monotonic() - started, len(finished))
+    return ConvertReport(out, summary, profile.group_unit, rejects, time.monotonic() - started,
+                         len(finished))
 
 
 def _write_index_files(options: ConvertOptions, store: OutputStore, results: list[ShardResult],
@@ -216,12 +220,14 @@ def _reusable_shards(store: OutputStore, run: RunRecord, shards: list[PlannedSha
         try:
             finished[shard.name] = expand(shard.samples, entry)
         except (ValueError, KeyError, TypeError):
-            continue  # an entry of an older build or a damaged line: that shard is redone
+            continue  # an entry of an older build, or a damaged line: that shard is redone
     return finished
 
 
 def _what_changed(previous: RunRecord, run: RunRecord) -> str:
     """`seed 0 -> 1`-style differences in the options, or that the inputs differ."""
+    if "profile" not in previous.options:
+        return "written by an older shardify, before dataset profiles"
     changed = [f"{key} {previous.options.get(key)} -> {value}"
                for key, value in run.options.items() if previous.options.get(key) != value]
     return ", ".join(changed) if changed else "the inputs differ: other archives or members"
@@ -255,21 +261,23 @@ def _check_output_folder(store: OutputStore, sources: list[str]) -> None:
     _check_writable(out, "--out")
 
 
-def _check_manifest_path(manifest: Path | None, sources: list[str]) -> None:
+def _check_manifest_path(manifest: Path | None, sources: list[str], out: Path) -> None:
     """Refuse, before any work, a --manifest PATH (or its summary beside it) that would replace
-    a source, land in a SOURCE folder, or replace anything but a file shardify wrote there."""
+    a source, land in a SOURCE folder or in OUT (whose files the run writes), or replace anything
+    but a file shardify wrote there."""
     if manifest is None:
         return
     option = f"--manifest {path_text(manifest)}"
     if manifest.is_dir():
         raise UsageError(f"{option} is a folder; give a file name, "
                          "e.g. manifests/aihub-71687.parquet")
-    from .output.manifest import is_shardify_manifest, is_shardify_summary
-
     for path, ours, what in ((manifest, is_shardify_manifest, "a manifest"),
                              (summary_beside(manifest), is_shardify_summary, "a summary")):
         shown = path_text(path)
         _check_outside_sources(path, sources, f"{option}: {shown}")
+        if Path(os.path.realpath(path.parent)).is_relative_to(os.path.realpath(out)):
+            raise UsageError(f"{option}: {shown} is inside --out {path_text(out)}, whose files "
+                             "the run writes; OUT/manifest.parquet is written anyway")
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:

@@ -28,8 +28,6 @@ from .write.tar import TAR_END_SIZE, planned_sample_bytes
 SHOWN_PROBLEMS = 20
 
 
-
-
 def survey(sources: list[str], reader: ArchiveReader, profile: DatasetProfile, *,
            quiet: bool = True) -> tuple[Index, Pairing]:
     """Find and list every archive, read the labels and pair: everything but the image bytes.

@@ -29,7 +29,7 @@ from .pathnames import path_text
 from .plan.pairing import SAFE_KEY
 from .plan.split import SPLITS
 from .profiles import BOM, DatasetProfile
-from .write.tar import BLOCK, TAR_END_SIZE, padded
+from .write.tar import BLOCK, TAR_END_SIZE, class_bytes, padded
 
 BOM_CRC = deflate.crc32(BOM)
 VALUES_NEEDED = frozenset({"key", "split", "shard", "offset", "sample_bytes", "group", "label",
@@ -44,8 +44,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.what}"
-
-
 
 
 def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, list[Problem]]:
@@ -276,7 +274,7 @@ def _check_sample(shard: str, key: str, offset: int, end: int, members: dict[str
             problems.append(Problem(where, f"{what} is {len(payload)} bytes, manifest says {size}"))
         if deflate.crc32(payload) != crc:
             problems.append(Problem(where, f"{what} crc32 differs from the manifest"))
-    if members["cls"] != str(row["label"]).encode():
+    if members["cls"] != class_bytes(row["label"]):
         problems.append(Problem(where, f".cls is {members['cls']!r}, manifest label is "
                                 f"{row['label']}"))
     try:

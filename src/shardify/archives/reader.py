@@ -19,26 +19,12 @@ from .model import (
 )
 
 LOCAL_HEADER_SIZE = 30
-
-
 LOCAL_SLACK = 64  # room for a local extra field, so most members take a single pread
-
-
 INLINE_READ = 64 * 2**10
-
-
 WINDOW = 4 * 2**20  # read_many: bytes read at once for neighbouring small members
-
-
 WINDOW_GAP = 64 * 2**10
-
-
 MAX_NESTED_INFLATE = 512 * 2**20
-
-
 MAX_OPEN_FILES = 64  # descriptors an ArchiveReader keeps open at once
-
-
 Payload = bytes | bytearray  # a member's bytes (libdeflate inflates into a bytearray)
 INFLATE64_CHUNK = 1024  # input per step: Deflate64 output past a lying size stays < ~30 MB
 

@@ -6,12 +6,10 @@ writes them. Nothing time- or host-dependent goes in, so the same inputs give id
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -22,7 +20,7 @@ from ..plan.split import SPLITS
 from ..profiles import DatasetProfile, get_profile
 from ..rejects import Reject
 from ..write.shard import ShardResult
-from .store import wids_index_name
+from .store import MANIFEST_MARKER, wids_index_name
 
 LOCATION_COLUMNS = [
     ("key", pa.string()),
@@ -51,12 +49,15 @@ def manifest_schema(profile: DatasetProfile) -> pa.Schema:
     (how readers know which one made the file).
     """
     return pa.schema([*LOCATION_COLUMNS, *profile.columns, *MEMBER_COLUMNS], metadata={
-        b"shardify": __version__.encode(), b"profile": profile.name.encode()})
+        MANIFEST_MARKER: __version__.encode(), b"profile": profile.name.encode()})
 
 
 def profile_of(schema: pa.Schema) -> DatasetProfile | None:
-    """The profile a manifest names in its metadata, or None if it names none shardify knows."""
-    name = (schema.metadata or {}).get(b"profile", b"").decode(errors="replace")
+    """The profile a manifest names in its metadata, or None if it names none shardify knows.
+
+    A manifest that names none was written before profiles existed: by the battery rules.
+    """
+    name = (schema.metadata or {}).get(b"profile", b"battery").decode(errors="replace")
     try:
         return get_profile(name)
     except UsageError:
@@ -64,8 +65,6 @@ def profile_of(schema: pa.Schema) -> DatasetProfile | None:
 
 
 MANIFEST_BATCH = 65536
-PARQUET_MAGIC = b"PAR1"
-MAX_SUMMARY_BYTES = 64 * 2**20  # far above a real summary; a larger file is not one
 REJECT_SCHEMA = pa.schema(
     [(name, pa.string()) for name in ("key", "reason", "source_archive", "source_member", "detail")]
 )
@@ -155,37 +154,11 @@ def wids_indexes(results: list[ShardResult]) -> dict[str, dict | None]:
     return indexes
 
 
-
-
-def is_shardify_manifest(path: Path) -> bool:
-    """Whether `path` is a Parquet file whose schema carries shardify's marker."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(len(PARQUET_MAGIC))
-            handle.seek(-len(PARQUET_MAGIC), os.SEEK_END)
-            tail = handle.read()
-        if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
-            return False
-        return b"shardify" in (read_schema(path).metadata or {})
-    except (OSError, pa.ArrowException):
-        return False
-
-
-def is_shardify_summary(path: Path) -> bool:
-    """Whether `path` is a summary JSON that shardify wrote (its version and splits in it)."""
-    try:
-        if path.stat().st_size > MAX_SUMMARY_BYTES:
-            return False
-        document = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return False
-    return isinstance(document, dict) and "shardify" in document and "splits" in document
-
-
 def read_parquet(path: Path, **options: Any) -> pa.Table:
     """A Parquet file read through a Python file, whatever bytes its path holds."""
     with open(path, "rb") as handle:
-        return pq.read_table(handle, **options)
+        # No read-ahead threads: left running on a Python file, they abort the process at exit.
+        return pq.read_table(handle, pre_buffer=False, **options)
 
 
 def read_schema(path: Path) -> pa.Schema:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import deflate
 import orjson
@@ -33,6 +33,9 @@ STATE_DIR = ".shardify"
 RUN_FILE = "run.json"
 JOURNAL_FILE = "journal.jsonl"
 LOCK_FILE = "lock"
+PARQUET_MAGIC = b"PAR1"
+MANIFEST_MARKER = b"shardify"  # a key of the manifest's metadata (see output.manifest)
+MAX_SUMMARY_BYTES = 64 * 2**20  # far above a real summary; a larger file is not one
 
 
 def wids_index_name(split: str) -> str:
@@ -50,6 +53,36 @@ def shard_name(split: str, index: int) -> str:
 def summary_beside(manifest: Path) -> Path:
     """Where `--manifest PATH` puts its summary: PATH's `.summary.json` sibling."""
     return manifest.with_suffix(".summary.json")
+
+
+def is_shardify_manifest(path: Path) -> bool:
+    """Whether `path` is a Parquet file whose metadata carries shardify's marker (read from its
+    footer's bytes: no pyarrow before the workers are forked)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(PARQUET_MAGIC))
+            size = handle.seek(0, os.SEEK_END)
+            if head != PARQUET_MAGIC or size < 2 * len(PARQUET_MAGIC) + 4:
+                return False
+            handle.seek(size - 8)
+            footer_length, tail = int.from_bytes(handle.read(4), "little"), handle.read(4)
+            if tail != PARQUET_MAGIC or footer_length > size - 12:
+                return False
+            handle.seek(size - 8 - footer_length)
+            return MANIFEST_MARKER in handle.read(footer_length)
+    except OSError:
+        return False
+
+
+def is_shardify_summary(path: Path) -> bool:
+    """Whether `path` is a summary JSON that shardify wrote (its version and splits in it)."""
+    try:
+        if path.stat().st_size > MAX_SUMMARY_BYTES:
+            return False
+        document = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    return isinstance(document, dict) and "shardify" in document and "splits" in document
 
 
 def staging_path(final: Path) -> Path:
@@ -80,10 +113,7 @@ def fsync_folder(folder: Path) -> None:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """`path` holds `data` whole, or keeps what it held: staged, flushed, renamed, synced."""
-    staged = staging_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged.write_bytes(data)
-    move_into_place(staged, path)
+    _write_staged(path, lambda handle: handle.write(data))
 
 
 def write_parquet_atomically(path: Path, table: pa.Table) -> None:
@@ -91,11 +121,21 @@ def write_parquet_atomically(path: Path, table: pa.Table) -> None:
     OUT's name need not be."""
     import pyarrow.parquet as pq
 
+    _write_staged(path, lambda handle: pq.write_table(table, handle, compression="zstd"))
+
+
+def _write_staged(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path`'s staging file with `write`, then move it into place; however the writing
+    ends (an error, Ctrl-C), no staging file is left beside `path`."""
     staged = staging_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(staged, "wb") as handle:
-        pq.write_table(table, handle, compression="zstd")
-    move_into_place(staged, path)
+    try:
+        with open(staged, "wb") as handle:
+            write(handle)
+        move_into_place(staged, path)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
 
 
 def json_bytes(document: dict) -> bytes:

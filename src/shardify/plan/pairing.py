@@ -61,7 +61,7 @@ class Orphans:
     A 200k-image zip whose labels are elsewhere has 200k of them; `scan` only counts them.
     """
 
-    reason: str
+    reason: Reason
     detail: str
     table: MemberTable
     rows: np.ndarray

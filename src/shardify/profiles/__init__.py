@@ -122,7 +122,9 @@ class DatasetProfile(Protocol):
 
     @property
     def columns(self) -> pa.Schema:
-        """The manifest's dataset columns, in order; they include `group` and `label`."""
+        """The manifest's dataset columns, in order. They include `group` and `label` (what
+        `Fields` has) and the image's `width` and `height` (int32, null when unknown), which
+        verify, report and the loader read."""
         ...
 
     @property

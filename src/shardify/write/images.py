@@ -39,9 +39,9 @@ def image_problem(data: bytes | bytearray, ext: str) -> str | None:
 
 def _png_problem(data: bytes | bytearray) -> str | None:
     """Signature, IHDR (13 bytes) first, every chunk (length, type, data, CRC) within the bytes,
-    an IDAT, and IEND last, ending exactly at the end: bytes after IEND are refused too (real
-    PNGs end there, and a chunk after IEND means the file is not what it claims). CRCs are not
-    checked: a bad image CRC in the zip is caught by the member's CRC-32 already.
+    an IDAT, and IEND as the last chunk: a chunk after it is refused, while other bytes after it
+    (padding some exporters add; decoders ignore them) are accepted, as they always were. CRCs
+    are not checked: a bad image CRC in the zip is caught by the member's CRC-32 already.
     """
     if not data.startswith(PNG_SIGNATURE):
         return "not a PNG (no PNG signature)"
@@ -57,12 +57,20 @@ def _png_problem(data: bytes | bytearray) -> str | None:
         if chunk_type == PNG_IEND:
             if not seen_idat:
                 return "PNG has no IDAT chunk before IEND"
-            if end != len(data):
-                return f"PNG has {len(data) - end} bytes after its IEND chunk"
+            if _is_chunk(data, end):
+                return "PNG has chunks after its IEND chunk"
             return None
         seen_idat = seen_idat or chunk_type == PNG_IDAT
         pos = end
     return "PNG is cut off (no IEND chunk)"
+
+
+def _is_chunk(data: bytes | bytearray, pos: int) -> bool:
+    """Whether a whole chunk (length, a 4-letter type, data, CRC) starts at `pos`."""
+    if pos + PNG_CHUNK_OVERHEAD > len(data):
+        return False
+    length, chunk_type = PNG_CHUNK_HEAD.unpack_from(data, pos)
+    return chunk_type.isalpha() and pos + PNG_CHUNK_OVERHEAD + length <= len(data)
 
 
 def _jpeg_scan_start(data: bytes | bytearray) -> int | None:

@@ -108,11 +108,14 @@ def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
 
     Entries name samples by key (`[key, offset, sample bytes, image bytes, image CRC-32, label
     bytes, label CRC-32]`) and rejects by sample index; the names of the rejected members come
-    from the plan, so workers never need them. Raises ValueError for an entry of another shape
-    (a journal of an older build).
+    from the plan, so workers never need them. Raises ValueError for an entry that does not fit
+    the plan (a journal of an older build, or a damaged line).
     """
     by_key = {sample.key: sample for sample in samples}
     rows = entry["samples"]
+    if not all(isinstance(row, list) and row and row[0] in by_key for row in rows) or not all(
+            isinstance(i, int) and 0 <= i < len(samples) for i, _, _ in entry["rejects"]):
+        raise ValueError(f"entry of {entry['shard']} does not fit the plan")
     numbers = np.array([row[1:] for row in rows], np.int64).reshape(len(rows), ENTRY_COLUMNS)
     rejects = [Reject(samples[i].key, Reason(reason), member.archive.name, member.name, detail)
                for i, reason, detail in entry["rejects"]

@@ -61,7 +61,7 @@ def parse_label(raw: bytes | bytearray) -> BatteryFields:
         is_normal = bool(is_normal)  # true/false, or 1/0 as some exporters write
     else:
         raise BadLabel("missing image_info.is_normal" if is_normal is None
-                       else f"image_info.is_normal is not true/false: {is_normal!r}")
+                       else f"image_info.is_normal is not true/false: {_shown(is_normal)}")
     swelling = document.get("swelling")
     swelling = swelling.get("swelling") if isinstance(swelling, dict) else None
     return BatteryFields(
@@ -84,6 +84,15 @@ def _section(document: dict[str, Any], name: str) -> dict[str, Any]:
     return section
 
 
+def _shown(value: Any) -> str:
+    """A label value for a reject's detail: its repr, shortened only when it is nested too deep
+    to print (a hostile label: repr would recurse without bound)."""
+    try:
+        return repr(value)
+    except RecursionError:
+        return reprlib.repr(value)
+
+
 def _battery_id(value: Any) -> int:
     """A battery number: an int, an integral float, ASCII digits, or a one-item list of those.
 
@@ -99,7 +108,7 @@ def _battery_id(value: Any) -> int:
     if number is not None and 0 <= number < MAX_ID:
         return number
     raise BadLabel("missing data_info.battery_ids" if value is None
-                   else f"data_info.battery_ids is not a battery number: {reprlib.repr(value)}")
+                   else f"data_info.battery_ids is not a battery number: {_shown(value)}")
 
 
 def _defect_types(defects: Any) -> tuple[str, ...]:

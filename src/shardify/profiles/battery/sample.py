@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 from PIL import Image
 
+from ...rejects import Reason
 from ...synth import ZipEntry, flip_byte, write_zip
 
 __all__ = ["SynthResult", "synthesize"]
@@ -291,11 +292,11 @@ class _Builder:
         self._put(zip_key, base, data)
         self.identical_duplicates += 1
 
-    def add_reject(self, reason: str, *members: tuple[str, str, bytes]) -> None:
+    def add_reject(self, reason: Reason, *members: tuple[str, str, bytes]) -> None:
         """Place members that must each yield one reject row with `reason`."""
         for zip_key, base, data in members:
             self._put(zip_key, base, data)
-        self.rejects[reason] += len(members)
+        self.rejects[str(reason)] += len(members)
 
     def add_junk(self, zip_key: str, name: str, data: bytes = b"") -> None:
         """Place a member under its full `name` (no prefix added) that must be ignored."""
@@ -382,14 +383,14 @@ def _add_quirks(b: _Builder, ct: list[_Battery], rgb: list[_Battery]) -> None:
 def _add_rejects(b: _Builder, ct: list[_Battery], rgb: list[_Battery]) -> None:
     """Broken pairs; every member involved is one reject row."""
     orphan = b.make(ct[1], 910)
-    b.add_reject("orphan-image", ("TS_CT_1", orphan.image_name, orphan.image))
+    b.add_reject(Reason.ORPHAN_IMAGE, ("TS_CT_1", orphan.image_name, orphan.image))
 
     orphan = b.make(rgb[1], 910)
-    b.add_reject("orphan-label", ("TL_RGB", orphan.label_name, orphan.label_bytes()))
+    b.add_reject(Reason.ORPHAN_LABEL, ("TL_RGB", orphan.label_name, orphan.label_bytes()))
 
     not_json = b.make(ct[2], 911)
     b.add_reject(
-        "bad-label",
+        Reason.BAD_LABEL,
         ("TS_CT_1", not_json.image_name, not_json.image),
         ("TL_CT", not_json.label_name, not_json.label_bytes()[:60]),
     )
@@ -397,28 +398,28 @@ def _add_rejects(b: _Builder, ct: list[_Battery], rgb: list[_Battery]) -> None:
     incomplete = b.make(rgb[3], 911)
     del incomplete.label["image_info"]["is_normal"]
     b.add_reject(
-        "bad-label",
+        Reason.BAD_LABEL,
         ("TS_RGB", incomplete.image_name, incomplete.image),
         ("TL_RGB", incomplete.label_name, incomplete.label_bytes()),
     )
 
     truncated = b.make(ct[3], 912)
     b.add_reject(
-        "bad-image",
+        Reason.BAD_IMAGE,
         ("TS_CT_2", truncated.image_name, truncated.image[: len(truncated.image) // 2]),
         ("TL_CT", truncated.label_name, truncated.label_bytes()),
     )
 
     html = b.make(rgb[4], 912)
     b.add_reject(
-        "bad-image",
+        Reason.BAD_IMAGE,
         ("VS_RGB", html.image_name, _HTML_ERROR),
         ("VL_RGB", html.label_name, html.label_bytes()),
     )
 
     damaged = b.make(rgb[5], 913)
     b.add_reject(
-        "bad-crc",
+        Reason.BAD_CRC,
         ("TS_RGB", damaged.image_name, damaged.image),
         ("TL_RGB", damaged.label_name, damaged.label_bytes()),
     )
@@ -427,7 +428,7 @@ def _add_rejects(b: _Builder, ct: list[_Battery], rgb: list[_Battery]) -> None:
     # Same stem, different bytes: no way to tell which copy the label describes.
     first, second = b.make(ct[5], 914), b.make(ct[5], 914)
     b.add_reject(
-        "duplicate",
+        Reason.DUPLICATE,
         ("TS_CT_1", first.image_name, first.image),
         ("TS_CT_2", second.image_name, second.image),
         ("TL_CT", first.label_name, first.label_bytes()),
