@@ -226,8 +226,9 @@ def _reusable_shards(store: OutputStore, run: RunRecord, shards: list[PlannedSha
 
 def _what_changed(previous: RunRecord, run: RunRecord) -> str:
     """`seed 0 -> 1`-style differences in the options, or that the inputs differ."""
-    if "profile" not in previous.options:
-        return "written by an older shardify, before dataset profiles"
+    unknown = sorted(run.options.keys() - previous.options.keys())
+    if unknown:
+        return f"written by an older shardify, without {', '.join(unknown)}"
     changed = [f"{key} {previous.options.get(key)} -> {value}"
                for key, value in run.options.items() if previous.options.get(key) != value]
     return ", ".join(changed) if changed else "the inputs differ: other archives or members"

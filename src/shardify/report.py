@@ -48,10 +48,10 @@ def report_data(manifest: pa.Table, profile: DatasetProfile) -> dict:
     """Every number the report shows, computed from the manifest with pyarrow: per split the
     samples, groups and class counts, image sizes and samples per group; and the profile's own
     sections."""
+    by_split = {split: manifest.filter(pc.equal(manifest["split"], split)) for split in SPLITS}
     data: dict = {"splits": {}, "image_sizes": {}, "samples_per_group": {},
-                  "sections": profile.report_sections(manifest, SPLITS)}
-    for split in SPLITS:
-        rows = manifest.filter(pc.equal(manifest["split"], split))
+                  "sections": profile.report_sections(manifest, by_split)}
+    for split, rows in by_split.items():
         labels = Counter(rows["label"].to_pylist())
         data["splits"][split] = {
             "samples": rows.num_rows,
@@ -59,7 +59,7 @@ def report_data(manifest: pa.Table, profile: DatasetProfile) -> dict:
             "classes": [labels[i] for i in range(len(profile.class_names))],
         }
         sizes = Counter(zip(rows["width"].to_pylist(), rows["height"].to_pylist(), strict=True))
-        data["image_sizes"][split] = {f"{w}x{h}": n for (w, h), n in sizes.most_common()}
+        data["image_sizes"][split] = sizes.most_common()  # [((width, height), count)]
         data["samples_per_group"][split] = sorted(Counter(rows["group"].to_pylist()).values())
     return data
 
@@ -83,7 +83,7 @@ def format_text(data: dict, profile: DatasetProfile) -> str:
     for section in data["sections"]:
         lines += ["", section.title, *section.lines]
     lines += ["", "image sizes"]
-    lines += [f"  {split:<6} " + (", ".join(f"{k} {v}" for k, v in sizes.items()) or "none")
+    lines += [f"  {split:<6} " + (", ".join(f"{w}x{h} {n}" for (w, h), n in sizes) or "none")
               for split, sizes in data["image_sizes"].items()]
     lines += ["", f"samples per {profile.group_noun} (min / median / max)"]
     for split, counts in data["samples_per_group"].items():
@@ -110,7 +110,7 @@ def write_html(data: dict, manifest: pa.Table, path: Path, title: str,
                   _bars(section.bars, section.bars_axis, section.title)
                   for section in data["sections"] if section.bars is not None})
     plots[f"Samples per {profile.group_noun}"] = _samples_per_group(data, profile)
-    plots["Image sizes"] = _image_sizes(manifest)
+    plots["Image sizes"] = _image_sizes(data, manifest.num_rows)
     sections = [f"<h1>{html.escape(title)}</h1>", _table(*_split_table(data, profile))]
     sections += [f"<h2>{html.escape(section.title.capitalize())}</h2>" + _table(
         list(section.table[0]), [list(row) for row in section.table[1]])
@@ -209,17 +209,15 @@ def _samples_per_group(data: dict, profile: DatasetProfile) -> bytes:
     return _png(figure)
 
 
-def _image_sizes(manifest: pa.Table) -> bytes:
+def _image_sizes(data: dict, samples: int) -> bytes:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 3.5))
-    for split in SPLITS:
-        rows = manifest.filter(pc.equal(manifest["split"], split))
-        sizes = Counter(zip(rows["width"].to_pylist(), rows["height"].to_pylist(), strict=True))
-        known = [(w, h, n) for (w, h), n in sizes.items() if w is not None and h is not None]
+    for split, sizes in data["image_sizes"].items():
+        known = [(w, h, n) for (w, h), n in sizes if w is not None and h is not None]
         if known:
             axis.scatter([w for w, _, _ in known], [h for _, h, _ in known],
-                         s=[30 + 400 * n / manifest.num_rows for _, _, n in known],
+                         s=[30 + 400 * n / samples for _, _, n in known],
                          facecolors="none", edgecolors=SPLIT_COLOURS[split], linewidths=2,
                          label=split)
             for w, h, _ in known:

@@ -92,14 +92,15 @@ class Member(NamedTuple):
 
     def location(self) -> tuple[int, ...]:
         """Its MEMBER_COLUMNS values, in column order."""
-        return tuple(self[2:9])
+        return tuple(getattr(self, column) for column in MEMBER_COLUMNS.names or ())
 
     @property
     def base_name(self) -> str:
         return self.name.rsplit("/", 1)[-1]
 
 
-assert Member._fields[2:9] == MEMBER_COLUMNS.names  # one order for the record and the tuple
+# One order for the record and the tuple: Member's fields after (archive, name).
+assert Member._fields[2 : 2 + len(MEMBER_COLUMNS.descr)] == MEMBER_COLUMNS.names
 
 
 @dataclass(frozen=True, eq=False)

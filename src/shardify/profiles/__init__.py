@@ -151,9 +151,10 @@ class DatasetProfile(Protocol):
         """Dataset figures `shardify scan` shows (e.g. batteries per data_type)."""
         ...
 
-    def report_sections(self, manifest: pa.Table, splits: Sequence[str]
+    def report_sections(self, manifest: pa.Table, by_split: Mapping[str, pa.Table]
                         ) -> list[ReportSection]:
-        """The report's dataset sections, from the manifest."""
+        """The report's dataset sections, from the manifest and its rows per split (in split
+        order)."""
         ...
 
     def synthesize(self, dest: Path, *, seed: int = 0, scale: int = 1) -> SampleData:

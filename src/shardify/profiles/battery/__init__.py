@@ -111,11 +111,11 @@ class BatteryProfile:
         return {"batteries": {dt: len(ids) for dt, ids in sorted(batteries.items())},
                 "defect_images": defects}
 
-    def report_sections(self, manifest: pa.Table, splits: Sequence[str]
+    def report_sections(self, manifest: pa.Table, by_split: Mapping[str, pa.Table]
                         ) -> list[ReportSection]:
         """By data_type and form; defect types (case-folded); swelling."""
-        return [_by_kind(manifest, splits), _defect_types(manifest, splits),
-                _swelling(manifest, splits)]
+        return [_by_kind(manifest, list(by_split)), _defect_types(by_split),
+                _swelling(by_split)]
 
     def synthesize(self, dest: Path, *, seed: int = 0, scale: int = 1) -> Any:
         from .sample import synthesize
@@ -140,28 +140,21 @@ def _by_kind(manifest: pa.Table, splits: Sequence[str]) -> ReportSection:
                          (("split", "data_type", "form", "normal", "defect"), tuple(rows)))
 
 
-def _per_split(manifest: pa.Table, splits: Sequence[str]) -> Iterable[tuple[str, pa.Table]]:
-    import pyarrow.compute as pc
-
-    for split in splits:
-        yield split, manifest.filter(pc.equal(manifest["split"], split))
-
-
-def _defect_types(manifest: pa.Table, splits: Sequence[str]) -> ReportSection:
+def _defect_types(by_split: Mapping[str, pa.Table]) -> ReportSection:
     import pyarrow.compute as pc
 
     counts = {split: dict(Counter(pc.utf8_lower(pc.list_flatten(rows["defect_types"]))
                                   .to_pylist()).most_common())
-              for split, rows in _per_split(manifest, splits)}
+              for split, rows in by_split.items()}
     lines = tuple(f"  {split:<6} " + (", ".join(f"{name} {n}" for name, n in found.items())
                                      or "none") for split, found in counts.items())
     return ReportSection("defect types (images containing each, case-folded)", lines,
                          bars=counts, bars_axis="images containing the defect")
 
 
-def _swelling(manifest: pa.Table, splits: Sequence[str]) -> ReportSection:
+def _swelling(by_split: Mapping[str, pa.Table]) -> ReportSection:
     lines = []
-    for split, rows in _per_split(manifest, splits):
+    for split, rows in by_split.items():
         counts = Counter(rows["swelling"].to_pylist()).most_common()
         lines.append(f"  {split:<6} " + ", ".join(f"{k} {v}" for k, v in counts))
     return ReportSection("swelling", tuple(lines))
