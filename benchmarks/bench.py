@@ -114,6 +114,9 @@ def main() -> None:
     results["floor"] = best_of(3, [sys.executable, str(HERE / "floor.py"), str(big), str(out),
                                    workers], out)
     print(row("floor (read+inflate+crc -> tar)", results["floor"], megabytes), flush=True)
+    results["floor_durable"] = best_of(3, [sys.executable, str(HERE / "floor.py"), str(big),
+                                           str(out), workers, "--durable"], out)
+    print(row("floor, each tar fdatasync'd", results["floor_durable"], megabytes), flush=True)
     # 256 MiB shards: ~8 shards here, as many per worker as 1 GiB shards give on the real 507 GB.
     shard_size = ["--shard-size", "256MiB"]
     results["convert"] = best_of(3, [*SHARDIFY, "convert", str(big), "--out", str(out),
@@ -155,7 +158,9 @@ def main() -> None:
     fresh(out)
 
     ratios = {
-        "convert/floor": results["convert"]["seconds"] / results["floor"]["seconds"],
+        "convert/floor": results["convert"]["seconds"] / results["floor_durable"]["seconds"],
+        "convert/floor in page cache": results["convert"]["seconds"]
+        / results["floor"]["seconds"],
         "convert/baseline": results["convert"]["seconds"] / results["baseline"]["seconds"],
         "peak RSS 2 GB / 1 GB input": results["convert"]["peak_rss_mb"]
         / results["convert_1gb"]["peak_rss_mb"],
@@ -164,12 +169,15 @@ def main() -> None:
         "loader shards/zips samples/s": results["loader"]["shards_per_s"]
         / results["loader"]["zips_per_s"],
     }
-    # Issue 12's targets: no worse than before the code was reshaped into seams.
+    # Issue 12's targets: no worse than before the code was reshaped into seams. The floor a
+    # target is set against makes its output durable, as convert does; the one that leaves it in
+    # the page cache is shown beside it (what the disk's writes cost on this machine).
     targets = {"convert/floor": 1.15, "convert/baseline": 0.35, "tiny convert/baseline": 0.25}
     print("\nratios (target)")
     for name, value in ratios.items():
         target = (f"<= {targets[name]}" if name in targets else
-                  "flat ~1.0" if name.startswith("peak") else "higher is better")
+                  "flat ~1.0" if name.startswith("peak") else
+                  "no target" if "page cache" in name else "higher is better")
         verdict = "" if name not in targets else ("  ok" if value <= targets[name] else "  MISSED")
         print(f"  {name:<30} {value:6.2f}  ({target}){verdict}")
     limits = [("convert peak RSS (MB)", results["convert"]["peak_rss_mb"], 160),

@@ -1,7 +1,10 @@
 """The floor: every member read once, inflated and CRC-checked with libdeflate, written to tars.
 
 Nothing else (no pairing, labels, planning or manifest): what reading the input costs on this
-machine with the same worker count. usage: python floor.py SOURCE_DIR OUT_DIR WORKERS
+machine with the same worker count. With --durable each tar is also flushed to disk (fdatasync)
+before it counts as written, as shardify's shards are; without it a few GB of output can stay
+in the page cache and never reach the disk while the floor is timed.
+usage: python floor.py SOURCE_DIR OUT_DIR WORKERS [--durable]
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ def members(source: Path) -> list[tuple[str, int, int, int, int, int]]:
     return found
 
 
-def copy(task: tuple[list, str]) -> int:
-    todo, target = task
+def copy(task: tuple[list, str, bool]) -> int:
+    todo, target, durable = task
     fds: dict[str, int] = {}
     out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     for number, (path, offset, csize, size, crc, method) in enumerate(todo):
@@ -41,17 +44,19 @@ def copy(task: tuple[list, str]) -> int:
         info.size = size
         os.writev(out, [info.tobuf(tarfile.USTAR_FORMAT), data, bytes(-size % 512)])
     os.write(out, bytes(1024))
+    if durable:
+        os.fdatasync(out)
     os.close(out)
     return len(todo)
 
 
-def main(source: Path, out: Path, workers: int) -> None:
+def main(source: Path, out: Path, workers: int, durable: bool) -> None:
     todo = members(source)
     out.mkdir(parents=True, exist_ok=True)
-    chunks = [(todo[i::workers], str(out / f"floor-{i}.tar")) for i in range(workers)]
+    chunks = [(todo[i::workers], str(out / f"floor-{i}.tar"), durable) for i in range(workers)]
     with ProcessPoolExecutor(workers) as pool:
         assert sum(pool.map(copy, chunks)) == len(todo)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), "--durable" in sys.argv[4:])
