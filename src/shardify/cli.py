@@ -22,6 +22,7 @@ from .output.store import REJECTS
 from .pathnames import path_text
 from .profiles import get_profile
 from .progress import human_bytes
+from .transform.options import CROPS, DEFAULT_MARGIN, DEFAULT_QUALITY, FORMATS
 
 if TYPE_CHECKING:
     from .convert import ConvertReport
@@ -89,6 +90,19 @@ def parse_seed(text: str) -> int:
     return seed
 
 
+def _whole(text: str) -> int:
+    """An argparse type for sizes that may be 0, such as --crop-margin."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0: {text!r}")
+    return int(text)
+
+
+def _quality(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 100: {text!r}")
+    return int(text)
+
+
 def _positive_int(text: str) -> int:
     """An argparse type for counts such as --workers."""
     if not text.isdigit() or int(text) < 1:
@@ -147,6 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--no-space-check", dest="space_check", action="store_false",
                       help="write even if OUT's disk looks too small for the output")
     conv.add_argument("--quiet", action="store_true", help="no progress output")
+    shaping = conv.add_argument_group(
+        "image transforms", "done in the workers while converting; labels follow the pixels "
+        "(coordinates mapped, image_info.width/height set to the written size). Without any "
+        "of these, shards hold the sources' bytes unchanged.")
+    shaping.add_argument("--crop", choices=CROPS, help="crop each image to the bounding box of "
+                         "its label's battery outline (images without a usable outline are "
+                         "kept whole)")
+    shaping.add_argument("--crop-margin", type=_whole, default=DEFAULT_MARGIN, metavar="PX",
+                         help=f"widen the crop box by PX source pixels on every side, clamped "
+                         f"to the image (default {DEFAULT_MARGIN})")
+    shaping.add_argument("--resize", type=_positive_int, metavar="N",
+                         help="scale so the longer side is at most N pixels (LANCZOS; aspect "
+                         "ratio kept, never enlarged)")
+    shaping.add_argument("--format", choices=FORMATS, default="keep",
+                         help="image format written: keep (default: JPEG stays JPEG, PNG stays "
+                         "PNG), jpeg, png, or webp (lossless unless --quality is given)")
+    shaping.add_argument("--quality", type=_quality, metavar="Q",
+                         help=f"quality of lossy formats, 1-100 (default {DEFAULT_QUALITY} for "
+                         "JPEG)")
 
     survey = _subcommand(
         commands, "scan",
@@ -255,12 +288,15 @@ def _run(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from .convert import ConvertOptions, convert
     from .errors import NotEnoughSpace, RunFailed
+    from .transform.options import TransformOptions
 
     options = ConvertOptions(
         sources=args.sources, out=args.out, shard_size=args.shard_size, split=args.split.text,
         ratios=args.split.ratios, seed=args.seed, manifest=args.manifest, strict=args.strict,
         quiet=args.quiet, overwrite=args.overwrite, space_check=args.space_check,
         workers=args.workers,
+        transform=TransformOptions(args.crop, args.crop_margin, args.resize, args.format,
+                                   args.quality),
     )
     try:
         report = convert(options)
@@ -304,6 +340,12 @@ def format_report(report: ConvertReport) -> str:
     lines.append("  skipped: " + "; ".join(skipped))
     lines += [f"  note: {archive['name']}: {note}"
               for archive in summary["archives"] for note in archive["notes"]]
+    done = summary.get("transformed")
+    if done:
+        lines.append(f"  transformed: {done['images']} images, {done['cropped']} cropped to "
+                     f"their outline, {done['no_outline']} kept whole (no usable outline); "
+                     f"{done['unmapped_point_lists']} label point lists left as they were "
+                     "(odd length or not numbers)")
     lines.append(f"  bytes in: {human_bytes(summary['bytes_in'])} from "
                  f"{len(summary['archives'])} archives; bytes out: "
                  f"{human_bytes(summary['bytes_out'])}")

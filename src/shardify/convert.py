@@ -14,6 +14,7 @@ import stat
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,16 +40,18 @@ from .output.store import (
 )
 from .pathnames import path_text
 from .plan.fingerprint import plan_fingerprint
-from .plan.pairing import Pairing
+from .plan.pairing import Pairing, Sample
 from .plan.shards import PlannedShard, ShardSizes, plan_shards
 from .plan.split import SPLITS, assign_splits, group_strata
 from .profiles import DatasetProfile, get_profile
 from .progress import Progress, human_bytes
 from .rejects import Reject
 from .scan import archive_table, survey
+from .transform.estimate import size_ratios
+from .transform.options import TransformOptions
 from .write.executor import Executor, Inline, local_executor, write_shards
 from .write.shard import ShardResult, expand, shard_job
-from .write.tar import TAR_END_SIZE, planned_sample_bytes
+from .write.tar import TAR_END_SIZE, estimated_sample_bytes, planned_sample_bytes
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk check
@@ -72,11 +75,13 @@ class ConvertOptions:
     space_check: bool = True
     workers: int = 1
     profile: DatasetProfile = field(default_factory=get_profile)
+    transform: TransformOptions = field(default_factory=TransformOptions)
 
     def shaping(self) -> dict:
         """The options that decide the shards' bytes; a resumed run must use the same."""
         return {"shard_size": self.shard_size, "split": list(self.ratios), "seed": self.seed,
-                "profile": f"{self.profile.name} {self.profile.version}"}
+                "profile": f"{self.profile.name} {self.profile.version}",
+                **self.transform.shaping()}
 
 
 @dataclass
@@ -105,8 +110,12 @@ def convert(options: ConvertOptions) -> ConvertReport:
             rejects = index.rejects + pairing.all_rejects()
             split_of_group = assign_splits(group_strata(pairing.samples, profile),
                                            options.ratios, options.seed)
+            sample_bytes: Callable[[Sample], int] = planned_sample_bytes
+            if options.transform.active:
+                sample_bytes = estimated_sample_bytes(size_ratios(
+                    pairing.samples, reader, options.transform, profile.geometry))
             shards = plan_shards(pairing.samples, split_of_group, options.shard_size, profile,
-                                 ShardSizes(planned_sample_bytes, TAR_END_SIZE), shard_name)
+                                 ShardSizes(sample_bytes, TAR_END_SIZE), shard_name)
             run = RunRecord(plan_fingerprint(shards, options.shaping()), options.shaping())
             finished = _reusable_shards(store, run, shards, options.overwrite)
             todo = [shard for shard in shards if shard.name not in finished]
@@ -141,7 +150,7 @@ def _write_index_files(options: ConvertOptions, store: OutputStore, results: lis
     """Manifest, rejects and summary, each atomically; summary.json last, as the sign of done."""
     from .output.manifest import manifest_table, rejects_table, wids_indexes
 
-    manifest = manifest_table(results, options.profile)
+    manifest = manifest_table(results, options.profile, options.transform)
     store.write_parquet(REJECTS, rejects_table(rejects))
     store.write_parquet(MANIFEST, manifest)
     for name, index in wids_indexes(results).items():
@@ -165,7 +174,9 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
     progress.advance(sum(expected[name] for name in finished))
     results = dict(finished)
     # Largest first: the last shards to finish are small, so workers end together.
-    jobs = [shard_job(shard.name, shard.samples) for shard in sorted(
+    transform = (options.transform, options.profile.geometry) if options.transform.active \
+        else None
+    jobs = [shard_job(shard.name, shard.samples, transform) for shard in sorted(
         shards, key=lambda s: -s.expected_bytes) if shard.name not in finished]
 
     def publish(entry: dict) -> None:
@@ -348,6 +359,7 @@ def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
             "ratios": list(options.ratios),
             "seed": options.seed,
             "strict": options.strict,
+            **options.transform.shaping(),
         },
         "splits": splits,
         "samples": sum(s["samples"] for s in splits.values()),
@@ -359,4 +371,21 @@ def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
         "bytes_in": sum(a.size for a in index.archives if a.parent is None
                         and not a.kind.startswith("nested")),
         "bytes_out": sum(s["bytes"] for s in splits.values()),
+        **_transform_counts(options.transform, results),
     }
+
+
+def _transform_counts(transform: TransformOptions, results: list[ShardResult]) -> dict:
+    """How the transform went: images cropped, images kept whole for want of a usable outline,
+    and label point lists left unmapped (odd length, or not numbers)."""
+    placements = [r.placements for r in results if r.placements is not None]
+    if not transform.active:
+        return {}
+    cropped = sum(int((p[:, 4] >= 0).sum()) for p in placements)
+    images = sum(len(p) for p in placements)
+    return {"transformed": {
+        "images": images,
+        "cropped": cropped,
+        "no_outline": images - cropped if transform.crop else 0,
+        "unmapped_point_lists": sum(int(p[:, 8].sum()) for p in placements),
+    }}

@@ -20,6 +20,7 @@ import orjson
 import pyarrow as pa
 
 from .archives.discovery import find_archives
+from .archives.model import Member
 from .archives.reader import ArchiveReader
 from .archives.zipdir import index_archives
 from .errors import BadLabel, OutputMissing, UnusableIndex
@@ -29,12 +30,15 @@ from .pathnames import path_text
 from .plan.pairing import SAFE_KEY
 from .plan.split import SPLITS
 from .profiles import BOM, DatasetProfile
+from .transform.options import EXT_OF_FORMAT
 from .write.tar import BLOCK, TAR_END_SIZE, class_bytes, padded
 
 BOM_CRC = deflate.crc32(BOM)
 VALUES_NEEDED = frozenset({"key", "split", "shard", "offset", "sample_bytes", "group", "label",
-                           "image_ext", "image_bytes", "crc32", "label_bytes", "label_crc32"})
+                           "image_ext", "image_bytes", "crc32", "label_bytes", "label_crc32",
+                           "source_bytes", "source_crc32", "label_source_crc32"})
 TAIL_CHUNK = 2**20
+WRITTEN_EXTS = frozenset(EXT_OF_FORMAT.values())  # what --format may write
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,9 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
     problems += _check_leakage(rows, profile)
     problems += _check_counts(rows, summary)
     if sources is not None:
-        problems += _check_sources(rows, sources, label_crcs)
+        transform = summary["options"].get("transform")
+        problems += _check_sources(rows, sources, label_crcs, out,
+                                   None if transform is None else (transform, profile))
     return len(rows), problems
 
 
@@ -114,11 +120,26 @@ def _read_index_files(out: Path) -> tuple[list[dict], dict, DatasetProfile]:
 
 
 def _check_sources(rows: list[dict], sources: list[str],
-                   label_crcs: dict[tuple[str, str], tuple[int, int]]) -> list[Problem]:
-    """Each sample's image and label against the source members' size and CRC-32."""
+                   label_crcs: dict[tuple[str, str], tuple[int, int]], out: Path,
+                   transform: tuple[dict, DatasetProfile] | None) -> list[Problem]:
+    """Each sample's image and label against the source members' size and CRC-32; for a
+    transformed output, a sample of images transformed again from their sources."""
     with ArchiveReader() as reader:
         index = index_archives(find_archives(sources).archives, reader)
-    members = {(m.archive.name, m.name): m for table in index.tables for m in table.members()}
+        members = {(m.archive.name, m.name): m for table in index.tables
+                   for m in table.members()}
+        problems = _compare_sources(rows, members, label_crcs, transformed=bool(transform))
+        if transform is not None:
+            from .transform.check import check_pixels
+
+            problems += [Problem(where, what) for where, what in check_pixels(
+                rows, members, reader, out, *transform)]
+    return problems
+
+
+def _compare_sources(rows: list[dict], members: dict[tuple[str, str], Member],
+                     label_crcs: dict[tuple[str, str], tuple[int, int]], transformed: bool
+                     ) -> list[Problem]:
     problems = []
     for row in rows:
         where = f"{row['shard']}:{row['key']}"
@@ -129,11 +150,14 @@ def _check_sources(rows: list[dict], sources: list[str],
             problems.append(Problem(where, f"source {missing} not found in --sources (give the "
                                     "SOURCE arguments given to convert)"))
             continue
-        if (image.file_size, image.crc32) != (row["image_bytes"], row["crc32"]):
+        if (image.file_size, image.crc32) != (row["source_bytes"], row["source_crc32"]) or (
+                not transformed and (row["image_bytes"], row["crc32"]) != (
+                    row["source_bytes"], row["source_crc32"])):
             problems.append(Problem(where, f"image differs from its source member "
                                     f"{row['source_archive']}:{row['source_member']}"))
         found = label_crcs.get((row["shard"], row["key"]))
-        if found is not None and label.crc32 not in found:
+        if label.crc32 != row["label_source_crc32"] or (
+                not transformed and found is not None and label.crc32 not in found):
             problems.append(Problem(where, f"label differs from its source member "
                                     f"{row['label_archive']}:{row['label_member']}"))
     return problems
@@ -257,7 +281,7 @@ def _check_sample(shard: str, key: str, offset: int, end: int, members: dict[str
     problems = []
     if not SAFE_KEY.fullmatch(key):
         problems.append(Problem(where, "key breaks the key rules ([A-Za-z0-9_-]{1,80})"))
-    images = set(profile.image_extensions.values()) & members.keys()
+    images = (set(profile.image_extensions.values()) | WRITTEN_EXTS) & members.keys()
     if set(members) != {row["image_ext"], "json", "cls"} or len(images) != 1:
         problems.append(Problem(where, f"members are {sorted(members)}, expected "
                                 f"{row['image_ext']}, json, cls"))

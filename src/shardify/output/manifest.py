@@ -6,7 +6,7 @@ writes them. Nothing time- or host-dependent goes in, so the same inputs give id
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from ..plan.pairing import IMAGE, LABEL, member_refs
 from ..plan.split import SPLITS
 from ..profiles import DatasetProfile, get_profile
 from ..rejects import Reject
+from ..transform.options import TransformOptions
 from ..write.shard import ShardResult
 from .store import MANIFEST_MARKER, wids_index_name
 
@@ -40,6 +41,16 @@ MEMBER_COLUMNS = [
     ("label_archive", pa.string()),
     ("label_member", pa.string()),
 ]
+# What the written image came from (the same as written when no transform was asked for).
+SOURCE_COLUMNS = [
+    ("source_width", pa.int32()),
+    ("source_height", pa.int32()),
+    ("crop_box", pa.list_(pa.int32())),  # x0, y0, x1, y1 in upright source pixels, or null
+    ("scale", pa.float64()),
+    ("source_bytes", pa.int64()),
+    ("source_crc32", pa.uint32()),
+    ("label_source_crc32", pa.uint32()),
+]
 
 
 def manifest_schema(profile: DatasetProfile) -> pa.Schema:
@@ -48,7 +59,8 @@ def manifest_schema(profile: DatasetProfile) -> pa.Schema:
     The metadata names shardify (how --manifest knows a file it may replace) and the profile
     (how readers know which one made the file).
     """
-    return pa.schema([*LOCATION_COLUMNS, *profile.columns, *MEMBER_COLUMNS], metadata={
+    return pa.schema([*LOCATION_COLUMNS, *profile.columns, *MEMBER_COLUMNS, *SOURCE_COLUMNS],
+                     metadata={
         MANIFEST_MARKER: __version__.encode(), b"profile": profile.name.encode()})
 
 
@@ -70,32 +82,41 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
-def manifest_table(results: list[ShardResult], profile: DatasetProfile) -> pa.Table:
+def manifest_table(results: list[ShardResult], profile: DatasetProfile,
+                   transform: TransformOptions | None = None) -> pa.Table:
     """One row per written sample, in shard order, built column by column a batch at a time.
+
+    `transform` (what convert was asked to do to the images) names the written image types.
 
     Columns, not one dict per row, and Python lists for one batch only: at 400k samples, whole
     columns of Python objects would take ~150 MB on top of the table.
     """
     schema = manifest_schema(profile)
     return pa.Table.from_batches(
-        [_manifest_batch(result, start, start + MANIFEST_BATCH, profile, schema)
+        [_manifest_batch(result, start, start + MANIFEST_BATCH, profile, schema,
+                         (transform or TransformOptions()).output_ext)
          for result in results for start in range(0, len(result.samples), MANIFEST_BATCH)],
         schema=schema)
 
 
 def _manifest_batch(result: ShardResult, start: int, stop: int, profile: DatasetProfile,
-                    schema: pa.Schema) -> pa.RecordBatch:
+                    schema: pa.Schema, ext_of: Callable[[str], str]) -> pa.RecordBatch:
     samples = result.samples[start:stop]
     sources = [member_refs(samples, [role]) for role in (IMAGE, LABEL)]
     archives = [[table.archive.name for table in refs.tables] for refs in sources]
+    image_records, label_records = (refs.records() for refs in sources)
+    dataset = profile.column_values([sample.fields for sample in samples])
+    placed = _placement_columns(result, start, stop, dataset)
     columns = {
         "key": [s.key for s in samples],
         "split": [result.split] * len(samples),
         "shard": [result.name] * len(samples),
         "offset": result.offsets[start:stop],
         "sample_bytes": result.sizes[start:stop],
-        **profile.column_values([sample.fields for sample in samples]),
-        "image_ext": [s.image_ext for s in samples],
+        **dataset,
+        "width": placed["width"],
+        "height": placed["height"],
+        "image_ext": [ext_of(s.image_ext) for s in samples],
         "image_bytes": result.image_sizes[start:stop],
         "crc32": result.image_crc32s[start:stop],
         "label_bytes": result.label_sizes[start:stop],
@@ -104,8 +125,32 @@ def _manifest_batch(result: ShardResult, start: int, stop: int, profile: Dataset
         "source_member": sources[IMAGE].names(),
         "label_archive": pa.DictionaryArray.from_arrays(sources[LABEL].which, archives[LABEL]),
         "label_member": sources[LABEL].names(),
+        "source_width": placed["source_width"],
+        "source_height": placed["source_height"],
+        "crop_box": placed["crop_box"],
+        "scale": placed["scale"],
+        "source_bytes": image_records["file_size"],
+        "source_crc32": image_records["crc32"],
+        "label_source_crc32": label_records["crc32"],
     }
     return pa.RecordBatch.from_pydict(columns, schema=schema)
+
+
+def _placement_columns(result: ShardResult, start: int, stop: int,
+                       dataset: dict[str, list[Any]]) -> dict[str, Any]:
+    """Written and source sizes, crop box and scale: from the transform, or (without one) the
+    label's size for both, no box, scale 1."""
+    if result.placements is None or result.scales is None:
+        count = len(dataset["width"])
+        return {"width": dataset["width"], "height": dataset["height"],
+                "source_width": dataset["width"], "source_height": dataset["height"],
+                "crop_box": [None] * count, "scale": [1.0] * count}
+    placed = result.placements[start:stop]
+    boxes = placed[:, 4:8].tolist()
+    return {"width": placed[:, 0], "height": placed[:, 1], "source_width": placed[:, 2],
+            "source_height": placed[:, 3],
+            "crop_box": [box if box[0] >= 0 else None for box in boxes],
+            "scale": result.scales[start:stop]}
 
 
 def rejects_table(rejects: Iterable[Reject]) -> pa.Table:

@@ -21,8 +21,9 @@ from ..archives.model import MEMBER_COLUMNS, Archive, Member
 from ..archives.reader import ArchiveReader, Payload
 from ..errors import MemberError
 from ..plan.pairing import Sample, member_refs
-from ..profiles import strip_bom
+from ..profiles import Geometry, strip_bom
 from ..rejects import Reason, Reject
+from ..transform.options import TransformOptions
 from .images import image_problem
 from .tar import TAR_END_SIZE, class_bytes, sample_chunks
 
@@ -32,6 +33,10 @@ TAIL_BYTES = 2**20  # the entry records the CRC-32 of the shard's last MiB (resu
 _SYNC_FILE_RANGE = getattr(ctypes.CDLL(None), "sync_file_range", None) \
     if sys.platform == "linux" else None
 ENTRY_COLUMNS = 6  # per written sample, after its key (see `expand`)
+# With a transform, then: width, height, source width, source height, crop box (x0, y0, x1, y1;
+# -1s for none), unmapped point lists, and last the scale (a float).
+PLACEMENT_COLUMNS = 9
+NO_BOX = (-1, -1, -1, -1)
 
 
 class ShardSink(Protocol):
@@ -60,6 +65,8 @@ class ShardResult:
     label_crc32s: np.ndarray  # uint32
     rejects: list[Reject] = field(default_factory=list)
     bytes_out: int = 0
+    placements: np.ndarray | None = None  # int64 (samples, PLACEMENT_COLUMNS); None: as source
+    scales: np.ndarray | None = None  # float64
 
     @property
     def split(self) -> str:
@@ -86,9 +93,11 @@ class ShardJob(NamedTuple):
     labels: np.ndarray
     problems: dict[tuple[int, int], tuple[Reason, str]]
     archives: tuple[Archive, ...]
+    transform: tuple[TransformOptions, Geometry] | None = None  # None: sources' bytes as they are
 
 
-def shard_job(name: str, samples: tuple[Sample, ...]) -> ShardJob:
+def shard_job(name: str, samples: tuple[Sample, ...],
+              transform: tuple[TransformOptions, Geometry] | None = None) -> ShardJob:
     """The job for a shard, its member locations read from the tables' columns in bulk."""
     refs = member_refs(samples)
     records, count = refs.records(), len(samples)
@@ -100,7 +109,7 @@ def shard_job(name: str, samples: tuple[Sample, ...]) -> ShardJob:
     return ShardJob(name, [s.key for s in samples], [s.image_ext for s in samples],
                     [class_bytes(s.fields.label) for s in samples],
                     locations[:count], locations[count:], problems,
-                    tuple(table.archive for table in refs.tables))
+                    tuple(table.archive for table in refs.tables), transform)
 
 
 def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
@@ -116,14 +125,22 @@ def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
     if not all(isinstance(row, list) and row and row[0] in by_key for row in rows) or not all(
             isinstance(i, int) and 0 <= i < len(samples) for i, _, _ in entry["rejects"]):
         raise ValueError(f"entry of {entry['shard']} does not fit the plan")
-    numbers = np.array([row[1:] for row in rows], np.int64).reshape(len(rows), ENTRY_COLUMNS)
+    numbers = np.array([row[1:1 + ENTRY_COLUMNS] for row in rows], np.int64).reshape(
+        len(rows), ENTRY_COLUMNS)
+    placements = scales = None
+    if rows and len(rows[0]) > 1 + ENTRY_COLUMNS:
+        tails = [row[1 + ENTRY_COLUMNS:] for row in rows]
+        if not all(len(tail) == PLACEMENT_COLUMNS + 1 for tail in tails):
+            raise ValueError(f"entry of {entry['shard']} does not fit the plan")
+        placements = np.array([tail[:-1] for tail in tails], np.int64)
+        scales = np.array([tail[-1] for tail in tails], np.float64)
     rejects = [Reject(samples[i].key, Reason(reason), member.archive.name, member.name, detail)
                for i, reason, detail in entry["rejects"]
                for member in (samples[i].image, samples[i].label)]
     crc = np.uint32
     return ShardResult(entry["shard"], [by_key[row[0]] for row in rows], numbers[:, 0],
                        numbers[:, 1], numbers[:, 2], numbers[:, 3].astype(crc), numbers[:, 4],
-                       numbers[:, 5].astype(crc), rejects, entry["bytes"])
+                       numbers[:, 5].astype(crc), rejects, entry["bytes"], placements, scales)
 
 
 def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
@@ -145,10 +162,24 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
                 rejects.append([i, *payloads])
                 continue
             image_bytes, label_bytes = payloads
-            size = write_all(fd, sample_chunks(key, job.image_exts[i], image_bytes, label_bytes,
+            ext, image_crc, placement = job.image_exts[i], image.crc32, []
+            if job.transform is not None:
+                from ..transform.sample import ImageError, transform_sample  # Pillow: if needed
+
+                try:
+                    done = transform_sample(image_bytes, label_bytes, ext, *job.transform)
+                except ImageError as error:
+                    rejects.append([i, Reason.BAD_IMAGE, str(error)])
+                    continue
+                ext, image_bytes, label_bytes = job.transform[0].output_ext(ext), done.image, \
+                    done.label
+                image_crc = deflate.crc32(image_bytes)
+                placement = [done.width, done.height, done.source_width, done.source_height,
+                             *(done.crop_box or NO_BOX), done.unmapped_point_lists, done.scale]
+            size = write_all(fd, sample_chunks(key, ext, image_bytes, label_bytes,
                                                job.classes[i]))
-            written.append([key, offset, size, len(image_bytes), image.crc32, len(label_bytes),
-                            deflate.crc32(label_bytes)])
+            written.append([key, offset, size, len(image_bytes), image_crc, len(label_bytes),
+                            deflate.crc32(label_bytes), *placement])
             offset += size
             if offset - flushed >= WRITEBACK_STEP:
                 _start_writeback(fd, flushed, offset - flushed)

@@ -9,7 +9,9 @@ and the writer's bytes both come from here.
 
 from __future__ import annotations
 
+import math
 import tarfile
+from collections.abc import Callable, Mapping
 
 from ..plan.pairing import Sample
 
@@ -40,6 +42,20 @@ def planned_sample_bytes(sample: Sample) -> int:
     """What a planned sample will take in its shard, from its members' sizes in the zips."""
     return sample_tar_size(sample.image_size, sample.label_size,
                            len(class_bytes(sample.fields.label)))
+
+
+def estimated_sample_bytes(ratios: Mapping[str, tuple[float, float]]
+                           ) -> Callable[[Sample], int]:
+    """What a sample will take once transformed: its members' sizes in the zips times the
+    (image, label) ratios measured for its image type (1 where none were measured)."""
+
+    def size(sample: Sample) -> int:
+        image, label = ratios.get(sample.image_ext, (1.0, 1.0))
+        return sample_tar_size(math.ceil(sample.image_size * image),
+                               math.ceil(sample.label_size * label),
+                               len(class_bytes(sample.fields.label)))
+
+    return size
 
 
 def _header_template() -> tuple[bytes, int]:

@@ -48,7 +48,8 @@ def battery_columns() -> pa.Schema:
 GEOMETRY = Geometry(
     point_lists=(("swelling", "battery_outline"), ("battery_outline", "points"),
                  ("defects", "*", "points")),
-    size=(("image_info", "width"), ("image_info", "height")))
+    size=(("image_info", "width"), ("image_info", "height")),
+    outline=(("swelling", "battery_outline"), ("battery_outline", "points")))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,142 @@
+"""Decode, crop, resample and encode one image with Pillow: the transforms' only pixel code.
+
+JPEGs shrunk by 2x or more are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (`draft`);
+the crop and the resampling are one LANCZOS `resize(box=...)` on the stored pixels, and the EXIF
+rotation is applied last, to the small result. Colour modes are kept where the output format
+can hold them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .geometry import ROTATED, Box, orient_point
+
+ORIENTATION_TAG = 0x0112
+TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+             6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}
+INVERSE = {6: 8, 8: 6}  # the other orientations undo themselves
+PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+PNG_COMPRESS_LEVEL = 6
+ENCODABLE = {"JPEG": ("L", "RGB", "CMYK"), "PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"),
+             "WEBP": ("RGB", "RGBA")}
+
+
+class ImageError(Exception):
+    """The image cannot be decoded or written as asked (the message is the reject's detail)."""
+
+
+@dataclass
+class SourceImage:
+    """An opened, not yet decoded, source image: its stored size and EXIF orientation."""
+
+    image: Image.Image
+    width: int
+    height: int
+    orientation: int
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """The size once the EXIF orientation is applied."""
+        if self.orientation in ROTATED:
+            return self.height, self.width
+        return self.width, self.height
+
+
+def open_image(data: bytes | bytearray) -> SourceImage:
+    """Read an image's header (no pixels yet); ImageError if Pillow cannot make sense of it."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception as error:  # a decoder's error on untrusted bytes is a reject, not a crash
+        raise ImageError(f"cannot decode: {error}") from None
+    if orientation not in TRANSPOSE:
+        orientation = 1
+    return SourceImage(image, image.width, image.height, orientation)
+
+
+def render(source: SourceImage, box: Box, size: tuple[int, int], ext: str,
+           quality: int | None) -> bytes:
+    """The upright pixels of `box` resampled to `size`, encoded as `ext` (jpg, png, webp)."""
+    stored_box, stored_size = _stored(source, box, size)
+    image = source.image
+    try:
+        scale = min(stored_size[0] / stored_box.width, stored_size[1] / stored_box.height)
+        if image.format == "JPEG" and scale <= 0.5:
+            image.draft(image.mode, (math.ceil(source.width * scale),
+                                     math.ceil(source.height * scale)))
+        image = _resample(image, source, stored_box, stored_size)
+        if source.orientation != 1:
+            image = image.transpose(TRANSPOSE[source.orientation])
+    except Exception as error:  # see open_image
+        raise ImageError(f"cannot decode: {error}") from None
+    return encode(image, ext, quality)
+
+
+def encode(image: Image.Image, ext: str, quality: int | None) -> bytes:
+    """`image` in format `ext`; alpha is dropped for JPEG, which cannot hold it."""
+    pil_format = PIL_FORMAT[ext]
+    if image.mode not in ENCODABLE[pil_format]:
+        image = image.convert(_encodable_mode(image.mode, pil_format))
+    out = io.BytesIO()
+    if pil_format == "JPEG":
+        image.save(out, pil_format, quality=quality or 95)
+    elif pil_format == "PNG":
+        image.save(out, pil_format, compress_level=PNG_COMPRESS_LEVEL)
+    elif quality is None:
+        image.save(out, pil_format, lossless=True)
+    else:
+        image.save(out, pil_format, quality=quality)
+    return out.getvalue()
+
+
+def _encodable_mode(mode: str, pil_format: str) -> str:
+    if mode.startswith("I") or mode == "F":
+        if pil_format == "JPEG":
+            raise ImageError(f"a {mode} (high bit depth) image cannot be written as JPEG; "
+                             "use --format png")
+        return "I;16" if pil_format == "PNG" else "RGB"
+    alpha = "A" in mode or mode == "P"
+    grey = mode in ("1", "L", "LA", "La")
+    if pil_format == "JPEG":
+        return "L" if grey else "RGB"
+    if pil_format == "WEBP":
+        return "RGBA" if alpha else "RGB"
+    return ("LA" if alpha else "L") if grey else ("RGBA" if alpha else "RGB")
+
+
+def _stored(source: SourceImage, box: Box, size: tuple[int, int]
+            ) -> tuple[Box, tuple[int, int]]:
+    """An upright box and output size in the stored image's pixels (before the EXIF turn)."""
+    if source.orientation == 1:
+        return box, size
+    inverse = INVERSE.get(source.orientation, source.orientation)
+    width, height = source.upright_size
+    corners = [orient_point(x, y, inverse, width, height)
+               for x, y in ((box.x0, box.y0), (box.x1, box.y1))]
+    xs, ys = [int(c[0]) for c in corners], [int(c[1]) for c in corners]
+    stored_box = Box(min(xs), min(ys), max(xs), max(ys))
+    return stored_box, (size[::-1] if source.orientation in ROTATED else size)
+
+
+def _resample(image: Image.Image, source: SourceImage, box: Box,
+              size: tuple[int, int]) -> Image.Image:
+    """Crop and resample once, on the (possibly DCT-reduced) decoded pixels."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
+    if size == (box.width, box.height):
+        if size == image.size:
+            image.load()  # decode now: a broken image is a decode error, not an encode one
+            return image
+        return image.crop((box.x0, box.y0, box.x1, box.y1))
+    fx, fy = source.width / image.width, source.height / image.height
+    return image.resize(size, Image.Resampling.LANCZOS,
+                        box=(box.x0 / fx, box.y0 / fy, box.x1 / fx, box.y1 / fy))

@@ -1,0 +1,368 @@
+"""`convert --crop outline --resize N --format F`: written pixels and labels, read back with PIL.
+
+The inputs are built here, so every expected pixel is known: a bright battery on a dark slice
+with a white defect square, an RGBA photo whose outline uses the top-level layout, an EXIF-turned
+photo, labels without a usable outline, an odd-length point list and an image that only a
+decoder can find broken.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import manifest_rows, read_shards, reject_rows, summary_of
+from PIL import Image, ImageDraw, ImageOps
+
+from shardify.cli import main
+from shardify.profiles.battery import GEOMETRY
+from shardify.synth import ZipEntry, write_zip
+from shardify.transform.geometry import Box, Placement, crop_box, map_label, orient_point
+from shardify.write.tar import sample_chunks
+
+CT_SIZE, RGB_SIZE = (320, 320), (240, 160)
+DEFECT_GREY, DEFECT_RGB = 255, (230, 20, 20, 255)
+
+
+def _label(data_type: str, battery: int, name: str, size: tuple[int, int],
+           outline: list[int] | None, defects: list[list[int]], layout: str) -> dict:
+    label: dict = {
+        "data_info": {"data_type": data_type, "battery_ids": battery, "type": "cell",
+                      "form": "pouch", "roi": [12, 84] if data_type == "ct" else None},
+        "swelling": {"swelling": False},
+        "defects": [{"id": i, "name": "porosity", "points": p} for i, p in enumerate(defects)]
+        or None,
+        "image_info": {"width": size[0], "height": size[1], "file_name": name,
+                       "is_normal": not defects},
+    }
+    if outline is not None and layout == "swelling":
+        label["swelling"]["battery_outline"] = outline
+    elif outline is not None:  # the top-level layout, right after "swelling"
+        label = {"data_info": label["data_info"], "swelling": label["swelling"],
+                 "battery_outline": {"points": outline}, "defects": label["defects"],
+                 "image_info": label["image_info"]}
+    return label
+
+
+def _rect(x0: int, y0: int, x1: int, y1: int) -> list[int]:
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+def _ct(offset: int) -> tuple[bytes, list[int], list[int]]:
+    """A grey slice: battery (160) at a per-battery place, a white defect square inside it."""
+    pixels = np.full(CT_SIZE[::-1], 20, np.uint8)
+    x0, y0 = 60 + offset, 80 + offset // 2
+    pixels[y0:y0 + 90, x0:x0 + 60] = 160
+    pixels[y0 + 30:y0 + 60, x0 + 15:x0 + 45] = DEFECT_GREY
+    out = io.BytesIO()
+    Image.fromarray(pixels, "L").save(out, "JPEG", quality=95)
+    return out.getvalue(), _rect(x0, y0, x0 + 60, y0 + 90), _rect(x0 + 15, y0 + 30, x0 + 45,
+                                                                   y0 + 60)
+
+
+def _rgba(orientation: int = 1) -> tuple[bytes, list[int], list[int]]:
+    """A photo with alpha: blue cell, red defect square, a transparent corner."""
+    image = Image.new("RGBA", RGB_SIZE, (200, 200, 205, 255))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((40, 30, 159, 109), fill=(60, 90, 150, 255))
+    draw.rectangle((80, 50, 119, 89), fill=DEFECT_RGB)
+    draw.rectangle((0, 0, 9, 9), fill=(0, 0, 0, 0))
+    out = io.BytesIO()
+    if orientation == 1:
+        image.save(out, "PNG")
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.convert("RGB").save(out, "JPEG", quality=95, exif=exif)
+    return out.getvalue(), _rect(40, 30, 160, 110), _rect(80, 50, 120, 90)
+
+
+def _broken_png() -> bytes:
+    """Chunk structure intact (signature, IHDR, IDAT, IEND, right CRCs); the pixels are not."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)) \
+        + chunk(b"IDAT", b"not zlib data at all") + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("transform") / "src"
+    root.mkdir()
+    images, labels = [], []
+
+    def add(name: str, data: bytes, label: dict) -> None:
+        images.append(ZipEntry(name, data))
+        labels.append(ZipEntry(name.rsplit(".", 1)[0] + ".json", json.dumps(label).encode()))
+
+    for battery in range(101, 106):
+        for n in range(3):
+            data, outline, defect = _ct(10 * battery % 70 + 5 * n)
+            name = f"CT_cell_pouch_{battery}_x_{n:03d}.jpg"
+            add(name, data, _label("ct", battery, name, CT_SIZE, outline, [defect],
+                                   "swelling" if battery % 2 else "top"))
+    for battery in range(1001, 1006):
+        for n in range(2):
+            data, outline, defect = _rgba()
+            name = f"RGB_cell_pouch_{battery}_{n:03d}.png"
+            add(name, data, _label("rgb", battery, name, RGB_SIZE, outline, [defect], "top"))
+    data, outline, defect = _rgba(orientation=6)
+    add("RGB_cell_pouch_1006_000.jpg", data,
+        _label("rgb", 1006, "x", RGB_SIZE, outline, [defect], "swelling"))
+    data, _, defect = _ct(0)
+    add("CT_cell_pouch_106_x_000.jpg", data,
+        _label("ct", 106, "x", CT_SIZE, None, [defect], "swelling"))  # no outline
+    add("CT_cell_pouch_106_x_001.jpg", data,
+        _label("ct", 106, "x", CT_SIZE, [10, 10, 20, 20], [defect[:7]], "swelling"))
+    add("RGB_cell_pouch_1007_000.png", _broken_png(),
+        _label("rgb", 1007, "x", RGB_SIZE, None, [], "swelling"))
+    write_zip(root / "images.zip", images)
+    write_zip(root / "labels.zip", labels)
+    return root
+
+
+def _convert(source: Path, out: Path, *options: str, workers: str = "2") -> int:
+    return main(["convert", str(source), "--out", str(out), "--quiet", "--workers", workers,
+                 "--shard-size", "64KiB", *options])
+
+
+@pytest.fixture(scope="module")
+def cropped(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cropped") / "out"
+    assert _convert(source, out, "--crop", "outline", "--crop-margin", "8", "--resize", "48") == 0
+    return out
+
+
+def _decoded(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def _inside(image: Image.Image, points: list[float], shrink: int) -> np.ndarray:
+    """Pixels strictly inside the bounding box of `points`, `shrink` px in from its edges."""
+    xs, ys = points[0::2], points[1::2]
+    box = (int(min(xs)) + shrink, int(min(ys)) + shrink, int(max(xs)) - shrink,
+           int(max(ys)) - shrink)
+    assert box[2] > box[0] and box[3] > box[1], box
+    return np.asarray(image)[box[1]:box[3], box[0]:box[2]]
+
+
+def test_defect_pixels_and_outline_follow_the_label(cropped: Path) -> None:
+    samples = read_shards(cropped)
+    rows = {row["key"]: row for row in manifest_rows(cropped)}
+    checked = 0
+    for key, members in samples.items():
+        label = json.loads(members["json"])
+        image = _decoded(members.get("jpg") or members["png"])
+        row = rows[key]
+        assert image.size == (row["width"], row["height"]) == (
+            label["image_info"]["width"], label["image_info"]["height"])
+        assert max(image.size) <= 48
+        defects = label["defects"] or []
+        outline = label.get("battery_outline", {}).get("points") or label["swelling"].get(
+            "battery_outline")
+        if row["crop_box"] is None or len(defects[0]["points"]) % 2:
+            continue
+        defect = np.asarray(_inside(image, defects[0]["points"], 2), np.int16)
+        if key.startswith("CT"):
+            assert image.mode == "L"
+            assert np.abs(defect - DEFECT_GREY).max() <= 40, key
+            battery = np.asarray(image) > 100
+        else:
+            assert image.mode in ("RGBA", "RGB")
+            assert np.abs(defect[..., :3] - DEFECT_RGB[:3]).max() <= 40, key
+            rgb = np.asarray(image.convert("RGB"), np.int16)
+            battery = (rgb[..., 0] < 130) & (rgb[..., 2] > 110)  # the blue cell
+        # Every battery pixel lies inside the mapped outline's box (1 px of resampling blur).
+        ys, xs = np.nonzero(battery)
+        assert min(outline[0::2]) - 1 <= xs.min() and xs.max() + 1 <= max(outline[0::2]) + 1
+        assert min(outline[1::2]) - 1 <= ys.min() and ys.max() + 1 <= max(outline[1::2]) + 1
+        checked += 1
+    assert checked == 15 + 10 + 1
+
+
+def test_manifest_and_summary_describe_source_and_output(cropped: Path, source: Path) -> None:
+    rows = {row["key"]: row for row in manifest_rows(cropped)}
+    ct = rows["CT_cell_pouch_101_x_000"]
+    assert (ct["source_width"], ct["source_height"]) == CT_SIZE
+    x0, y0 = 60 + 10 * 101 % 70, 80 + (10 * 101 % 70) // 2
+    assert ct["crop_box"] == [x0 - 8, y0 - 8, x0 + 68, y0 + 98]
+    assert ct["scale"] == pytest.approx(48 / 106)
+    assert (ct["width"], ct["height"]) == (round(76 * 48 / 106), 48)
+    with __import__("zipfile").ZipFile(source / "images.zip") as zf:
+        info = zf.getinfo("CT_cell_pouch_101_x_000.jpg")
+    assert (ct["source_bytes"], ct["source_crc32"]) == (info.file_size, info.CRC)
+    assert ct["image_bytes"] < info.file_size
+    assert rows["CT_cell_pouch_106_x_000"]["crop_box"] is None  # no outline: whole image
+    assert rows["CT_cell_pouch_106_x_001"]["crop_box"] is None  # two points: not an outline
+    turned = rows["RGB_cell_pouch_1006_000"]
+    assert (turned["source_width"], turned["source_height"]) == RGB_SIZE[::-1]
+    summary = summary_of(cropped)
+    assert summary["transformed"] == {"images": 28, "cropped": 26, "no_outline": 2,
+                                      "unmapped_point_lists": 1}
+    assert summary["options"]["transform"]["resize"] == 48
+    bad = [r for r in reject_rows(cropped) if r["reason"] == "bad-image"]
+    assert {(r["key"], r["source_archive"]) for r in bad} == {
+        ("RGB_cell_pouch_1007_000", "images.zip"), ("RGB_cell_pouch_1007_000", "labels.zip")}
+    assert "cannot decode" in bad[0]["detail"]
+
+
+def test_labels_keep_their_layout_keys_and_unexplained_values(cropped: Path) -> None:
+    samples = read_shards(cropped)
+    top = json.loads(samples["CT_cell_pouch_102_x_000"]["json"])
+    flat = json.loads(samples["CT_cell_pouch_101_x_000"]["json"])
+    assert list(top) == ["data_info", "swelling", "battery_outline", "defects", "image_info"]
+    assert "battery_outline" not in top["swelling"] and "battery_outline" in flat["swelling"]
+    assert list(flat) == ["data_info", "swelling", "defects", "image_info"]
+    assert top["data_info"]["roi"] == [12, 84]  # not explained anywhere: kept as it was
+    odd = json.loads(samples["CT_cell_pouch_106_x_001"]["json"])["defects"][0]["points"]
+    assert len(odd) == 7 and odd == _ct(0)[2][:7]  # odd length: kept unmapped
+
+
+def test_exif_orientation_is_applied_to_pixels_and_points(cropped: Path, source: Path) -> None:
+    members = read_shards(cropped)["RGB_cell_pouch_1006_000"]
+    label = json.loads(members["json"])
+    image = np.asarray(_decoded(members["jpg"]), np.int16)
+    assert image.shape[0] > image.shape[1]  # the 240x160 photo is upright: 160 wide
+    defect = _inside(Image.fromarray(image.astype(np.uint8)), label["defects"][0]["points"], 2)
+    assert np.abs(defect - DEFECT_RGB[:3]).max() <= 40
+    for orientation in range(1, 9):  # the point rule against PIL's own exif_transpose
+        dot = Image.new("L", (40, 30))
+        dot.putpixel((31, 5), 255)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        dot.save(buffer, "PNG", exif=exif)
+        upright = np.asarray(ImageOps.exif_transpose(Image.open(buffer)))
+        y, x = np.argwhere(upright == 255)[0]
+        assert orient_point(31.5, 5.5, orientation, 40, 30) == (x + 0.5, y + 0.5)
+
+
+def test_geometry_rules() -> None:
+    assert crop_box([5, 5, 5, 50, 5, 9], 2, 100, 100) is None  # all on one line
+    assert crop_box([90, 90, 120, 95, 100, 130], 4, 100, 100) == Box(86, 86, 100, 100)
+    document = {"swelling": {"battery_outline": [10, 10, 30, 10, 30, 20]},
+                "defects": [{"points": [12, 12, 14, 14, 13]}, {"points": ["a", 1]}],
+                "image_info": {"width": 100, "height": 50}}
+    unmapped = map_label(document, GEOMETRY, 1, (100, 50), Placement(Box(10, 10, 30, 20), 10, 5))
+    assert unmapped == 2
+    assert document["swelling"]["battery_outline"] == [0, 0, 10.0, 0, 10.0, 5.0]
+    assert document["image_info"] == {"width": 10, "height": 5}
+
+
+@pytest.mark.parametrize(("fmt", "ct_ext", "rgb_ext", "rgb_mode"), [
+    ("keep", "jpg", "png", "RGBA"), ("jpeg", "jpg", "jpg", "RGB"), ("png", "png", "png", "RGBA"),
+    ("webp", "webp", "webp", "RGBA")])
+def test_formats_keep_modes_where_they_can(source: Path, tmp_path: Path, fmt: str, ct_ext: str,
+                                           rgb_ext: str, rgb_mode: str) -> None:
+    out = tmp_path / "out"
+    assert _convert(source, out, "--format", fmt, workers="1") == 0
+    samples = read_shards(out)
+    ct, rgb = samples["CT_cell_pouch_101_x_000"], samples["RGB_cell_pouch_1001_000"]
+    assert _decoded(ct[ct_ext]).mode == ("L" if ct_ext != "webp" else "RGB")
+    assert _decoded(rgb[rgb_ext]).mode == rgb_mode
+    assert _decoded(rgb[rgb_ext]).size == RGB_SIZE  # no crop, no resize: the whole image
+    rows = {row["key"]: row for row in manifest_rows(out)}
+    assert rows["RGB_cell_pouch_1001_000"]["image_ext"] == rgb_ext
+    if fmt in ("png", "webp"):  # lossless: the source's pixels exactly
+        with __import__("zipfile").ZipFile(source / "images.zip") as zf:
+            original = np.asarray(_decoded(zf.read("RGB_cell_pouch_1001_000.png")))
+        assert np.array_equal(np.asarray(_decoded(rgb[rgb_ext])), original)
+    assert main(["verify", str(out), "--sources", str(source)]) == 0
+
+
+def test_same_inputs_give_the_same_bytes_and_verify_passes(source: Path, cropped: Path,
+                                                           tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    assert _convert(source, again, "--crop", "outline", "--crop-margin", "8", "--resize", "48",
+                    workers="1") == 0
+    for shard in sorted(cropped.glob("*/*.tar")):
+        assert (again / shard.relative_to(cropped)).read_bytes() == shard.read_bytes()
+    assert main(["verify", str(cropped), "--sources", str(source)]) == 0
+
+
+def test_a_resumed_run_with_other_transform_options_is_refused(source: Path, cropped: Path,
+                                                              tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture
+                                                              ) -> None:
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(cropped), str(copy)], check=True)
+    assert _convert(source, copy, "--crop", "outline", "--resize", "48") == 2  # margin 16
+    error = capsys.readouterr().err
+    assert "holds shards of another conversion" in error and "'crop_margin': 8" in error
+    assert "'crop_margin': 16" in error
+
+
+def test_verify_finds_a_wrong_pixel_with_consistent_crcs(source: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """One pixel changed and the shard and manifest rewritten around it, so every size, offset
+    and CRC agrees: only the re-transform from the sources can see it."""
+    out = tmp_path / "out"
+    assert _convert(source, out, "--crop", "outline", "--resize", "48", "--format", "png",
+                    workers="1") == 0
+    table = pq.read_table(out / "manifest.parquet")
+    rows = table.to_pylist()
+    victim = rows[0]
+    shard = out / victim["shard"]
+    samples = read_shards(out)
+    rewritten, offset = [], 0
+    for row in [r for r in rows if r["shard"] == victim["shard"]]:
+        members = samples[row["key"]]
+        image = members["png"]
+        if row["key"] == victim["key"]:
+            pixels = _decoded(image)
+            pixels.putpixel((0, 0), 0 if pixels.getpixel((0, 0)) else 255)
+            buffer = io.BytesIO()
+            pixels.save(buffer, "PNG")
+            image = buffer.getvalue()
+        chunks = sample_chunks(row["key"], "png", image, members["json"], members["cls"])
+        size = sum(map(len, chunks))
+        row.update(offset=offset, sample_bytes=size, image_bytes=len(image),
+                   crc32=zlib.crc32(image))
+        rewritten += chunks
+        offset += size
+    shard.write_bytes(b"".join(rewritten) + bytes(1024))
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), out / "manifest.parquet")
+    assert main(["verify", str(out)]) == 0  # consistent with itself
+    assert main(["verify", str(out), "--sources", str(source)]) == 1
+    assert "written pixels differ from a new transform" in capsys.readouterr().out
+
+
+def test_sigkill_mid_run_with_transforms_resumes_to_the_same_bytes(source: Path, cropped: Path,
+                                                                 tmp_path: Path) -> None:
+    from test_resume import CHILD
+
+    out = tmp_path / "out"
+    args = ["convert", str(source), "--out", str(out), "--quiet", "--workers", "2",
+            "--shard-size", "64KiB", "--crop", "outline", "--crop-margin", "8", "--resize", "48"]
+    killed = subprocess.run([sys.executable, "-c", CHILD, "shardify.output.store:OutputStore",
+                             "append_journal", "2", "after", *args], capture_output=True,
+                            timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert main(args) == 0
+    for shard in sorted(cropped.glob("*/*.tar")):
+        assert (out / shard.relative_to(cropped)).read_bytes() == shard.read_bytes()
+    assert (out / "manifest.parquet").read_bytes() == (cropped / "manifest.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("options", [("--crop", "outline", "--resize", "48"),
+                                     ("--format", "png")])  # the second makes JPEGs larger
+def test_shards_stay_within_the_size_planned_on_estimates(source: Path, tmp_path: Path,
+                                                          options: tuple[str, ...]) -> None:
+    out = tmp_path / "out"
+    assert _convert(source, out, *options, workers="1") == 0
+    rows = manifest_rows(out)
+    for shard in sorted(out.glob("*/*.tar")):
+        largest = max(r["sample_bytes"] for r in rows if out / r["shard"] == shard)
+        assert shard.stat().st_size <= 64 * 1024 + largest, shard
