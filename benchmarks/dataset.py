@@ -2,6 +2,9 @@
 
 - `big`: two halves of about 1 GB each (CT JPEGs in deflated zips, RGB PNGs in stored zips, labels
   in their own deflated zips), so memory can be compared at 1 GB and 2 GB of input.
+- `shaped`: full-size images whose labels outline the battery, as the real ones do (a CT battery
+  covers a few percent of its 4000x4000 slice; an RGB cell a quarter of its 1920x1080 photo):
+  the input of the transform benchmark (`--crop outline --resize 512`).
 - `tiny`: ~400k image/label pairs (800k members) with tiny payloads, the real dataset's member
   count, where per-sample overhead and the in-memory index dominate. Each zip holds 200k members.
 """
@@ -124,4 +127,72 @@ def make_tiny(root: Path) -> None:
                     "image_info": {"width": 8, "height": 8, "file_name": f"{stem}.jpg",
                                    "is_normal": n % 7 != 0},
                 }))
+    (root / "done").touch()
+
+
+SHAPED_CT, SHAPED_RGB = 4000, (1920, 1080)
+SHAPED_POOL = 8
+SHAPED_BATTERIES = 6  # per data type
+SHAPED_PER_BATTERY = 16
+
+
+def _ellipse(cx: float, cy: float, rx: float, ry: float, points: int = 100) -> list[int]:
+    angles = np.linspace(0, 2 * np.pi, points, endpoint=False)
+    return [int(v) for xy in zip(cx + rx * np.cos(angles), cy + ry * np.sin(angles), strict=True)
+            for v in xy]
+
+
+def _shaped_ct(rng: np.random.Generator) -> tuple[bytes, list[int]]:
+    """A 4000x4000 grey slice: a textured battery (~4 % of the area) on a noisy background."""
+    cx, cy = rng.integers(1200, 2800, 2)
+    rx, ry = rng.integers(300, 380), rng.integers(420, 520)
+    pixels = rng.normal(30, 6, (SHAPED_CT, SHAPED_CT)).astype(np.float32)
+    yy, xx = np.ogrid[:SHAPED_CT, :SHAPED_CT]
+    inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+    layers = 150 + 40 * np.sin(yy / 9.0)  # the cell's layers
+    pixels = np.where(inside, layers + rng.normal(0, 6, pixels.shape), pixels)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue(), _ellipse(cx, cy, rx + 2, ry + 2)
+
+
+def _shaped_rgb(rng: np.random.Generator) -> tuple[bytes, list[int]]:
+    """A 1920x1080 photo: a blue cell (~20 % of the area) on a grey table, with sensor noise."""
+    width, height = SHAPED_RGB
+    x0, y0 = int(rng.integers(300, 700)), int(rng.integers(150, 300))
+    pixels = np.empty((height, width, 3), np.float32)
+    pixels[:] = np.linspace(150, 210, width, dtype=np.float32)[None, :, None]
+    pixels[y0:y0 + 520, x0:x0 + 800] = (60, 90, 150)
+    pixels += rng.normal(0, 4, pixels.shape)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "PNG", compress_level=6)
+    return out.getvalue(), [x0 - 2, y0 - 2, x0 + 802, y0 - 2, x0 + 802, y0 + 522, x0 - 2, y0 + 522]
+
+
+def make_shaped(root: Path) -> None:
+    """CT and RGB zips (and their label zips) of full-size outlined images (once)."""
+    if (root / "done").exists():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    for kind, make, ext, size in (("CT", _shaped_ct, "jpg", (SHAPED_CT, SHAPED_CT)),
+                                  ("RGB", _shaped_rgb, "png", SHAPED_RGB)):
+        pool = [make(rng) for _ in range(SHAPED_POOL)]
+        method = zipfile.ZIP_DEFLATED if kind == "CT" else zipfile.ZIP_STORED
+        with zipfile.ZipFile(root / f"TS_{kind}_images.zip", "w", method) as images, \
+                zipfile.ZipFile(root / f"TL_{kind}_label.zip", "w", zipfile.ZIP_DEFLATED) as labels:
+            for battery in range(1, SHAPED_BATTERIES + 1):
+                for n in range(SHAPED_PER_BATTERY):
+                    stem = f"{kind}_cell_pouch_{battery:04d}_{n:03d}"
+                    data, outline = pool[(battery * 3 + n) % SHAPED_POOL]
+                    images.writestr(f"{kind}/{stem}.{ext}", data)
+                    labels.writestr(f"{kind}/{stem}.json", orjson.dumps({
+                        "data_info": {"data_type": kind.lower(), "battery_ids": battery,
+                                      "type": "cell", "form": "pouch",
+                                      "roi": [1152, 4000] if kind == "CT" else None},
+                        "swelling": {"swelling": False, "battery_outline": outline},
+                        "defects": None,
+                        "image_info": {"width": size[0], "height": size[1],
+                                       "file_name": f"{stem}.{ext}", "is_normal": True},
+                    }))
     (root / "done").touch()

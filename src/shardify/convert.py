@@ -47,7 +47,7 @@ from .profiles import DatasetProfile, get_profile
 from .progress import Progress, human_bytes
 from .rejects import Reject
 from .scan import archive_table, survey
-from .transform.estimate import size_ratios
+from .transform.estimate import PROBES_PER_JOB, Ratios, probe_samples, size_ratios
 from .transform.options import TransformOptions
 from .write.executor import Executor, Inline, local_executor, write_shards
 from .write.shard import ShardResult, expand, shard_job
@@ -112,8 +112,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
                                            options.ratios, options.seed)
             sample_bytes: Callable[[Sample], int] = planned_sample_bytes
             if options.transform.active:
-                sample_bytes = estimated_sample_bytes(size_ratios(
-                    pairing.samples, reader, options.transform, profile.geometry))
+                sample_bytes = estimated_sample_bytes(_measure_transform(
+                    pairing.samples, options, pool or Inline(reader)))
             shards = plan_shards(pairing.samples, split_of_group, options.shard_size, profile,
                                  ShardSizes(sample_bytes, TAR_END_SIZE), shard_name)
             run = RunRecord(plan_fingerprint(shards, options.shaping()), options.shaping())
@@ -162,6 +162,20 @@ def _write_index_files(options: ConvertOptions, store: OutputStore, results: lis
         write_parquet_atomically(options.manifest, manifest)
         write_atomically(summary_beside(options.manifest), json_bytes(summary))
     store.write_json(SUMMARY, summary)
+
+
+def _measure_transform(samples: list[Sample], options: ConvertOptions, executor: Executor
+                       ) -> Ratios:
+    """Written/source size ratios per image type, from a few samples the workers transform."""
+    probed = probe_samples(samples)
+    transform = (options.transform, options.profile.geometry)
+    futures = [executor.probe(shard_job("probe", tuple(probed[i:i + PROBES_PER_JOB]), transform))
+               for i in range(0, len(probed), PROBES_PER_JOB)]
+    try:
+        return size_ratios(probed, [size for future in futures for size in future.result()])
+    except BrokenProcessPool:
+        raise RunFailed("a worker process died while measuring the transform's output sizes "
+                        "(killed, or out of memory?); nothing was written") from None
 
 
 def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],

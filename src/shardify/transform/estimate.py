@@ -1,9 +1,10 @@
 """How large transformed samples will be, measured on a few of them before planning.
 
 The planner cuts shards on sizes known in advance; a transform's output size is not. A few
-samples of each source image type are transformed in the main process, and the largest
-output/source ratio seen (with a margin) sizes every sample of that type: shards then end
-early rather than past `--shard-size`, and the disk check is made on the same estimate.
+samples of each source image type are transformed (by the idle workers, before any shard is
+written), and the largest written/source ratio seen, with a margin, sizes every sample of that
+type: shards then end early rather than past `--shard-size`, and the disk check is made on the
+same estimate.
 """
 
 from __future__ import annotations
@@ -11,46 +12,38 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from ..archives.reader import ArchiveReader
-from ..errors import MemberError
 from ..plan.pairing import Sample
-from ..profiles import Geometry, strip_bom
-from .options import TransformOptions
-from .sample import ImageError, transform_sample
 
 SAMPLES_PER_TYPE = 8
+PROBES_PER_JOB = 2  # small jobs, so the workers share them evenly
 MARGIN = 1.15
 Ratios = dict[str, tuple[float, float]]  # source image ext -> (image ratio, label ratio)
 
 
-def size_ratios(samples: Sequence[Sample], reader: ArchiveReader, options: TransformOptions,
-                geometry: Geometry) -> Ratios:
-    """Per source image type, the written/source byte ratios of image and label to plan with.
-
-    Samples are taken evenly spaced in the given order; those that cannot be read or decoded
-    are skipped (the writer rejects them). A type none of whose samples could be transformed
-    is planned at its source size.
-    """
+def probe_samples(samples: Sequence[Sample]) -> list[Sample]:
+    """Up to SAMPLES_PER_TYPE samples of each source image type, evenly spaced in the given
+    order (deterministic: the same inputs give the same plan)."""
     by_ext: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
         by_ext[sample.image_ext].append(sample)
-    ratios: Ratios = {}
-    for ext, group in sorted(by_ext.items()):
+    chosen: list[Sample] = []
+    for _, group in sorted(by_ext.items()):
         step = max(1, len(group) // SAMPLES_PER_TYPE)
-        found = [_ratios(reader, sample, options, geometry) for sample in group[::step]
-                 [:SAMPLES_PER_TYPE]]
-        measured = [ratio for ratio in found if ratio is not None]
-        if measured:
-            ratios[ext] = (max(r[0] for r in measured) * MARGIN,
-                           max(r[1] for r in measured) * MARGIN)
-    return ratios
+        chosen += group[::step][:SAMPLES_PER_TYPE]
+    return chosen
 
 
-def _ratios(reader: ArchiveReader, sample: Sample, options: TransformOptions,
-            geometry: Geometry) -> tuple[float, float] | None:
-    try:
-        image, label = reader.read(sample.image), strip_bom(reader.read(sample.label))
-        done = transform_sample(image, label, sample.image_ext, options, geometry)
-    except (MemberError, ImageError, ValueError):
-        return None
-    return len(done.image) / max(1, len(image)), len(done.label) / max(1, len(label))
+def size_ratios(probed: Sequence[Sample], sizes: Sequence[tuple[int, int, int, int] | None]
+                ) -> Ratios:
+    """Per source image type, the (image, label) written/source byte ratios to plan with, from
+    each probed sample's (source image, source label, written image, written label) bytes.
+
+    Samples the writer would reject (None) are left out; a type none of whose samples could be
+    transformed is planned at its source size.
+    """
+    found: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for sample, size in zip(probed, sizes, strict=True):
+        if size is not None:
+            found[sample.image_ext].append((size[2] / max(1, size[0]), size[3] / max(1, size[1])))
+    return {ext: (max(r[0] for r in ratios) * MARGIN, max(r[1] for r in ratios) * MARGIN)
+            for ext, ratios in sorted(found.items())}

@@ -27,7 +27,9 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from ..archives.reader import ArchiveReader
-from .shard import ShardJob, ShardSink, write_shard
+from .shard import ShardJob, ShardSink, probe_shard, write_shard
+
+Probed = list[tuple[int, int, int, int] | None]  # see shard.probe_shard
 
 PR_SET_PDEATHSIG = 1
 UNPUBLISHED_PER_WORKER = 2  # shards written or being written, not yet durable
@@ -40,6 +42,10 @@ class Executor(Protocol):
     workers: int
 
     def submit(self, job: ShardJob, sink: ShardSink) -> Future[dict]:
+        ...
+
+    def probe(self, job: ShardJob) -> Future[Probed]:
+        """Transform the job's samples without writing them (`shard.probe_shard`)."""
         ...
 
 
@@ -56,6 +62,11 @@ class Inline:
         written.set_result(write_shard(job, sink, self.reader))
         return written
 
+    def probe(self, job: ShardJob) -> Future[Probed]:
+        probed: Future[Probed] = Future()
+        probed.set_result(probe_shard(job, self.reader))
+        return probed
+
 
 class ForkedPool:
     """Worker processes forked by `local_executor`, each with its own ArchiveReader."""
@@ -65,6 +76,9 @@ class ForkedPool:
 
     def submit(self, job: ShardJob, sink: ShardSink) -> Future[dict]:
         return self.pool.submit(_write_job, job, sink)
+
+    def probe(self, job: ShardJob) -> Future[Probed]:
+        return self.pool.submit(_probe_job, job)
 
 
 @contextmanager
@@ -151,7 +165,16 @@ def _worker_setup(parent: int) -> None:
 
 
 def _write_job(job: ShardJob, sink: ShardSink) -> dict:
+    return write_shard(job, sink, _worker_reader())
+
+
+def _probe_job(job: ShardJob) -> Probed:
+    return probe_shard(job, _worker_reader())
+
+
+def _worker_reader() -> ArchiveReader:
+    """The worker's one reader (its descriptors stay open from job to job)."""
     global _WORKER_READER
     if _WORKER_READER is None:
         _WORKER_READER = ArchiveReader()
-    return write_shard(job, sink, _WORKER_READER)
+    return _WORKER_READER

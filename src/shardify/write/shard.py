@@ -196,6 +196,31 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
             "samples": written, "rejects": rejects}
 
 
+def probe_shard(job: ShardJob, reader: ArchiveReader) -> list[tuple[int, int, int, int] | None]:
+    """Transform a job's samples without writing them: per sample (source image bytes, source
+    label bytes, written image bytes, written label bytes), or None for a sample the writer
+    would reject. What the planner's size estimate is measured on."""
+    assert job.transform is not None
+    from ..transform.sample import ImageError, transform_sample
+
+    images, labels = job.images.tolist(), job.labels.tolist()
+    found: list[tuple[int, int, int, int] | None] = []
+    for i in range(len(job.keys)):
+        payloads = _read_sample(reader, _member(job, images[i], job.problems.get((i, 0))),
+                                _member(job, labels[i], job.problems.get((i, 1))),
+                                job.image_exts[i])
+        if isinstance(payloads, list):
+            found.append(None)
+            continue
+        try:
+            done = transform_sample(*payloads, job.image_exts[i], *job.transform)
+        except ImageError:
+            found.append(None)
+            continue
+        found.append((len(payloads[0]), len(payloads[1]), len(done.image), len(done.label)))
+    return found
+
+
 def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing a written range to disk now, without waiting (Linux sync_file_range).
 
