@@ -43,6 +43,8 @@ from shardify.profiles import DatasetProfile, Fields, get_profile
 from shardify.profiles.battery.sample import SynthResult
 from shardify.rejects import Reason
 from shardify.scan import survey
+from shardify.transform.options import TransformOptions
+from shardify.transform.sample import transform_sample
 from shardify.write.executor import Inline, local_executor, write_shards
 from shardify.write.shard import ShardJob, shard_job
 from shardify.write.tar import TAR_END_SIZE, planned_sample_bytes
@@ -289,3 +291,25 @@ def test_executors_write_the_same_shards_and_entries_tell_the_truth(
             assert (len(label[1]), deflate.crc32(label[1])) == (label_size, label_crc)
             cls = members[f"{key}.cls"][0]
             assert cls.offset_data + 512 - offset == size
+
+
+def test_executors_probe_transformed_sizes_alike(dataset: SynthResult) -> None:
+    """A probe (transform without writing) gives the same sizes inline and in a forked pool,
+    and they are the sizes of the transformed sample, read back here with PIL."""
+    transform = (TransformOptions(resize=40, format="png"), PROFILE.geometry)
+    with ArchiveReader() as reader:
+        job = planned_jobs(dataset, reader)[0]
+        job = job._replace(transform=transform)
+        inline = Inline(reader).probe(job).result()
+        with local_executor(2) as pool:
+            assert pool is not None
+            pooled = pool.probe(job).result()
+        assert inline == pooled and len(inline) == len(job.keys)
+        first = next(size for size in inline if size is not None)
+        index = inline.index(first)
+        image = reader.read(Member.at(job.archives[job.images[index]["archive"]], "",
+                                      job.images[index].tolist()[1:], None))
+    assert first[0] == len(image)
+    done = transform_sample(image, b'{"image_info": {}}', job.image_exts[index], *transform)
+    assert first[2] == len(done.image)
+    assert max(Image.open(io.BytesIO(done.image)).size) <= 40

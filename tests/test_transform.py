@@ -366,3 +366,18 @@ def test_shards_stay_within_the_size_planned_on_estimates(source: Path, tmp_path
     for shard in sorted(out.glob("*/*.tar")):
         largest = max(r["sample_bytes"] for r in rows if out / r["shard"] == shard)
         assert shard.stat().st_size <= 64 * 1024 + largest, shard
+
+
+def test_open_dataset_reads_transformed_shards(source: Path, tmp_path: Path) -> None:
+    from shardify.loader import open_dataset
+
+    out = tmp_path / "out"
+    assert _convert(source, out, "--crop", "outline", "--resize", "40", "--format", "webp",
+                    workers="1") == 0
+    rows = {row["key"]: row for row in manifest_rows(out) if row["split"] == "train"}
+    seen = 0
+    for image, label, meta in open_dataset(out, "train", shuffle=0):
+        row = rows[meta["key"]]
+        assert image.size == (row["width"], row["height"]) and label == row["label"]
+        seen += 1
+    assert seen == len(rows) > 0
