@@ -7,6 +7,7 @@ and `SynthResult` records, counted while writing, what a correct conversion has 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import posixpath
 from collections import Counter
@@ -22,14 +23,49 @@ from PIL import Image
 from ...rejects import Reason
 from ...synth import ZipEntry, flip_byte, write_zip
 
-__all__ = ["SynthResult", "synthesize"]
+__all__ = [
+    "CT_BACKGROUND",
+    "CT_DEFECT",
+    "CT_OBJECT",
+    "CT_SIZE",
+    "DEFECT_COLOURS",
+    "RGB_BACKGROUND",
+    "RGB_OBJECT",
+    "RGB_SIZE",
+    "SynthResult",
+    "synthesize",
+]
 
 ROOT_NAME = "103.배터리 불량 이미지 데이터"
 DATA_DIR = Path("3.개방데이터", "1.데이터")
 
 
-_CT_SIZE = (96, 96)
-_RGB_SIZE = (96, 54)
+# Image sizes (width, height) and the flat colours painted before noise and JPEG: a bright
+# cell section on a dark CT slice, a blue cell on a grey table. Every defect is painted over
+# its whole polygon (and 1.5 px beyond, then fading into the object) in its DEFECT_COLOURS
+# entry, keyed by the defect's name in lower case, one value per band of the image's mode
+# ("L": 1, "RGB": 3).
+CT_SIZE = (384, 384)
+RGB_SIZE = (320, 180)
+CT_BACKGROUND = 25
+CT_OBJECT = 170
+CT_DEFECT = 255
+RGB_BACKGROUND = (205, 205, 210)
+RGB_OBJECT = (60, 90, 150)
+DEFECT_COLOURS: dict[str, tuple[int, ...]] = {
+    "porosity": (CT_DEFECT,),
+    "resin overflow": (CT_DEFECT,),
+    "damaged": (30, 30, 30),
+    "pollution": (120, 90, 40),
+}
+# Noise: per pixel on CT slices, in 8-px tiles on photos (per-pixel noise would make the PNGs
+# ten times larger); small, so that samples stay a few KB, near what they were at 96 px.
+_CT_NOISE = 1.0
+_RGB_NOISE = 2.0
+_RGB_TILE = 8
+_MARGIN = 2.0  # outline polygons run this far outside the object's edge
+_PAINT_BEYOND = 1.5  # defects are painted this far beyond the circle their polygon lies on
+_RIM = 2.0  # and fade into the object over this many pixels
 _DEFECT_NAMES = {"ct": ("porosity", "resin overflow"), "rgb": ("Damaged", "Pollution")}
 
 # Junk that archivers and desktops leave behind; the converter must skip it silently.
@@ -51,6 +87,8 @@ class SynthResult:
     rejects: dict[str, int]
     identical_duplicates: int
     ignored: int
+    no_outline: int  # accepted samples whose label has no usable outline (none, < 3 points, odd)
+    odd_point_lists: int  # odd-length point lists (outlines and defects) in accepted labels
 
 
 @dataclass(frozen=True)
@@ -119,12 +157,74 @@ _ZIPS: dict[str, _ZipSpec] = {
 
 
 @dataclass(frozen=True)
+class _Shape:
+    """A silhouette: the rectangle cx ± hw, cy ± hh grown by elliptical corners of radii rx, ry
+    (hw = hh = 0 is an ellipse, rx = ry a rounded rectangle)."""
+
+    cx: int
+    cy: int
+    hw: int
+    hh: int
+    rx: int
+    ry: int
+
+    def moved(self, dx: int, dy: int) -> _Shape:
+        return dataclasses.replace(self, cx=self.cx + dx, cy=self.cy + dy)
+
+    def mask(self, w: int, h: int) -> np.ndarray:
+        """Which pixels (sampled at their integer coordinates) belong to the silhouette."""
+        yy, xx = np.ogrid[0:h, 0:w]
+        dx = np.maximum(np.abs(xx - self.cx) - self.hw, 0) / self.rx
+        dy = np.maximum(np.abs(yy - self.cy) - self.hh, 0) / self.ry
+        return np.asarray(dx * dx + dy * dy <= 1.0)
+
+    def outline(self, per_corner: int) -> list[int]:
+        """A convex polygon of 4 * per_corner points just outside the edge.
+
+        Every side is tangent to the silhouette grown by _MARGIN (the corners' circumscribed
+        polygons, joined by the straight sides), so the polygon encloses every pixel of it.
+        """
+        step = np.pi / 2 / per_corner
+        grow = 1.0 / np.cos(step / 2)
+        angles = (np.arange(4 * per_corner) + 0.5) * step
+        cos, sin = np.cos(angles), np.sin(angles)
+        xs = self.cx + np.sign(cos) * self.hw + (self.rx + _MARGIN) * grow * cos
+        ys = self.cy + np.sign(sin) * self.hh + (self.ry + _MARGIN) * grow * sin
+        return [int(v) for v in np.rint(np.stack([xs, ys], axis=1)).ravel()]
+
+
+def _ct_shape(rng: np.random.Generator) -> _Shape:
+    """An elliptic cell section covering 3.3-4.5 % of the slice, well inside it."""
+    w, h = CT_SIZE
+    area = float(rng.uniform(0.033, 0.045)) * w * h
+    aspect = float(rng.uniform(0.75, 1.33))
+    ry = round(float(np.sqrt(area / (np.pi * aspect))))
+    rx = round(ry * aspect)
+    cx = int(rng.integers(rx + 40, w - rx - 40))
+    cy = int(rng.integers(ry + 40, h - ry - 40))
+    return _Shape(cx, cy, 0, 0, rx, ry)
+
+
+def _rgb_shape(rng: np.random.Generator) -> _Shape:
+    """A rounded-rectangle cell covering 5.5-13.5 % of the photo, well inside it."""
+    w, h = RGB_SIZE
+    half_h = int(rng.integers(24, 32))
+    half_w = int(rng.integers(int(1.4 * half_h), 2 * half_h + 1))
+    cx = int(rng.integers(half_w + 16, w - half_w - 16))
+    cy = int(rng.integers(half_h + 12, h - half_h - 12))
+    r = 8
+    return _Shape(cx, cy, half_w - r, half_h - r, r, r)
+
+
+@dataclass(frozen=True)
 class _Battery:
     data_type: str  # "ct" or "rgb"
     ident: int
     type: str
     form: str
     defective: bool
+    shape: _Shape  # where the battery lies in its images (each image moves it a little)
+    layout: str  # where its labels keep the outline: "swelling", "top" (-level) or "none"
 
     def stem(self, number: int) -> str:
         if self.data_type == "ct":
@@ -166,50 +266,91 @@ def _encode(pixels: np.ndarray, fmt: str) -> bytes:
     if fmt == "JPEG":
         image.save(buf, fmt, quality=85)
     else:
-        image.save(buf, fmt)
+        image.save(buf, fmt, compress_level=3)  # smaller than the default on noise, and faster
     return buf.getvalue()
 
 
-def _ct_image(rng: np.random.Generator, defect: bool) -> tuple[bytes, list[int] | None]:
-    """Noisy grey disc (a cell cross-section); a defect is a dark blob inside it."""
-    w, h = _CT_SIZE
-    yy, xx = np.mgrid[0:h, 0:w]
-    pixels = np.where((xx - w // 2) ** 2 + (yy - h // 2) ** 2 <= 36**2, 170.0, 25.0)
-    pixels += rng.normal(0.0, 10.0, (h, w))
+def _paint_defect(
+    rng: np.random.Generator, pixels: np.ndarray, shape: _Shape, colour: tuple[int, ...], n: int
+) -> list[int]:
+    """Paint a round defect fully inside `shape`; return its n-point polygon.
+
+    The colour fills a disc _PAINT_BEYOND px wider in radius than the circle the polygon's
+    points lie on, so it covers the polygon's whole interior, edge pixels included; it then
+    fades into the object over _RIM px (JPEG rings far less at a ramp than at a step).
+    """
+    r = int(rng.integers(6, 11 if shape.hw == 0 else 10))
+    painted = r + _PAINT_BEYOND
+    inset = painted + _RIM + 2  # the faded edge too stays 2 px inside the silhouette
+    if shape.hw == 0:
+        span_x, span_y = shape.rx - inset, shape.ry - inset
+    else:
+        shrink = max(0.0, inset - shape.rx)
+        span_x, span_y = shape.hw - shrink, shape.hh - shrink
+    while True:  # a point of the box that is in the ellipse (always the first for rectangles)
+        dx, dy = (float(v) for v in rng.uniform(-1.0, 1.0, size=2))
+        if shape.hw or dx * dx + dy * dy <= 1.0:
+            break
+    cx, cy = shape.cx + int(dx * span_x), shape.cy + int(dy * span_y)
+    h, w = pixels.shape[:2]
+    yy, xx = np.ogrid[0:h, 0:w]
+    distance = np.sqrt(((xx - cx) ** 2 + (yy - cy) ** 2).astype(np.float32))
+    weight = np.clip((painted + _RIM - distance) / _RIM, 0.0, 1.0)  # 1 on the disc, then fading
+    ring = weight > 0
+    value = np.asarray(colour, np.float32) if pixels.ndim == 3 else np.float32(colour[0])
+    share = weight[ring][:, None] if pixels.ndim == 3 else weight[ring]
+    pixels[ring] = pixels[ring] * (1 - share) + value * share
+    return _circle(cx, cy, r, n)
+
+
+def _ct_image(
+    rng: np.random.Generator, shape: _Shape, defect: str | None
+) -> tuple[bytes, list[int] | None]:
+    """Bright cell section on a dark, slightly noisy slice; a defect is a brighter blob in it."""
+    w, h = CT_SIZE
+    pixels = np.where(shape.mask(w, h), np.float32(CT_OBJECT), np.float32(CT_BACKGROUND))
+    pixels += rng.standard_normal((h, w), dtype=np.float32) * np.float32(_CT_NOISE)
     points = None
     if defect:
-        cx, cy = (int(v) for v in rng.integers(30, 67, size=2))
-        r = int(rng.integers(4, 8))
-        pixels[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = 45.0
-        points = _circle(cx, cy, r + 1, 8)
+        points = _paint_defect(rng, pixels, shape, DEFECT_COLOURS[defect.lower()], 8)
     return _encode(pixels, "JPEG"), points
 
 
-def _rgb_image(rng: np.random.Generator, defect: str | None) -> tuple[bytes, list[int] | None]:
+def _rgb_image(
+    rng: np.random.Generator, shape: _Shape, defect: str | None
+) -> tuple[bytes, list[int] | None]:
     """Blue battery on a grey table; damage is a dark patch, pollution a brown one."""
-    w, h = _RGB_SIZE
-    pixels = np.empty((h, w, 3))
-    pixels[:] = (205.0, 205.0, 210.0)
-    pixels[8:46, 18:78] = (60.0, 90.0, 150.0)
+    w, h = RGB_SIZE
+    pixels = np.empty((h, w, 3), dtype=np.float32)
+    pixels[:] = RGB_BACKGROUND
+    pixels[shape.mask(w, h)] = RGB_OBJECT
     points = None
     if defect:
-        cx, cy = int(rng.integers(25, 71)), int(rng.integers(14, 40))
-        r = int(rng.integers(3, 6))
-        colour = (30.0, 30.0, 30.0) if defect.lower() == "damaged" else (120.0, 90.0, 40.0)
-        yy, xx = np.mgrid[0:h, 0:w]
-        pixels[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = colour
-        points = _circle(cx, cy, r + 1, 6)
-    pixels += rng.normal(0.0, 2.0, (h, w, 1))
+        points = _paint_defect(rng, pixels, shape, DEFECT_COLOURS[defect.lower()], 6)
+    tiles = rng.standard_normal((-(-h // _RGB_TILE), -(-w // _RGB_TILE), 1), dtype=np.float32)
+    noise = np.repeat(np.repeat(tiles, _RGB_TILE, axis=0), _RGB_TILE, axis=1)[:h, :w]
+    pixels += noise * np.float32(_RGB_NOISE)
     return _encode(pixels, "PNG"), points
 
 
 def _label(
-    bat: _Battery, file_name: str, image_id: int, defects: list[dict[str, Any]] | None
+    bat: _Battery,
+    file_name: str,
+    image_id: int,
+    outline: list[int],
+    defects: list[dict[str, Any]] | None,
 ) -> dict[str, Any]:
-    """A label in the documented AI Hub shape (key order kept as in the real files)."""
+    """A label in the documented AI Hub shape (key order kept as in the real files).
+
+    The outline sits in `swelling.battery_outline` or, as in part of the real set, in a
+    top-level `battery_outline.points` right after `swelling`; some batteries have none.
+    """
     ct = bat.data_type == "ct"
-    w, h = _CT_SIZE if ct else _RGB_SIZE
-    outline = _circle(w // 2, h // 2, 36, 12) if ct else [18, 8, 78, 8, 78, 46, 18, 46]
+    w, h = CT_SIZE if ct else RGB_SIZE
+    swelling: dict[str, Any] = {"swelling": False}
+    if bat.layout == "swelling":
+        swelling["battery_outline"] = outline
+    top = {"battery_outline": {"points": outline}} if bat.layout == "top" else {}
     return {
         "data_info": {
             "data_type": bat.data_type,
@@ -223,7 +364,8 @@ def _label(
             "degree": None if ct else [50, 15],
             "roi": [12, 84] if ct else None,
         },
-        "swelling": {"swelling": False, "battery_outline": outline},
+        "swelling": swelling,
+        **top,
         "defects": defects,
         "image_info": {
             "width": w,
@@ -247,6 +389,8 @@ class _Builder:
     rejects: Counter[str] = field(default_factory=Counter)
     identical_duplicates: int = 0
     ignored: int = 0
+    no_outline: int = 0
+    odd_point_lists: int = 0
     next_id: int = 128001
 
     def make(
@@ -259,15 +403,19 @@ class _Builder:
         ext: str | None = None,
     ) -> _Pair:
         """Render an image and its label; nothing is placed in a zip yet."""
+        dx, dy = (int(v) for v in self.rng.integers(-3, 4, size=2))
+        shape = bat.shape.moved(dx, dy)
         if bat.data_type == "ct":
-            image, points = _ct_image(self.rng, defect is not None)
+            image, points = _ct_image(self.rng, shape, defect)
+            outline = shape.outline(4)
             ext = ext or ".jpg"
         else:
-            image, points = _rgb_image(self.rng, defect)
+            image, points = _rgb_image(self.rng, shape, defect)
+            outline = shape.outline(3)
             ext = ext or ".png"
         stem = stem or bat.stem(number)
         defects = None if points is None else [{"id": 1, "name": defect, "points": points}]
-        label = _label(bat, stem + ext, self.next_id, defects)
+        label = _label(bat, stem + ext, self.next_id, outline, defects)
         self.next_id += 1
         return _Pair(bat, stem, ext, image, label)
 
@@ -287,6 +435,12 @@ class _Builder:
         self._put(label_zip, pair.label_name, label_data or pair.label_bytes())
         self.samples += 1
         self.batteries[pair.battery.data_type].add(pair.battery.ident)
+        outlines = _outlines(pair.label)
+        if not any(len(p) >= 6 and len(p) % 2 == 0 for p in outlines):
+            self.no_outline += 1
+        defects = pair.label["defects"] or []
+        point_lists = outlines + [d["points"] for d in defects]
+        self.odd_point_lists += sum(len(p) % 2 for p in point_lists)
 
     def add_identical_copy(self, zip_key: str, base: str, data: bytes) -> None:
         self._put(zip_key, base, data)
@@ -313,12 +467,36 @@ class _Builder:
             rejects=dict(sorted(self.rejects.items())),
             identical_duplicates=self.identical_duplicates,
             ignored=self.ignored,
+            no_outline=self.no_outline,
+            odd_point_lists=self.odd_point_lists,
         )
 
 
-def _batteries(data_type: str, count: int) -> list[_Battery]:
-    """Every third battery has defects, so a stratified split finds both strata."""
+def _outlines(label: dict[str, Any]) -> list[list[int]]:
+    """The outline point lists a label carries, in either layout (none, one, or both)."""
+    found = [
+        label["swelling"].get("battery_outline"),
+        label.get("battery_outline", {}).get("points"),
+    ]
+    return [p for p in found if p is not None]
+
+
+def _set_outline(label: dict[str, Any], points: list[int]) -> None:
+    """Replace the outline in whichever layout the label uses."""
+    if "battery_outline" in label:
+        label["battery_outline"]["points"] = points
+    else:
+        label["swelling"]["battery_outline"] = points
+
+
+def _batteries(data_type: str, count: int, rng: np.random.Generator) -> list[_Battery]:
+    """Every third battery has defects, so a stratified split finds both strata.
+
+    Every fourth keeps its outline in the top-level layout; one in eight (index 5, 13, ...)
+    has no outline at all.
+    """
     first = 101 if data_type == "ct" else 1
+    shape = _ct_shape if data_type == "ct" else _rgb_shape
     return [
         _Battery(
             data_type,
@@ -326,9 +504,26 @@ def _batteries(data_type: str, count: int) -> list[_Battery]:
             ("cell", "module")[i % 2],
             ("pouch", "cylindrical")[i // 2 % 2],
             i % 3 == 1,
+            shape(rng),
+            "none" if i % 8 == 5 else "top" if i % 4 == 3 else "swelling",
         )
         for i in range(count)
     ]
+
+
+def _spoil_points(pair: _Pair, i: int, j: int) -> None:
+    """Point lists no crop can use (the sample itself is valid and kept all the same).
+
+    Battery index 1 (mod 8): its second image's outline has two points, its first image's
+    defect polygon an odd count of numbers; battery index 4: its second image's outline too.
+    """
+    if i % 8 == 1 and j == 1:
+        _set_outline(pair.label, [10, 10, 20, 20])
+    elif i % 8 == 1 and j == 0 and pair.label["defects"]:
+        pair.label["defects"][0]["points"] = pair.label["defects"][0]["points"][:7]
+    elif i % 8 == 4 and j == 1:
+        (outline,) = _outlines(pair.label)
+        _set_outline(pair.label, outline[:-1])
 
 
 def _add_regular(b: _Builder, batteries: list[_Battery], per_battery: int) -> None:
@@ -340,6 +535,7 @@ def _add_regular(b: _Builder, batteries: list[_Battery], per_battery: int) -> No
         for j in range(per_battery):
             defect = names[j // 2 % 2] if bat.defective and j % 2 == 0 else None
             pair = b.make(bat, j + 1, defect)
+            _spoil_points(pair, i, j)
             if i == n - 1 or (i % 2 == 0 and j == per_battery - 1):
                 b.add_sample(pair, f"VS_{kind}", f"VL_{kind}")
             elif kind == "RGB":
@@ -458,7 +654,7 @@ def synthesize(dest: Path, *, seed: int = 0, scale: int = 1) -> SynthResult:
     if not 1 <= scale <= 100:  # keeps ids and slice numbers inside their 3-digit fields
         raise ValueError(f"scale must be in 1..100, got {scale}")
     b = _Builder(np.random.default_rng(seed))
-    ct, rgb = _batteries("ct", 8 * scale), _batteries("rgb", 8 * scale)
+    ct, rgb = _batteries("ct", 8 * scale, b.rng), _batteries("rgb", 8 * scale, b.rng)
     _add_regular(b, ct, 6 * scale)
     _add_regular(b, rgb, 5 * scale)
     _add_quirks(b, ct, rgb)
