@@ -21,10 +21,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import manifest_rows, read_shards, reject_rows, summary_of
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from shardify.cli import main
 from shardify.profiles.battery import GEOMETRY
+from shardify.profiles.battery.sample import (
+    CT_BACKGROUND,
+    DEFECT_COLOURS,
+    RGB_BACKGROUND,
+    SynthResult,
+)
 from shardify.synth import ZipEntry, write_zip
 from shardify.transform.geometry import Box, Placement, crop_box, map_label, orient_point
 from shardify.write.tar import sample_chunks
@@ -381,3 +387,66 @@ def test_open_dataset_reads_transformed_shards(source: Path, tmp_path: Path) -> 
         assert image.size == (row["width"], row["height"]) and label == row["label"]
         seen += 1
     assert seen == len(rows) > 0
+
+
+@pytest.mark.parametrize("resize", ["256", "64"])  # crop only (never enlarged), crop + shrink
+def test_sample_data_defects_keep_their_colour_after_crop_and_resize(
+        dataset: SynthResult, tmp_path: Path, resize: str) -> None:
+    """On `shardify synth`'s data: inside each mapped defect polygon of the written JSON the
+    written pixels have the defect's colour; the mapped outline encloses the object."""
+    out = tmp_path / "out"
+    assert main(["convert", str(dataset.root), "--out", str(out), "--quiet", "--workers", "2",
+                 "--crop", "outline", "--resize", resize]) == 0
+    summary = summary_of(out)
+    assert summary["transformed"]["no_outline"] == dataset.no_outline
+    assert summary["transformed"]["unmapped_point_lists"] == dataset.odd_point_lists
+    checked = 0
+    for key, members in read_shards(out).items():
+        label = json.loads(members["json"])
+        image = _decoded(members.get("jpg") or members["png"])
+        bands = np.asarray(image, np.int16).reshape(image.height, image.width, -1)
+        for defect in label["defects"] or []:
+            points = defect["points"]
+            if len(points) % 2:
+                continue
+            mask = Image.new("L", image.size)
+            ImageDraw.Draw(mask).polygon(list(zip(points[0::2], points[1::2], strict=True)),
+                                         fill=255)
+            inside = np.asarray(mask.filter(ImageFilter.MinFilter(3))) > 0  # 1 px in
+            colour = DEFECT_COLOURS[defect["name"].lower()]
+            assert inside.any(), key
+            assert np.abs(bands[inside] - colour).max() <= 40, key
+            checked += 1
+        outline = label.get("battery_outline", {}).get("points") or label["swelling"].get(
+            "battery_outline")
+        if outline and len(outline) >= 6 and len(outline) % 2 == 0:
+            mask = Image.new("L", image.size)
+            ImageDraw.Draw(mask).polygon(list(zip(outline[0::2], outline[1::2], strict=True)),
+                                         fill=255)
+            grown = np.asarray(mask.filter(ImageFilter.MaxFilter(3))) > 0  # 1 px of blur
+            background = CT_BACKGROUND if key.startswith("CT") else RGB_BACKGROUND
+            away = np.abs(bands - background).max(axis=2) > 40  # object (and defect) pixels
+            assert not (away & ~grown).any(), key
+    assert checked > 10
+
+
+def test_a_shard_whose_every_sample_is_rejected_while_writing_is_not_kept(
+        source: Path, tmp_path: Path) -> None:
+    """One sample per shard: the undecodable PNG's shard would be an empty tar."""
+    out = tmp_path / "out"
+    args = ["convert", str(source), "--out", str(out), "--quiet", "--workers", "2",
+            "--shard-size", "1KiB", "--format", "png"]
+    assert main(args) == 0
+    listed = [name for split in summary_of(out)["splits"].values() for name in split["shards"]]
+    present = sorted(p.relative_to(out).as_posix() for p in out.glob("*/shard-*.tar"))
+    assert sorted(listed) == present and len(present) == len(manifest_rows(out)) == 28
+    import webdataset as wds
+
+    assert sum(1 for _ in wds.WebDataset([str(out / name) for name in listed],
+                                         shardshuffle=False)) == 28
+    assert main(["verify", str(out)]) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+              and ".shardify" not in p.parts}
+    assert main(args) == 0  # a re-run resumes: the same files
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+            and ".shardify" not in p.parts} == before

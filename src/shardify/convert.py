@@ -194,8 +194,16 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
         shards, key=lambda s: -s.expected_bytes) if shard.name not in finished]
 
     def publish(entry: dict) -> None:
-        """A shard is written (called by the one publishing thread): in place, then journaled."""
-        store.publish_shard(entry["shard"])
+        """A shard is written (called by the one publishing thread): in place, then journaled.
+
+        A shard all of whose samples were rejected while writing is not kept: an empty tar makes
+        webdataset fail ("No samples found"). Its journal line lets nothing be skipped on resume
+        (it has no file, so it is redone, and rejected again).
+        """
+        if entry["samples"]:
+            store.publish_shard(entry["shard"])
+        else:
+            store.discard_staged_shard(entry["shard"])
         store.append_journal(entry)
         results[entry["shard"]] = expand(samples[entry["shard"]], entry)
         progress.advance(expected[entry["shard"]])
@@ -358,7 +366,7 @@ def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
         mine = [r for r in results if r.split == split]
         labels = Counter(s.fields.label for r in mine for s in r.samples)
         splits[split] = {
-            "shards": [r.name for r in mine],
+            "shards": [r.name for r in mine if r.samples],
             "samples": labels.total(),
             profile.group_unit: len({s.fields.group for r in mine for s in r.samples}),
             **{name: labels[number] for number, name in enumerate(profile.class_names)},
