@@ -450,3 +450,41 @@ def test_a_shard_whose_every_sample_is_rejected_while_writing_is_not_kept(
     assert main(args) == 0  # a re-run resumes: the same files
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
             and ".shardify" not in p.parts} == before
+
+
+@pytest.mark.parametrize("options", [
+    ("--crop", "outline"),  # crop only: source pixels, no scaling
+    ("--resize", "100"),  # resize only: the whole image, longer side 100
+    ("--quality", "70"),  # re-encode only
+    ("--crop", "outline", "--crop-margin", "0", "--format", "jpeg", "--quality", "80"),
+    ("--resize", "1000"),  # larger than every image: never enlarged
+])
+def test_every_option_combination_gives_what_it_says(source: Path, tmp_path: Path,
+                                                     options: tuple[str, ...]) -> None:
+    out = tmp_path / "out"
+    assert _convert(source, out, *options, workers="1") == 0
+    samples = read_shards(out)
+    margin = int(options[options.index("--crop-margin") + 1]) if "--crop-margin" in options \
+        else 16
+    for row in manifest_rows(out):
+        image = _decoded(samples[row["key"]][row["image_ext"]])
+        assert image.size == (row["width"], row["height"])
+        upright = (row["source_width"], row["source_height"])
+        if "--crop" in options and row["crop_box"] is not None:
+            x0, y0, x1, y1 = row["crop_box"]
+            source_label = json.loads(samples[row["key"]]["json"])
+            assert image.size == (x1 - x0, y1 - y0) and row["scale"] == 1.0
+            assert x0 >= 0 and y0 >= 0 and x1 <= upright[0] and y1 <= upright[1]
+            outline = source_label.get("battery_outline", {}).get("points") or \
+                source_label["swelling"]["battery_outline"]
+            # The mapped outline's box is the crop box less its margin (where not clamped).
+            if x0 > 0 and y0 > 0:
+                assert (min(outline[0::2]), min(outline[1::2])) == (margin, margin)
+        elif "--resize" in options:
+            limit = int(options[options.index("--resize") + 1])
+            assert max(image.size) == min(limit, max(upright))
+        else:
+            assert image.size == upright
+        if "--format" in options:
+            assert row["image_ext"] == "jpg"
+    assert main(["verify", str(out), "--sources", str(source)]) == 0
