@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import manifest_rows, read_shards, reject_rows, summary_of
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageCms, ImageDraw, ImageFilter, ImageOps
 
 from shardify.cli import main
 from shardify.profiles.battery import GEOMETRY
@@ -33,6 +33,8 @@ from shardify.profiles.battery.sample import (
 )
 from shardify.synth import ZipEntry, write_zip
 from shardify.transform.geometry import Box, Placement, crop_box, map_label, orient_point
+from shardify.transform.options import TransformOptions
+from shardify.transform.sample import transform_sample
 from shardify.write.tar import sample_chunks
 
 CT_SIZE, RGB_SIZE = (320, 320), (240, 160)
@@ -216,7 +218,7 @@ def test_manifest_and_summary_describe_source_and_output(cropped: Path, source: 
     assert (turned["source_width"], turned["source_height"]) == RGB_SIZE[::-1]
     summary = summary_of(cropped)
     assert summary["transformed"] == {"images": 28, "cropped": 26, "no_outline": 2,
-                                      "unmapped_point_lists": 1}
+                                      "unmapped_point_lists": 1, "shards_over_size": []}
     assert summary["options"]["transform"]["resize"] == 48
     bad = [r for r in reject_rows(cropped) if r["reason"] == "bad-image"]
     assert {(r["key"], r["source_archive"]) for r in bad} == {
@@ -488,3 +490,75 @@ def test_every_option_combination_gives_what_it_says(source: Path, tmp_path: Pat
         if "--format" in options:
             assert row["image_ext"] == "jpg"
     assert main(["verify", str(out), "--sources", str(source)]) == 0
+
+
+def _png(image: Image.Image, **options: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG", **options)
+    return out.getvalue()
+
+
+def test_hostile_images_and_labels_are_rejects_and_the_run_goes_on(tmp_path: Path) -> None:
+    """Too wide for WebP, 16 bits for an 8-bit format, a point that overflows once mapped."""
+    source, out = tmp_path / "src", tmp_path / "out"
+    source.mkdir()
+    grey16 = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    cases = {"RGB_cell_pouch_0001_000": (_png(Image.new("RGB", (17000, 8))), None),
+             "RGB_cell_pouch_0002_000": (_png(grey16), None),
+             "RGB_cell_pouch_0003_000": (_png(Image.new("RGB", (64, 48))), [-2**63, 5, 9, 5]),
+             "RGB_cell_pouch_0004_000": (_png(Image.new("RGB", (64, 48))), [5, 5, 9, 5])}
+    images, labels = [], []
+    for number, (key, (data, defect)) in enumerate(cases.items()):
+        images.append(ZipEntry(f"{key}.png", data))
+        label = _label("rgb", number + 1, key, (64, 48), _rect(10, 10, 40, 30),
+                       [defect] if defect else [], "swelling")
+        labels.append(ZipEntry(f"{key}.json", json.dumps(label).encode()))
+    write_zip(source / "images.zip", images)
+    write_zip(source / "labels.zip", labels)
+    assert main(["convert", str(source), "--out", str(out), "--quiet", "--workers", "1",
+                 "--format", "webp", "--crop", "outline", "--crop-margin", "0"]) == 0
+    found = {r["key"]: (r["reason"], r["detail"]) for r in reject_rows(out)
+             if r["source_archive"] == "images.zip"}
+    assert found["RGB_cell_pouch_0001_000"][0] == "bad-image"
+    assert "cannot write as WEBP" in found["RGB_cell_pouch_0001_000"][1]
+    assert "high bit depth" in found["RGB_cell_pouch_0002_000"][1]
+    assert found["RGB_cell_pouch_0003_000"][0] == "bad-label"
+    assert [row["key"] for row in manifest_rows(out)] == ["RGB_cell_pouch_0004_000"]
+
+
+def _transform(data: bytes, size: tuple[int, int], defects: list[list[int]], ext: str,
+               **options: object) -> tuple[Image.Image, dict]:
+    label = _label("ct", 1, "x", size, None, defects, "swelling")
+    done = transform_sample(data, json.dumps(label).encode(), ext,
+                            TransformOptions(**options), GEOMETRY)  # type: ignore[arg-type]
+    return _decoded(done.image), json.loads(done.label)
+
+
+def test_dct_reduced_jpegs_keep_points_on_their_pixels() -> None:
+    """A side that is not a multiple of the 1/8 decode scale: the label must not drift."""
+    pixels = np.zeros((1025, 1025), np.uint8)
+    pixels[900:1000, 900:1000] = 255
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=100)
+    image, label = _transform(out.getvalue(), (1025, 1025), [_rect(900, 900, 1000, 1000)],
+                              "jpg", resize=128, format="png")
+    weights = np.asarray(image, float)
+    xs = np.indices(weights.shape)[1]
+    centroid = ((xs + 0.5) * weights).sum() / weights.sum()
+    points = label["defects"][0]["points"]
+    assert abs(centroid - (points[0] + points[4]) / 2) < 0.1
+
+
+def test_colour_profiles_and_png_transparency_are_kept() -> None:
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(out, "JPEG", icc_profile=profile)
+    for fmt in ("keep", "webp", "png"):
+        image, _ = _transform(out.getvalue(), (64, 48), [], "jpg", resize=32, format=fmt)
+        assert image.info.get("icc_profile") == profile, fmt
+    grey = Image.new("L", (64, 48), 7)
+    grey.paste(200, (0, 0, 32, 48))
+    image, _ = _transform(_png(grey, transparency=7), (64, 48), [], "png", resize=32)
+    assert image.mode == "LA"
+    alpha = np.asarray(image)[..., 1]
+    assert alpha[:, :12].min() == 255 and alpha[:, -12:].max() == 0

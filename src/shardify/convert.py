@@ -393,16 +393,20 @@ def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
         "bytes_in": sum(a.size for a in index.archives if a.parent is None
                         and not a.kind.startswith("nested")),
         "bytes_out": sum(s["bytes"] for s in splits.values()),
-        **_transform_counts(options.transform, results),
+        **_transform_counts(options, results),
     }
 
 
-def _transform_counts(transform: TransformOptions, results: list[ShardResult]) -> dict:
+def _transform_counts(options: ConvertOptions, results: list[ShardResult]) -> dict:
     """How the transform went: images cropped, images kept whole for want of a usable outline,
-    and label point lists left unmapped (odd length, or not numbers)."""
+    label point lists left unmapped (odd length, or not numbers), and the shards that passed
+    --shard-size by more than one sample (the size estimate was too low for them)."""
+    transform = options.transform
     placements = [r.placements for r in results if r.placements is not None]
     if not transform.active:
         return {}
+    oversized = [r.name for r in results if len(r.sizes)
+                 and r.bytes_out > options.shard_size + int(r.sizes.max())]
     cropped = sum(int((p[:, 4] >= 0).sum()) for p in placements)
     images = sum(len(p) for p in placements)
     return {"transformed": {
@@ -410,4 +414,5 @@ def _transform_counts(transform: TransformOptions, results: list[ShardResult]) -
         "cropped": cropped,
         "no_outline": images - cropped if transform.crop else 0,
         "unmapped_point_lists": sum(int(p[:, 8].sum()) for p in placements),
+        "shards_over_size": oversized,
     }}

@@ -22,7 +22,7 @@ from ..errors import MemberError
 from ..profiles import DatasetProfile, strip_bom
 from ..write.tar import BLOCK
 from .options import TransformOptions, library_version
-from .sample import ImageError, transform_sample
+from .sample import ImageError, LabelError, transform_sample
 
 PIXEL_CHECKS = 32  # images re-transformed per verify
 OTHER_LIBRARY_MEAN_DIFFERENCE = 1.5  # grey levels, when another Pillow wrote the shards
@@ -50,7 +50,7 @@ def check_pixels(rows: list[dict], members: dict[tuple[str, str], Member],
                                      options, profile.geometry)
             written, written_label = _written(out, row)
             difference = _difference(_pixels(again.image), _pixels(written))
-        except (MemberError, ImageError, OSError, ValueError) as error:
+        except (MemberError, ImageError, LabelError, OSError, ValueError) as error:
             problems.append((where, f"cannot re-check the pixels: {error}"))
             continue
         if difference is None:
@@ -79,7 +79,7 @@ def _pixels(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("RGBA" if "A" in image.mode else image.mode),
-                              dtype=np.int16)
+                              dtype=np.int32)  # 16-bit values fit
     except Exception as error:  # an undecodable written image is a finding, not a crash
         raise ImageError(f"written image cannot be decoded: {error}") from None
 

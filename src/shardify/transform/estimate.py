@@ -21,15 +21,16 @@ Ratios = dict[str, tuple[float, float]]  # source image ext -> (image ratio, lab
 
 
 def probe_samples(samples: Sequence[Sample]) -> list[Sample]:
-    """Up to SAMPLES_PER_TYPE samples of each source image type, evenly spaced in the given
-    order (deterministic: the same inputs give the same plan)."""
+    """Up to SAMPLES_PER_TYPE samples of each source image type, evenly spaced over the given
+    order from its first to its last (deterministic: the same inputs give the same plan)."""
     by_ext: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
         by_ext[sample.image_ext].append(sample)
     chosen: list[Sample] = []
     for _, group in sorted(by_ext.items()):
-        step = max(1, len(group) // SAMPLES_PER_TYPE)
-        chosen += group[::step][:SAMPLES_PER_TYPE]
+        last = len(group) - 1  # first and last included: the whole range of groups is seen
+        picks = {round(i * last / (SAMPLES_PER_TYPE - 1)) for i in range(SAMPLES_PER_TYPE)}
+        chosen += [group[i] for i in sorted(picks)]
     return chosen
 
 

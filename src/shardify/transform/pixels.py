@@ -61,6 +61,10 @@ def open_image(data: bytes | bytearray) -> SourceImage:
         raise ImageError(f"cannot decode: {error}") from None
     if orientation not in TRANSPOSE:
         orientation = 1
+    if image.format == "PNG" and image.mode in ("RGB", "RGBA") and any(
+            str(tile[3]).endswith(";16B") for tile in image.tile):
+        raise ImageError("a 16-bit colour PNG: Pillow reads it as 8-bit, which would lose "
+                         "its values (convert without a transform to keep it as it is)")
     return SourceImage(image, image.width, image.height, orientation)
 
 
@@ -71,10 +75,13 @@ def render(source: SourceImage, box: Box, size: tuple[int, int], ext: str,
     image = source.image
     try:
         scale = min(stored_size[0] / stored_box.width, stored_size[1] / stored_box.height)
+        reduction = 1.0  # source pixels per decoded pixel
         if image.format == "JPEG" and scale <= 0.5:
-            image.draft(image.mode, (math.ceil(source.width * scale),
-                                     math.ceil(source.height * scale)))
-        image = _resample(image, source, stored_box, stored_size)
+            drafted = image.draft(image.mode, (math.ceil(source.width * scale),
+                                               math.ceil(source.height * scale)))
+            if drafted is not None:  # decoded pixel i covers source pixels [i*r, (i+1)*r)
+                reduction = source.width / drafted[1][2]
+        image = _resample(image, stored_box, stored_size, reduction)
         if source.orientation != 1:
             image = image.transpose(TRANSPOSE[source.orientation])
     except Exception as error:  # see open_image
@@ -88,24 +95,28 @@ def encode(image: Image.Image, ext: str, quality: int | None) -> bytes:
     if image.mode not in ENCODABLE[pil_format]:
         image = image.convert(_encodable_mode(image.mode, pil_format))
     out = io.BytesIO()
-    if pil_format == "JPEG":
-        image.save(out, pil_format, quality=quality or 95)
-    elif pil_format == "PNG":
-        image.save(out, pil_format, compress_level=PNG_COMPRESS_LEVEL,
-                   compress_type=PNG_COMPRESS_TYPE)
-    elif quality is None:
-        image.save(out, pil_format, lossless=True)
-    else:
-        image.save(out, pil_format, quality=quality)
+    icc = image.info.get("icc_profile")  # PNG keeps it by itself; JPEG and WebP are told
+    try:
+        if pil_format == "JPEG":
+            image.save(out, pil_format, quality=quality or 95, icc_profile=icc)
+        elif pil_format == "PNG":
+            image.save(out, pil_format, compress_level=PNG_COMPRESS_LEVEL,
+                       compress_type=PNG_COMPRESS_TYPE)
+        elif quality is None:
+            image.save(out, pil_format, lossless=True, icc_profile=icc)
+        else:
+            image.save(out, pil_format, quality=quality, icc_profile=icc)
+    except Exception as error:  # e.g. wider than WebP's 16383 pixels: a reject, not a crash
+        raise ImageError(f"cannot write as {pil_format}: {error}") from None
     return out.getvalue()
 
 
 def _encodable_mode(mode: str, pil_format: str) -> str:
     if mode.startswith("I") or mode == "F":
-        if pil_format == "JPEG":
-            raise ImageError(f"a {mode} (high bit depth) image cannot be written as JPEG; "
-                             "use --format png")
-        return "I;16" if pil_format == "PNG" else "RGB"
+        if pil_format != "PNG":
+            raise ImageError(f"a {mode} (high bit depth) image cannot be written as "
+                             f"{pil_format} without losing its values; use --format png")
+        return "I;16"
     alpha = "A" in mode or mode == "P"
     grey = mode in ("1", "L", "LA", "La")
     if pil_format == "JPEG":
@@ -129,11 +140,13 @@ def _stored(source: SourceImage, box: Box, size: tuple[int, int]
     return stored_box, (size[::-1] if source.orientation in ROTATED else size)
 
 
-def _resample(image: Image.Image, source: SourceImage, box: Box,
-              size: tuple[int, int]) -> Image.Image:
+def _resample(image: Image.Image, box: Box, size: tuple[int, int],
+              reduction: float) -> Image.Image:
     """Crop and resample once, on the (possibly DCT-reduced) decoded pixels."""
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode in ("L", "RGB") and "transparency" in image.info:  # a PNG tRNS colour
+        image = image.convert(image.mode[0] + "A" if image.mode == "L" else "RGBA")
     elif image.mode == "1":
         image = image.convert("L")
     if size == (box.width, box.height):
@@ -141,6 +154,6 @@ def _resample(image: Image.Image, source: SourceImage, box: Box,
             image.load()  # decode now: a broken image is a decode error, not an encode one
             return image
         return image.crop((box.x0, box.y0, box.x1, box.y1))
-    fx, fy = source.width / image.width, source.height / image.height
     return image.resize(size, Image.Resampling.LANCZOS,
-                        box=(box.x0 / fx, box.y0 / fy, box.x1 / fx, box.y1 / fy))
+                        box=(box.x0 / reduction, box.y0 / reduction, box.x1 / reduction,
+                             box.y1 / reduction))

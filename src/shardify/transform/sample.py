@@ -17,7 +17,12 @@ from .geometry import Box, Placement, crop_box, map_label, orient_point, outline
 from .options import TransformOptions
 from .pixels import ImageError, open_image, render
 
-__all__ = ["ImageError", "Transformed", "transform_sample"]
+__all__ = ["ImageError", "LabelError", "Transformed", "transform_sample"]
+
+
+class LabelError(Exception):
+    """The label cannot describe the written image (a mapped value does not fit JSON's
+    64-bit integers); the message is the reject's detail."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,8 @@ class Transformed:
 def transform_sample(image_bytes: bytes | bytearray, label_bytes: bytes | bytearray,
                      source_ext: str, options: TransformOptions, geometry: Geometry
                      ) -> Transformed:
-    """Transform one image and map its label; ImageError if the image cannot be decoded."""
+    """Transform one image and map its label; ImageError if the image cannot be decoded or
+    written as asked, LabelError if its label cannot be mapped."""
     source = open_image(image_bytes)
     document = orjson.loads(label_bytes)
     width, height = source.upright_size
@@ -62,8 +68,12 @@ def transform_sample(image_bytes: bytes | bytearray, label_bytes: bytes | bytear
     image = render(source, kept, (placement.width, placement.height), ext, options.quality)
     unmapped = map_label(document, geometry, label_orientation,
                          (source.width, source.height), placement)
-    return Transformed(image, orjson.dumps(document), placement.width, placement.height,
-                       width, height, box, scale, unmapped)
+    try:
+        label = orjson.dumps(document)
+    except TypeError as error:
+        raise LabelError(f"label coordinates out of range once mapped: {error}") from None
+    return Transformed(image, label, placement.width, placement.height, width, height, box,
+                       scale, unmapped)
 
 
 def _label_orientation(document: Any, geometry: Geometry, orientation: int,

@@ -164,12 +164,19 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
             image_bytes, label_bytes = payloads
             ext, image_crc, placement = job.image_exts[i], image.crc32, []
             if job.transform is not None:
-                from ..transform.sample import ImageError, transform_sample  # Pillow: if needed
+                from ..transform.sample import (  # Pillow: only when transforming
+                    ImageError,
+                    LabelError,
+                    transform_sample,
+                )
 
                 try:
                     done = transform_sample(image_bytes, label_bytes, ext, *job.transform)
                 except ImageError as error:
                     rejects.append([i, Reason.BAD_IMAGE, str(error)])
+                    continue
+                except LabelError as error:
+                    rejects.append([i, Reason.BAD_LABEL, str(error)])
                     continue
                 ext, image_bytes, label_bytes = job.transform[0].output_ext(ext), done.image, \
                     done.label
@@ -201,7 +208,7 @@ def probe_shard(job: ShardJob, reader: ArchiveReader) -> list[tuple[int, int, in
     label bytes, written image bytes, written label bytes), or None for a sample the writer
     would reject. What the planner's size estimate is measured on."""
     assert job.transform is not None
-    from ..transform.sample import ImageError, transform_sample
+    from ..transform.sample import ImageError, LabelError, transform_sample
 
     images, labels = job.images.tolist(), job.labels.tolist()
     found: list[tuple[int, int, int, int] | None] = []
@@ -214,7 +221,7 @@ def probe_shard(job: ShardJob, reader: ArchiveReader) -> list[tuple[int, int, in
             continue
         try:
             done = transform_sample(*payloads, job.image_exts[i], *job.transform)
-        except ImageError:
+        except (ImageError, LabelError):
             found.append(None)
             continue
         found.append((len(payloads[0]), len(payloads[1]), len(done.image), len(done.label)))
