@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 from ..profiles import Geometry
 
-# EXIF orientation -> how a stored point (x, y) in a W x H image lands in the upright image.
 # Coordinates are continuous (a pixel's left edge is x, its right edge x + 1), so a flip is W - x.
 ROTATED = frozenset({5, 6, 7, 8})  # these swap width and height
 
@@ -56,25 +55,21 @@ class Placement:
         return self.height / self.box.height
 
 
+# EXIF orientation -> (swap the axes, then flip the first, flip the second), as PIL's
+# exif_transpose turns the pixels.
+TURNS = {1: (False, False, False), 2: (False, True, False), 3: (False, True, True),
+         4: (False, False, True), 5: (True, False, False), 6: (True, True, False),
+         7: (True, True, True), 8: (True, False, True)}
+
+
 def orient_point(x: float, y: float, orientation: int, width: int, height: int
                  ) -> tuple[float, float]:
     """A stored point of a `width` x `height` image in the upright image (EXIF orientation)."""
-    match orientation:
-        case 2:
-            return width - x, y
-        case 3:
-            return width - x, height - y
-        case 4:
-            return x, height - y
-        case 5:
-            return y, x
-        case 6:
-            return height - y, x
-        case 7:
-            return height - y, width - x
-        case 8:
-            return y, width - x
-    return x, y
+    swap, flip_first, flip_second = TURNS.get(orientation, TURNS[1])
+    first, second, first_size, second_size = (y, x, height, width) if swap else \
+        (x, y, width, height)
+    return (first_size - first if flip_first else first,
+            second_size - second if flip_second else second)
 
 
 def _locations(document: Any, geometry: Geometry) -> Iterator[tuple[Any, Any]]:
