@@ -346,10 +346,10 @@ def format_report(report: ConvertReport) -> str:
                      f"their outline, {done['no_outline']} kept whole (no usable outline); "
                      f"{done['unmapped_point_lists']} label point lists left as they were "
                      "(odd length or not numbers)")
-        if done["shards_over_size"]:
-            lines.append(f"  note: {len(done['shards_over_size'])} shards passed --shard-size "
-                         "by more than one sample (the output size estimate was low for them): "
-                         + ", ".join(done["shards_over_size"][:3]))
+        if done["continuation_shards"]:
+            lines.append(f"  note: {done['continuation_shards']} continuation shards "
+                         "(shard-NNNNNN_K.tar) took samples whose shard was full: their "
+                         "transformed size was larger than estimated")
     lines.append(f"  bytes in: {human_bytes(summary['bytes_in'])} from "
                  f"{len(summary['archives'])} archives; bytes out: "
                  f"{human_bytes(summary['bytes_out'])}")

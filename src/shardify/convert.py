@@ -29,6 +29,7 @@ from .output.store import (
     SUMMARY,
     OutputStore,
     RunRecord,
+    continuation_name,
     is_shardify_manifest,
     is_shardify_summary,
     json_bytes,
@@ -41,7 +42,7 @@ from .output.store import (
 from .pathnames import path_text
 from .plan.fingerprint import plan_fingerprint
 from .plan.pairing import Pairing, Sample
-from .plan.shards import PlannedShard, ShardSizes, plan_shards
+from .plan.shards import PlannedShard, ShardSizes, continued, plan_shards
 from .plan.split import SPLITS, assign_splits, group_strata
 from .profiles import DatasetProfile, get_profile
 from .progress import Progress, human_bytes
@@ -50,7 +51,7 @@ from .scan import archive_table, survey
 from .transform.estimate import PROBES_PER_JOB, Ratios, probe_samples, size_ratios
 from .transform.options import TransformOptions
 from .write.executor import Executor, Inline, local_executor, write_shards
-from .write.shard import ShardResult, expand, shard_job
+from .write.shard import ShardJob, ShardResult, expand, shard_job
 from .write.tar import TAR_END_SIZE, estimated_sample_bytes, planned_sample_bytes
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -117,7 +118,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
             shards = plan_shards(pairing.samples, split_of_group, options.shard_size, profile,
                                  ShardSizes(sample_bytes, TAR_END_SIZE), shard_name)
             run = RunRecord(plan_fingerprint(shards, options.shaping()), options.shaping())
-            finished = _reusable_shards(store, run, shards, options.overwrite)
+            finished, continuations = _reusable_shards(store, run, shards, options.overwrite)
+            shards = _with_continuations(shards, continuations)
             todo = [shard for shard in shards if shard.name not in finished]
             if options.space_check:
                 _check_space(store, todo, len(pairing.samples))
@@ -187,11 +189,26 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
     progress = Progress(sum(expected.values()), "B", "writing shards", enabled=not options.quiet)
     progress.advance(sum(expected[name] for name in finished))
     results = dict(finished)
+    order = [shard.name for shard in shards]
+    planned = {shard.name: shard for shard in shards}
+    # A transform's output sizes are estimates: the writer starts a continuation shard when a
+    # shard has no room left. Untransformed sizes are exact: no limit needed.
+    transform, limit = None, None
+    if options.transform.active:
+        transform, limit = (options.transform, options.profile.geometry), options.shard_size
     # Largest first: the last shards to finish are small, so workers end together.
-    transform = (options.transform, options.profile.geometry) if options.transform.active \
-        else None
-    jobs = [shard_job(shard.name, shard.samples, transform) for shard in sorted(
+    jobs = [shard_job(shard.name, shard.samples, transform, limit) for shard in sorted(
         shards, key=lambda s: -s.expected_bytes) if shard.name not in finished]
+
+    def follow_up(entry: dict) -> ShardJob | None:
+        """The continuation of a shard that had no room for all its samples (this thread)."""
+        if "rest" not in entry:
+            return None
+        shard = continued(planned[entry["shard"]], entry["rest"],
+                          continuation_name(entry["shard"]))
+        planned[shard.name], samples[shard.name], expected[shard.name] = shard, shard.samples, 0
+        order.insert(order.index(entry["shard"]) + 1, shard.name)
+        return shard_job(shard.name, shard.samples, transform, limit)
 
     def publish(entry: dict) -> None:
         """A shard is written (called by the one publishing thread): in place, then journaled.
@@ -214,7 +231,7 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
                                daemon=True)
     preload.start()
     try:
-        write_shards(jobs, executor, store, publish)
+        write_shards(jobs, executor, store, publish, follow_up)
     except BrokenProcessPool:
         raise RunFailed(f"a worker process died (killed, or out of memory?); {len(results)} of "
                         f"{len(shards)} shards are complete and kept: re-run the same command "
@@ -230,22 +247,34 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
             "same command to resume") from None
     finally:
         progress.close()
-    return [results[shard.name] for shard in shards]
+    return [results[name] for name in order]
+
+
+def _with_continuations(shards: list[PlannedShard],
+                        continuations: list[tuple[str, PlannedShard]]) -> list[PlannedShard]:
+    """The plan with the continuation shards an earlier run made, each right after the shard
+    it continues (which comes first in `continuations` when it is a continuation itself)."""
+    ordered = list(shards)
+    for parent, shard in continuations:
+        ordered.insert([s.name for s in ordered].index(parent) + 1, shard)
+    return ordered
 
 
 def _reusable_shards(store: OutputStore, run: RunRecord, shards: list[PlannedShard],
-                     overwrite: bool) -> dict[str, ShardResult]:
-    """Finished shards of an earlier run of the same plan (journaled, their files intact);
-    refuse a different earlier run."""
+                     overwrite: bool
+                     ) -> tuple[dict[str, ShardResult], list[tuple[str, PlannedShard]]]:
+    """Finished shards of an earlier run of the same plan (journaled, their files intact), and
+    the continuation shards it started; refuse a different earlier run."""
     previous = store.read_run()
     if previous is None or overwrite:
-        return {}
+        return {}, []
     if previous.fingerprint != run.fingerprint:
         raise UsageError(f"{path_text(store.root)} holds shards of another conversion "
                          f"({_what_changed(previous, run)}); re-run with --overwrite to "
                          "discard them, or choose another --out")
     planned = {shard.name: shard for shard in shards}
     finished: dict[str, ShardResult] = {}
+    continuations: list[tuple[str, PlannedShard]] = []
     for entry in store.journal():
         shard = planned.get(entry["shard"])
         if shard is None:
@@ -254,7 +283,12 @@ def _reusable_shards(store: OutputStore, run: RunRecord, shards: list[PlannedSha
             finished[shard.name] = expand(shard.samples, entry)
         except (ValueError, KeyError, TypeError):
             continue  # an entry of an older build, or a damaged line: that shard is redone
-    return finished
+        rest = entry.get("rest")
+        if isinstance(rest, int) and 0 < rest < len(shard.samples):
+            more = continued(shard, rest, continuation_name(shard.name))
+            planned[more.name] = more
+            continuations.append((shard.name, more))
+    return finished, continuations
 
 
 def _what_changed(previous: RunRecord, run: RunRecord) -> str:
@@ -399,14 +433,13 @@ def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
 
 def _transform_counts(options: ConvertOptions, results: list[ShardResult]) -> dict:
     """How the transform went: images cropped, images kept whole for want of a usable outline,
-    label point lists left unmapped (odd length, or not numbers), and the shards that passed
-    --shard-size by more than one sample (the size estimate was too low for them)."""
+    label point lists left unmapped (odd length, or not numbers), and how many shards continue
+    one that had no room left (the size estimate was low for it)."""
     transform = options.transform
     placements = [r.placements for r in results if r.placements is not None]
     if not transform.active:
         return {}
-    oversized = [r.name for r in results if len(r.sizes)
-                 and r.bytes_out > options.shard_size + int(r.sizes.max())]
+    continuations = sum(1 for r in results if "_" in r.name)  # shard-000003_1.tar
     cropped = sum(int((p[:, 4] >= 0).sum()) for p in placements)
     images = sum(len(p) for p in placements)
     return {"transformed": {
@@ -414,5 +447,5 @@ def _transform_counts(options: ConvertOptions, results: list[ShardResult]) -> di
         "cropped": cropped,
         "no_outline": images - cropped if transform.crop else 0,
         "unmapped_point_lists": sum(int(p[:, 8].sum()) for p in placements),
-        "shards_over_size": oversized,
+        "continuation_shards": continuations,
     }}

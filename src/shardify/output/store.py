@@ -50,6 +50,17 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/shard-{index:06d}.tar"
 
 
+def continuation_name(name: str) -> str:
+    """The shard that takes the samples a shard had no room for: `shard-000003.tar` ->
+    `shard-000003_1.tar` -> `shard-000003_2.tar` (matched by `shard-*.tar`, and sorted by name
+    right after the shard they continue)."""
+    stem = name.removesuffix(".tar")
+    base, _, part = stem.rpartition("_")
+    if base and part.isdigit():
+        return f"{base}_{int(part) + 1}.tar"
+    return f"{stem}_1.tar"
+
+
 def summary_beside(manifest: Path) -> Path:
     """Where `--manifest PATH` puts its summary: PATH's `.summary.json` sibling."""
     return manifest.with_suffix(".summary.json")

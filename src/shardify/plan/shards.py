@@ -53,6 +53,12 @@ def plan_shards(samples: Iterable[Sample], split_of_group: Mapping[str, str], sh
     return shards
 
 
+def continued(shard: PlannedShard, rest: int, name: str) -> PlannedShard:
+    """The shard `name` that takes `shard`'s samples from index `rest` on (the writer found no
+    room for them: transformed samples came out larger than planned)."""
+    return PlannedShard(name, shard.split, shard.samples[rest:], 0)
+
+
 def _cut(groups: list[list[Sample]], limit: int, sizes: ShardSizes) -> list[list[Sample]]:
     shards: list[list[Sample]] = []
     current: list[Sample] = []

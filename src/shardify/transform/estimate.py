@@ -2,9 +2,11 @@
 
 The planner cuts shards on sizes known in advance; a transform's output size is not. A few
 samples of each source image type are transformed (by the idle workers, before any shard is
-written), and the largest written/source ratio seen, with a margin, sizes every sample of that
-type: shards then end early rather than past `--shard-size`, and the disk check is made on the
-same estimate.
+written), and the upper quartile of the written/source ratios seen, with a margin, sizes every
+sample of that type. Most shards then end a little early; one that has no room left for a
+sample ends there, and the writer continues it in a continuation shard (`write_shard`'s limit),
+so a shard never passes `--shard-size` unless a single sample does. The disk check is made on
+the same estimate.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ def probe_samples(samples: Sequence[Sample]) -> list[Sample]:
 
 def size_ratios(probed: Sequence[Sample], sizes: Sequence[tuple[int, int, int, int] | None]
                 ) -> Ratios:
-    """Per source image type, the (image, label) written/source byte ratios to plan with, from
-    each probed sample's (source image, source label, written image, written label) bytes.
+    """Per source image type, the (image, label) written/source byte ratios to plan with (upper
+    quartile, with the margin), from each probed sample's (source image, source label, written
+    image, written label) bytes.
 
     Samples the writer would reject (None) are left out; a type none of whose samples could be
     transformed is planned at its source size.
@@ -46,5 +49,13 @@ def size_ratios(probed: Sequence[Sample], sizes: Sequence[tuple[int, int, int, i
     for sample, size in zip(probed, sizes, strict=True):
         if size is not None:
             found[sample.image_ext].append((size[2] / max(1, size[0]), size[3] / max(1, size[1])))
-    return {ext: (max(r[0] for r in ratios) * MARGIN, max(r[1] for r in ratios) * MARGIN)
+    return {ext: (_upper_quartile([r[0] for r in ratios]) * MARGIN,
+                  _upper_quartile([r[1] for r in ratios]) * MARGIN)
             for ext, ratios in sorted(found.items())}
+
+
+def _upper_quartile(values: list[float]) -> float:
+    """Three quarters of the values are at most this one (of a few probes: not the largest,
+    which one outlier would make every shard small)."""
+    ordered = sorted(values)
+    return ordered[(3 * (len(ordered) - 1) + 3) // 4]

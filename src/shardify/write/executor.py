@@ -107,8 +107,12 @@ def local_executor(workers: int) -> Iterator[ForkedPool | None]:
 
 
 def write_shards(jobs: list[ShardJob], executor: Executor, sink: ShardSink,
-                 publish: Callable[[dict], None]) -> None:
+                 publish: Callable[[dict], None],
+                 follow_up: Callable[[dict], ShardJob | None] = lambda entry: None) -> None:
     """Write every job with `executor`; `publish(entry)` in one thread as each is written.
+
+    `follow_up(entry)`, called in this thread as each is written, may give one more job (the
+    continuation of a shard that had no room for all its samples); it is written next.
 
     Writers do not wait for the disk, unless the publisher falls behind: at most
     UNPUBLISHED_PER_WORKER shards per writer are being written or waiting to be published, so a
@@ -126,7 +130,11 @@ def write_shards(jobs: list[ShardJob], executor: Executor, sink: ShardSink,
             """Hand each written shard to the publisher; a failed write or publish raises."""
             for future in [future for future in writing if future.done()]:
                 writing.discard(future)
-                publishing.add(publisher.submit(publish, future.result()))
+                entry = future.result()
+                more = follow_up(entry)
+                if more is not None:
+                    todo.appendleft(more)
+                publishing.add(publisher.submit(publish, entry))
             for published in [future for future in publishing if future.done()]:
                 publishing.discard(published)
                 published.result()

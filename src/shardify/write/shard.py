@@ -94,10 +94,12 @@ class ShardJob(NamedTuple):
     problems: dict[tuple[int, int], tuple[Reason, str]]
     archives: tuple[Archive, ...]
     transform: tuple[TransformOptions, Geometry] | None = None  # None: sources' bytes as they are
+    limit: int | None = None  # bytes: a sample that would pass it starts a continuation shard
 
 
 def shard_job(name: str, samples: tuple[Sample, ...],
-              transform: tuple[TransformOptions, Geometry] | None = None) -> ShardJob:
+              transform: tuple[TransformOptions, Geometry] | None = None,
+              limit: int | None = None) -> ShardJob:
     """The job for a shard, its member locations read from the tables' columns in bulk."""
     refs = member_refs(samples)
     records, count = refs.records(), len(samples)
@@ -109,7 +111,7 @@ def shard_job(name: str, samples: tuple[Sample, ...],
     return ShardJob(name, [s.key for s in samples], [s.image_ext for s in samples],
                     [class_bytes(s.fields.label) for s in samples],
                     locations[:count], locations[count:], problems,
-                    tuple(table.archive for table in refs.tables), transform)
+                    tuple(table.archive for table in refs.tables), transform, limit)
 
 
 def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
@@ -146,10 +148,13 @@ def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
 def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
     """Write shard `job.name` to its staging file; return its entry (see `expand`).
 
-    Samples whose members fail a check are left out and listed as rejects.
+    Samples whose members fail a check are left out and listed as rejects. With a `limit`, a
+    sample that would make a non-empty shard pass it ends the shard: the entry's `rest` is its
+    index, and the samples from there on are the continuation shard's.
     """
     written: list[list] = []
     rejects: list[list] = []
+    rest = None
     images, labels = job.images.tolist(), job.labels.tolist()
     fd = sink.create_staged_shard(job.name)
     try:
@@ -183,8 +188,12 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
                 image_crc = deflate.crc32(image_bytes)
                 placement = [done.width, done.height, done.source_width, done.source_height,
                              *(done.crop_box or NO_BOX), done.unmapped_point_lists, done.scale]
-            size = write_all(fd, sample_chunks(key, ext, image_bytes, label_bytes,
-                                               job.classes[i]))
+            chunks = sample_chunks(key, ext, image_bytes, label_bytes, job.classes[i])
+            if job.limit is not None and written and \
+                    offset + sum(map(len, chunks)) + TAR_END_SIZE > job.limit:
+                rest = i
+                break
+            size = write_all(fd, chunks)
             written.append([key, offset, size, len(image_bytes), image_crc, len(label_bytes),
                             deflate.crc32(label_bytes), *placement])
             offset += size
@@ -199,8 +208,11 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
         sink.discard_staged_shard(job.name)
         raise
     os.close(fd)
-    return {"shard": job.name, "bytes": size, "tail_crc32": deflate.crc32(tail),
-            "samples": written, "rejects": rejects}
+    entry = {"shard": job.name, "bytes": size, "tail_crc32": deflate.crc32(tail),
+             "samples": written, "rejects": rejects}
+    if rest is not None:
+        entry["rest"] = rest
+    return entry
 
 
 def probe_shard(job: ShardJob, reader: ArchiveReader) -> list[tuple[int, int, int, int] | None]:
