@@ -130,7 +130,7 @@ def _check_sources(rows: list[dict], sources: list[str],
                    for m in table.members()}
         problems = _compare_sources(rows, members, label_crcs, transformed=bool(transform))
         if transform is not None:
-            from .transform.check import check_pixels
+            from .pixel_check import check_pixels
 
             problems += [Problem(where, what) for where, what in check_pixels(
                 rows, members, reader, out, *transform)]

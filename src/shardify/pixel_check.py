@@ -16,13 +16,13 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from ..archives.model import Member
-from ..archives.reader import ArchiveReader
-from ..errors import MemberError
-from ..profiles import DatasetProfile, strip_bom
-from ..write.tar import BLOCK
-from .options import TransformOptions, library_version
-from .sample import ImageError, LabelError, transform_sample
+from .archives.model import Member
+from .archives.reader import ArchiveReader
+from .errors import MemberError
+from .profiles import DatasetProfile, strip_bom
+from .transform.options import TransformOptions, library_version
+from .transform.sample import ImageError, LabelError, transform_sample
+from .write.tar import BLOCK
 
 PIXEL_CHECKS = 32  # images re-transformed per verify
 OTHER_LIBRARY_MEAN_DIFFERENCE = 1.5  # grey levels, when another Pillow wrote the shards
