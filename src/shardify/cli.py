@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write even if OUT's disk looks too small for the output")
     conv.add_argument("--quiet", action="store_true", help="no progress output")
     shaping = conv.add_argument_group(
-        "image transforms", "done in the workers while converting; labels follow the pixels "
-        "(coordinates mapped, image_info.width/height set to the written size). Without any "
-        "of these, shards hold the sources' bytes unchanged.")
+        "image transforms", "done in the workers while converting; labels follow the pixels\n"
+        "(coordinates mapped, image_info.width/height set to the written size).\n"
+        "Without any of these, shards hold the sources' bytes unchanged.")
     shaping.add_argument("--crop", choices=CROPS, help="crop each image to the bounding box of "
                          "its label's battery outline (images without a usable outline are "
                          "kept whole)")
