@@ -569,13 +569,9 @@ def test_colour_profiles_and_png_transparency_are_kept() -> None:
     assert alpha[:, :12].min() == 255 and alpha[:, -12:].max() == 0
 
 
-def test_shards_that_come_out_larger_than_planned_continue_in_a_continuation_shard(
-        tmp_path: Path) -> None:
-    """The last battery has no outline: kept whole, its images are ~10x the cropped ones'
-    estimate. Its shards must end at the limit and go on in `shard-NNNNNN_K.tar`; a kill in
-    the middle resumes to the same bytes."""
-    from test_resume import CHILD
-
+def _outgrowing_source(tmp_path: Path) -> Path:
+    """Ten CT batteries of noise; the last has no outline: kept whole, its images are ~10x the
+    cropped ones' estimate, so its shards continue."""
     source = tmp_path / "src"
     source.mkdir()
     images, labels = [], []
@@ -591,6 +587,16 @@ def test_shards_that_come_out_larger_than_planned_continue_in_a_continuation_sha
             labels.append(ZipEntry(f"{key}.json", json.dumps(label).encode()))
     write_zip(source / "images.zip", images)
     write_zip(source / "labels.zip", labels)
+    return source
+
+
+def test_shards_that_come_out_larger_than_planned_continue_in_a_continuation_shard(
+        tmp_path: Path) -> None:
+    """The outline-less battery's shards must end at the limit and go on in
+    `shard-NNNNNN_K.tar`; a kill in the middle resumes to the same bytes."""
+    from test_resume import CHILD
+
+    source = _outgrowing_source(tmp_path)
     args = ["convert", str(source), "--out", str(tmp_path / "clean"), "--quiet", "--workers",
             "2", "--shard-size", "48KiB", "--crop", "outline"]
     assert main(args) == 0
@@ -614,3 +620,42 @@ def test_shards_that_come_out_larger_than_planned_continue_in_a_continuation_sha
                            and ".shardify" not in p.parts)
     for name in files:
         assert (tmp_path / "killed" / name).read_bytes() == (clean / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_redone_shard_that_continues_keeps_one_continuation(tmp_path: Path,
+                                                              workers: str) -> None:
+    """A cut shard that had a continuation is redone: the journal then holds two entries for it
+    (the first is valid again, the bytes are the same). Later runs must still plan its
+    continuation once: no shard or sample listed twice, no two jobs writing one file."""
+    from helpers import output_files
+
+    source = _outgrowing_source(tmp_path)
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    args = ["convert", str(source), "--quiet", "--workers", workers, "--shard-size", "48KiB",
+            "--crop", "outline", "--out"]
+    assert main([*args, str(clean)]) == 0 and main([*args, str(out)]) == 0
+    journal = (out / ".shardify" / "journal.jsonl").read_text().splitlines()
+    parent = next(e["shard"] for e in map(json.loads, journal) if "rest" in e)
+    (out / parent).write_bytes((out / parent).read_bytes()[:-1024])
+    assert main([*args, str(out)]) == 0  # the cut shard is redone
+    (out / parent.replace(".tar", "_1.tar")).unlink()  # its continuation is to be redone too
+    assert main([*args, str(out)]) == 0
+    assert main([*args, str(out)]) == 0
+    assert output_files(out) == output_files(clean)
+
+
+def test_manifest_rows_keep_continuations_after_their_shard(tmp_path: Path) -> None:
+    """`_10` comes after `_9` (by name it would come before `_2`): the rows' order is the wids
+    index's, which open_indexed numbers samples by."""
+    from shardify.loader import manifest_rows
+    from shardify.output.store import continuation_name
+
+    names = ["train/shard-000000.tar"]
+    for _ in range(11):
+        names.append(continuation_name(names[-1]))
+    names.append("train/shard-000001.tar")
+    table = pa.table({"key": [f"k{i}" for i in range(len(names))], "split": ["train"] *
+                      len(names), "shard": names[::-1], "offset": [0] * len(names)})
+    pq.write_table(table, tmp_path / "manifest.parquet")
+    assert manifest_rows(tmp_path).column("shard").to_pylist() == names

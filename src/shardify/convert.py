@@ -234,14 +234,14 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
         write_shards(jobs, executor, store, publish, follow_up)
     except BrokenProcessPool:
         raise RunFailed(f"a worker process died (killed, or out of memory?); {len(results)} of "
-                        f"{len(shards)} shards are complete and kept: re-run the same command "
+                        f"{len(order)} shards are complete and kept: re-run the same command "
                         "to resume") from None
     except OSError as error:
         if error.errno not in DISK_FULL:
             raise
         needed = sum(size for name, size in expected.items() if name not in results)
         raise NotEnoughSpace(
-            f"disk full on {path_text(options.out)}: {len(results)} of {len(shards)} shards are "
+            f"disk full on {path_text(options.out)}: {len(results)} of {len(order)} shards are "
             f"complete and kept; about {human_bytes(needed)} more is needed "
             f"({human_bytes(store.free_bytes())} free). Free some space and re-run the "
             "same command to resume") from None
@@ -284,7 +284,10 @@ def _reusable_shards(store: OutputStore, run: RunRecord, shards: list[PlannedSha
         except (ValueError, KeyError, TypeError):
             continue  # an entry of an older build, or a damaged line: that shard is redone
         rest = entry.get("rest")
-        if isinstance(rest, int) and 0 < rest < len(shard.samples):
+        # A shard redone (its file was cut, then rewritten the same) has two entries: its
+        # continuation is added once.
+        if isinstance(rest, int) and 0 < rest < len(shard.samples) \
+                and continuation_name(shard.name) not in planned:
             more = continued(shard, rest, continuation_name(shard.name))
             planned[more.name] = more
             continuations.append((shard.name, more))

@@ -27,7 +27,7 @@ import webdataset as wds
 from PIL import Image
 
 from .output.manifest import read_parquet, read_schema
-from .output.store import MANIFEST, wids_index_name
+from .output.store import MANIFEST, shard_order, wids_index_name
 from .plan.split import SPLITS
 
 if TYPE_CHECKING:
@@ -71,7 +71,10 @@ def manifest_rows(out: Path | str, split: str = "train", select: Select = None) 
     path = Path(out) / MANIFEST
     filters = select_expression(split, select, read_schema(path).names)
     table = read_parquet(path, filters=filters)
-    return table.sort_by([("shard", "ascending"), ("offset", "ascending")])
+    shards = sorted(pc.unique(table.column("shard")).to_pylist(), key=shard_order)
+    rank = pc.index_in(table.column("shard"), value_set=pa.array(shards, pa.string()))
+    return table.append_column("_shard_rank", rank).sort_by(
+        [("_shard_rank", "ascending"), ("offset", "ascending")]).drop_columns(["_shard_rank"])
 
 
 def shard_url(out: Path | str, shard: str, base_url: str | None = None) -> str:

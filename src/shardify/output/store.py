@@ -52,13 +52,21 @@ def shard_name(split: str, index: int) -> str:
 
 def continuation_name(name: str) -> str:
     """The shard that takes the samples a shard had no room for: `shard-000003.tar` ->
-    `shard-000003_1.tar` -> `shard-000003_2.tar` (matched by `shard-*.tar`, and sorted by name
-    right after the shard they continue)."""
+    `shard-000003_1.tar` -> `shard-000003_2.tar` (matched by `shard-*.tar`; `shard_order` sorts
+    them right after the shard they continue)."""
     stem = name.removesuffix(".tar")
     base, _, part = stem.rpartition("_")
     if base and part.isdigit():
         return f"{base}_{int(part) + 1}.tar"
     return f"{stem}_1.tar"
+
+
+def shard_order(name: str) -> tuple[str, int]:
+    """A key that sorts shard names in the order they were written: each continuation right
+    after the shard it continues, `_9` before `_10` (plain name order puts `_10` before `_2`)."""
+    stem = name.removesuffix(".tar")
+    base, _, part = stem.rpartition("_")
+    return (base, int(part)) if base and part.isdigit() else (stem, 0)
 
 
 def summary_beside(manifest: Path) -> Path:
