@@ -311,3 +311,19 @@ def test_damaged_first_header_is_named_once(converted: Path, tmp_path: Path,
     assert (code, printed.splitlines()[1:]) == (1, [
         f"{name}: damaged tar header at offset 0; the {count} samples from there on could not "
         "be read"])
+
+
+def test_a_sample_or_shard_listed_twice_is_named(converted: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """What a resume that planned a shard twice would write: verify must not pass it."""
+    copy = damaged_copy(converted, tmp_path)
+    rows = pq.read_table(copy / "manifest.parquet").to_pylist()
+    rewrite_manifest(copy, [*rows, rows[0]])
+    summary = json.loads((copy / "summary.json").read_bytes())
+    summary["splits"]["train"]["shards"].append(summary["splits"]["train"]["shards"][0])
+    summary["splits"]["train"]["samples"] += 1
+    (copy / "summary.json").write_bytes(json.dumps(summary).encode())
+    code, printed = verify(copy, capsys)
+    assert code == 1
+    assert f"manifest: {rows[0]['key']}: key appears 2 times" in printed
+    assert f"{rows[0]['shard']}: listed more than once in summary.json" in printed

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +66,10 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
     expected: dict[str, dict[str, dict]] = {row["shard"]: {} for row in rows}
     for row in rows:
         expected[row["shard"]][row["key"]] = row
-    problems = _check_shard_files(out, summary, expected)
+    problems = [Problem(f"manifest: {key}", f"key appears {count} times (keys are unique)")
+                for key, count in sorted(Counter(row["key"] for row in rows).items())
+                if count > 1]
+    problems += _check_shard_files(out, summary, expected)
     label_crcs: dict[tuple[str, str], tuple[int, int]] = {}
     for shard in sorted(expected):
         if (out / shard).is_file():
@@ -164,9 +167,11 @@ def _compare_sources(rows: list[dict], members: dict[tuple[str, str], Member],
 
 
 def _check_shard_files(out: Path, summary: dict, expected: dict) -> list[Problem]:
-    listed = {name for split in SPLITS for name in summary["splits"][split]["shards"]}
-    present = set(OutputStore(out).shard_files())
-    problems = [Problem(name, "shard file is missing") for name in sorted(listed - present)]
+    names = [name for split in SPLITS for name in summary["splits"][split]["shards"]]
+    listed, present = set(names), set(OutputStore(out).shard_files())
+    problems = [Problem(name, "listed more than once in summary.json")
+                for name, count in sorted(Counter(names).items()) if count > 1]
+    problems += [Problem(name, "shard file is missing") for name in sorted(listed - present)]
     problems += [Problem(name, "extra shard file not in summary.json")
                  for name in sorted(present - listed)]
     problems += [Problem(name, "manifest names a shard that summary.json does not list")

@@ -55,7 +55,7 @@ def size_ratios(probed: Sequence[Sample], sizes: Sequence[tuple[int, int, int, i
 
 
 def _upper_quartile(values: list[float]) -> float:
-    """Three quarters of the values are at most this one (of a few probes: not the largest,
-    which one outlier would make every shard small)."""
+    """The value three quarters of the way up the sorted values, rounded up: of 8 probes the
+    7th, so one outlier does not make every shard small (of 2-4 probes, the largest)."""
     ordered = sorted(values)
     return ordered[(3 * (len(ordered) - 1) + 3) // 4]
