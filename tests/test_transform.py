@@ -659,3 +659,30 @@ def test_manifest_rows_keep_continuations_after_their_shard(tmp_path: Path) -> N
                       len(names), "shard": names[::-1], "offset": [0] * len(names)})
     pq.write_table(table, tmp_path / "manifest.parquet")
     assert manifest_rows(tmp_path).column("shard").to_pylist() == names
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_jpegs_decoded_only_down_to_the_box_give_the_same_bytes(
+        monkeypatch: pytest.MonkeyPatch, mode: str, progressive: bool) -> None:
+    """Shortened decodes (baseline JPEGs) against whole ones, for boxes high, low and at the
+    bottom edge, cropped only and resampled, with and without a DCT draft."""
+    from shardify.transform import pixels
+
+    rng = np.random.default_rng(1)
+    shape = (700, 500) if mode == "L" else (700, 500, 3)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(rng.normal(120, 60, shape), 0, 255).astype(np.uint8), mode).save(
+        out, "JPEG", quality=90, progressive=progressive, subsampling=2)
+    data = out.getvalue()
+    cases = [(_rect(100, 40, 300, 200), None), (_rect(100, 40, 300, 200), 60),
+             (_rect(50, 400, 450, 690), 100), (_rect(10, 10, 480, 690), 50),
+             (_rect(200, 300, 260, 380), None)]
+    for outline, resize in cases:
+        label = json.dumps(_label("ct", 1, "x", (500, 700), outline, [], "swelling")).encode()
+        options = TransformOptions(crop="outline", crop_margin=4, resize=resize)
+        shortened = transform_sample(data, label, "jpg", options, GEOMETRY)
+        with monkeypatch.context() as patch:
+            patch.setattr(pixels, "_top_rows", lambda source, rows: source.image)
+            whole = transform_sample(data, label, "jpg", options, GEOMETRY)
+        assert shortened.image == whole.image and shortened.label == whole.label, outline

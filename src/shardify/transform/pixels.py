@@ -1,15 +1,18 @@
 """Decode, crop, resample and encode one image with Pillow: the transforms' only pixel code.
 
-JPEGs shrunk by 2x or more are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (`draft`);
-the crop and the resampling are one LANCZOS `resize(box=...)` on the stored pixels, and the EXIF
-rotation is applied last, to the small result. Colour modes are kept where the output format
-can hold them.
+A baseline JPEG is decoded only down to the last row the crop and the resampling read (its
+frame height is lowered: libjpeg stops there, and every row above is the same as in a whole
+decode). JPEGs shrunk by 2x or more are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
+(`draft`); the crop and the resampling are one LANCZOS `resize(box=...)` on the stored pixels,
+and the EXIF rotation is applied last, to the small result. Colour modes are kept where the
+output format can hold them.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import struct
 import zlib
 from dataclasses import dataclass
 
@@ -27,6 +30,12 @@ PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 # zlib level 6 with the RLE strategy: 2-2.5x faster than Pillow's default on photos and no
 # larger (benchmarks/image_libraries.py); the PNG encode was most of an RGB image's time.
 PNG_COMPRESS_LEVEL, PNG_COMPRESS_TYPE = 6, zlib.Z_RLE
+LANCZOS_SUPPORT = 3  # source pixels per output pixel the filter reaches, each side
+# Rows decoded past the last one resampling reads: the last row of a shortened decode may be
+# upsampled differently (chroma context below it); 16 is one whole MCU row more.
+ROW_MARGIN = 16
+BASELINE_SOF = (0xC0, 0xC1)
+STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI: no length field
 ENCODABLE = {"JPEG": ("L", "RGB", "CMYK"), "PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"),
              "WEBP": ("RGB", "RGBA")}
 
@@ -43,6 +52,7 @@ class SourceImage:
     width: int
     height: int
     orientation: int
+    data: bytes | bytearray
 
     @property
     def upright_size(self) -> tuple[int, int]:
@@ -65,7 +75,7 @@ def open_image(data: bytes | bytearray) -> SourceImage:
             str(tile[3]).endswith(";16B") for tile in image.tile):
         raise ImageError("a 16-bit colour PNG: Pillow reads it as 8-bit, which would lose "
                          "its values (convert without a transform to keep it as it is)")
-    return SourceImage(image, image.width, image.height, orientation)
+    return SourceImage(image, image.width, image.height, orientation, data)
 
 
 def render(source: SourceImage, box: Box, size: tuple[int, int], ext: str,
@@ -75,10 +85,17 @@ def render(source: SourceImage, box: Box, size: tuple[int, int], ext: str,
     image = source.image
     try:
         scale = min(stored_size[0] / stored_box.width, stored_size[1] / stored_box.height)
+        if image.format == "JPEG":
+            image = _top_rows(source, stored_box.y1 + math.ceil(LANCZOS_SUPPORT / scale) + 2
+                              + ROW_MARGIN * 8)  # x8: room for a 1/8 draft's rows too
         reduction = 1.0  # source pixels per decoded pixel
         if image.format == "JPEG" and scale <= 0.5:
-            drafted = image.draft(image.mode, (math.ceil(source.width * scale),
-                                               math.ceil(source.height * scale)))
+            # The DCT scale the whole image would get, asked of a possibly shortened one.
+            whole = min(source.width // math.ceil(source.width * scale),
+                        source.height // math.ceil(source.height * scale))
+            factor = next(f for f in (8, 4, 2, 1) if f <= whole)
+            drafted = image.draft(image.mode, (max(1, image.width // factor),
+                                               max(1, image.height // factor)))
             if drafted is not None:  # decoded pixel i covers source pixels [i*r, (i+1)*r)
                 reduction = source.width / drafted[1][2]
         image = _resample(image, stored_box, stored_size, reduction)
@@ -138,6 +155,30 @@ def _stored(source: SourceImage, box: Box, size: tuple[int, int]
     xs, ys = [int(c[0]) for c in corners], [int(c[1]) for c in corners]
     stored_box = Box(min(xs), min(ys), max(xs), max(ys))
     return stored_box, (size[::-1] if source.orientation in ROTATED else size)
+
+
+def _top_rows(source: SourceImage, rows: int) -> Image.Image:
+    """The source JPEG opened to decode only its first `rows` rows, when it is a baseline JPEG
+    taller than that; otherwise the source image as it is."""
+    data, at = source.data, 2
+    while rows < source.height and at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in STANDALONE:
+            at += 2
+            continue
+        if marker in BASELINE_SOF:
+            if struct.unpack(">H", data[at + 5:at + 7])[0] <= rows:
+                break  # not taller than needed (or its height comes later, in a DNL marker)
+            shortened = bytearray(data)
+            shortened[at + 5:at + 7] = struct.pack(">H", rows)
+            return Image.open(io.BytesIO(shortened))
+        if marker == 0xDA or (0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):
+            break  # scan data first, or progressive / lossless / arithmetic: decode it all
+        at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+    return source.image
 
 
 def _resample(image: Image.Image, box: Box, size: tuple[int, int],
