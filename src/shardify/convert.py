@@ -51,7 +51,7 @@ from .scan import archive_table, survey
 from .transform.estimate import PROBES_PER_JOB, Ratios, probe_samples, size_ratios
 from .transform.options import TransformOptions
 from .write.executor import Executor, Inline, local_executor, write_shards
-from .write.shard import ShardJob, ShardResult, expand, shard_job
+from .write.shard import CROP_BOX, UNMAPPED, ShardJob, ShardResult, expand, shard_job
 from .write.tar import TAR_END_SIZE, estimated_sample_bytes, planned_sample_bytes
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -439,16 +439,16 @@ def _transform_counts(options: ConvertOptions, results: list[ShardResult]) -> di
     label point lists left unmapped (odd length, or not numbers), and how many shards continue
     one that had no room left (the size estimate was low for it)."""
     transform = options.transform
-    placements = [r.placements for r in results if r.placements is not None]
     if not transform.active:
         return {}
+    placements = [r.placements for r in results if r.placements is not None]
     continuations = sum(1 for r in results if "_" in r.name)  # shard-000003_1.tar
-    cropped = sum(int((p[:, 4] >= 0).sum()) for p in placements)
+    cropped = sum(int((p[:, CROP_BOX.start] >= 0).sum()) for p in placements)
     images = sum(len(p) for p in placements)
     return {"transformed": {
         "images": images,
         "cropped": cropped,
         "no_outline": images - cropped if transform.crop else 0,
-        "unmapped_point_lists": sum(int(p[:, 8].sum()) for p in placements),
+        "unmapped_point_lists": sum(int(p[:, UNMAPPED].sum()) for p in placements),
         "continuation_shards": continuations,
     }}

@@ -20,7 +20,7 @@ from ..plan.split import SPLITS
 from ..profiles import DatasetProfile, get_profile
 from ..rejects import Reject
 from ..transform.options import TransformOptions
-from ..write.shard import ShardResult
+from ..write.shard import CROP_BOX, HEIGHT, SOURCE_HEIGHT, SOURCE_WIDTH, WIDTH, ShardResult
 from .store import MANIFEST_MARKER, wids_index_name
 
 LOCATION_COLUMNS = [
@@ -146,9 +146,9 @@ def _placement_columns(result: ShardResult, start: int, stop: int,
                 "source_width": dataset["width"], "source_height": dataset["height"],
                 "crop_box": [None] * count, "scale": [1.0] * count}
     placed = result.placements[start:stop]
-    boxes = placed[:, 4:8].tolist()
-    return {"width": placed[:, 0], "height": placed[:, 1], "source_width": placed[:, 2],
-            "source_height": placed[:, 3],
+    boxes = placed[:, CROP_BOX].tolist()
+    return {"width": placed[:, WIDTH], "height": placed[:, HEIGHT],
+            "source_width": placed[:, SOURCE_WIDTH], "source_height": placed[:, SOURCE_HEIGHT],
             "crop_box": [box if box[0] >= 0 else None for box in boxes],
             "scale": result.scales[start:stop]}
 

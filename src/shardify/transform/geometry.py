@@ -72,13 +72,14 @@ def orient_point(x: float, y: float, orientation: int, width: int, height: int
             second_size - second if flip_second else second)
 
 
-def _locations(document: Any, geometry: Geometry) -> Iterator[tuple[Any, Any]]:
+def _point_list_locations(document: Any, geometry: Geometry) -> Iterator[tuple[Any, Any]]:
     """(container, key) of every value a geometry path names that is present."""
     for path in geometry.point_lists:
-        yield from _walk(document, path)
+        yield from locations(document, path)
 
 
-def _walk(node: Any, path: tuple[str, ...]) -> Iterator[tuple[Any, Any]]:
+def locations(node: Any, path: tuple[str, ...]) -> Iterator[tuple[Any, Any]]:
+    """(container, key) of every value `path` names in `node` (`"*"`: each item of a list)."""
     step, rest = path[0], path[1:]
     children: list[tuple[Any, Any]]
     if step == "*":
@@ -89,7 +90,7 @@ def _walk(node: Any, path: tuple[str, ...]) -> Iterator[tuple[Any, Any]]:
         children = []
     for key, child in children:
         if rest:
-            yield from _walk(child, rest)
+            yield from locations(child, rest)
         else:
             yield node, key
 
@@ -106,7 +107,7 @@ def outline_points(document: Any, geometry: Geometry) -> list[float] | None:
     """The first outline the label has (the profile's outline paths, in order), as a flat
     point list of at least three points; None when there is none usable."""
     for path in geometry.outline:
-        for parent, key in _walk(document, path):
+        for parent, key in locations(document, path):
             points = flat_points(parent[key])
             if points is not None and len(points) >= 6:
                 return points
@@ -130,7 +131,7 @@ def map_label(document: Any, geometry: Geometry, orientation: int, stored: tuple
     set its size fields to the output size; return how many point lists were left unmapped."""
     width, height = stored
     unmapped = 0
-    for parent, key in list(_locations(document, geometry)):
+    for parent, key in list(_point_list_locations(document, geometry)):
         points = flat_points(parent[key])
         if points is None:
             unmapped += isinstance(parent[key], list)
@@ -142,7 +143,7 @@ def map_label(document: Any, geometry: Geometry, orientation: int, stored: tuple
                 _place(uy, placement.box.y0, placement.sy)
         parent[key] = mapped
     for path, value in zip(geometry.size, (placement.width, placement.height), strict=True):
-        for parent, key in list(_walk(document, path)):
+        for parent, key in list(locations(document, path)):
             parent[key] = value
     return unmapped
 

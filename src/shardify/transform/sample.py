@@ -13,7 +13,15 @@ from typing import Any
 import orjson
 
 from ..profiles import Geometry
-from .geometry import Box, Placement, crop_box, map_label, orient_point, outline_points
+from .geometry import (
+    Box,
+    Placement,
+    crop_box,
+    locations,
+    map_label,
+    orient_point,
+    outline_points,
+)
 from .options import TransformOptions
 from .pixels import ImageError, open_image, render
 
@@ -82,10 +90,6 @@ def _label_orientation(document: Any, geometry: Geometry, orientation: int,
     give the upright size of a turned image (it was labelled upright)."""
     if orientation == 1 or upright == stored:
         return orientation
-    declared = []
-    for path in geometry.size:
-        node = document
-        for step in path:
-            node = node.get(step) if isinstance(node, dict) else None
-        declared.append(node)
-    return 1 if tuple(declared) == upright else orientation
+    declared = tuple(next((parent[key] for parent, key in locations(document, path)), None)
+                     for path in geometry.size)
+    return 1 if declared == upright else orientation

@@ -36,6 +36,8 @@ ENTRY_COLUMNS = 6  # per written sample, after its key (see `expand`)
 # With a transform, then: width, height, source width, source height, crop box (x0, y0, x1, y1;
 # -1s for none), unmapped point lists, and last the scale (a float).
 PLACEMENT_COLUMNS = 9
+WIDTH, HEIGHT, SOURCE_WIDTH, SOURCE_HEIGHT, UNMAPPED = 0, 1, 2, 3, 8
+CROP_BOX = slice(4, 8)
 NO_BOX = (-1, -1, -1, -1)
 
 
@@ -160,42 +162,18 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
     try:
         offset = flushed = 0
         for i, key in enumerate(job.keys):
-            image = _member(job, images[i], job.problems.get((i, 0)))
-            label = _member(job, labels[i], job.problems.get((i, 1)))
-            payloads = _read_sample(reader, image, label, job.image_exts[i])
-            if isinstance(payloads, list):
-                rejects.append([i, *payloads])
+            sample = _prepared(job, i, images[i], labels[i], reader)
+            if isinstance(sample, list):
+                rejects.append([i, *sample])
                 continue
-            image_bytes, label_bytes = payloads
-            ext, image_crc, placement = job.image_exts[i], image.crc32, []
-            if job.transform is not None:
-                from ..transform.sample import (  # Pillow: only when transforming
-                    ImageError,
-                    LabelError,
-                    transform_sample,
-                )
-
-                try:
-                    done = transform_sample(image_bytes, label_bytes, ext, *job.transform)
-                except ImageError as error:
-                    rejects.append([i, Reason.BAD_IMAGE, str(error)])
-                    continue
-                except LabelError as error:
-                    rejects.append([i, Reason.BAD_LABEL, str(error)])
-                    continue
-                ext, image_bytes, label_bytes = job.transform[0].output_ext(ext), done.image, \
-                    done.label
-                image_crc = deflate.crc32(image_bytes)
-                placement = [done.width, done.height, done.source_width, done.source_height,
-                             *(done.crop_box or NO_BOX), done.unmapped_point_lists, done.scale]
-            chunks = sample_chunks(key, ext, image_bytes, label_bytes, job.classes[i])
+            chunks = sample_chunks(key, sample.ext, sample.image, sample.label, job.classes[i])
             if job.limit is not None and written and \
                     offset + sum(map(len, chunks)) + TAR_END_SIZE > job.limit:
                 rest = i
                 break
             size = write_all(fd, chunks)
-            written.append([key, offset, size, len(image_bytes), image_crc, len(label_bytes),
-                            deflate.crc32(label_bytes), *placement])
+            written.append([key, offset, size, len(sample.image), sample.image_crc,
+                            len(sample.label), deflate.crc32(sample.label), *sample.placement])
             offset += size
             if offset - flushed >= WRITEBACK_STEP:
                 _start_writeback(fd, flushed, offset - flushed)
@@ -220,24 +198,53 @@ def probe_shard(job: ShardJob, reader: ArchiveReader) -> list[tuple[int, int, in
     label bytes, written image bytes, written label bytes), or None for a sample the writer
     would reject. What the planner's size estimate is measured on."""
     assert job.transform is not None
-    from ..transform.sample import ImageError, LabelError, transform_sample
-
     images, labels = job.images.tolist(), job.labels.tolist()
     found: list[tuple[int, int, int, int] | None] = []
     for i in range(len(job.keys)):
-        payloads = _read_sample(reader, _member(job, images[i], job.problems.get((i, 0))),
-                                _member(job, labels[i], job.problems.get((i, 1))),
-                                job.image_exts[i])
-        if isinstance(payloads, list):
-            found.append(None)
-            continue
-        try:
-            done = transform_sample(*payloads, job.image_exts[i], *job.transform)
-        except (ImageError, LabelError):
-            found.append(None)
-            continue
-        found.append((len(payloads[0]), len(payloads[1]), len(done.image), len(done.label)))
+        sample = _prepared(job, i, images[i], labels[i], reader)
+        found.append(None if isinstance(sample, list) else (
+            sample.source_image_bytes, sample.source_label_bytes, len(sample.image),
+            len(sample.label)))
     return found
+
+
+class _Prepared(NamedTuple):
+    """A sample ready for its shard: what is written, and what it was made from."""
+
+    ext: str
+    image: Payload
+    label: Payload
+    image_crc: int
+    placement: list  # the entry's PLACEMENT_COLUMNS and scale; empty without a transform
+    source_image_bytes: int
+    source_label_bytes: int
+
+
+def _prepared(job: ShardJob, i: int, image_location: tuple, label_location: tuple,
+              reader: ArchiveReader) -> _Prepared | list:
+    """Sample `i` of `job` read, checked and (if asked) transformed; or [reason, detail]."""
+    image = _member(job, image_location, job.problems.get((i, 0)))
+    label = _member(job, label_location, job.problems.get((i, 1)))
+    payloads = _read_sample(reader, image, label, job.image_exts[i])
+    if isinstance(payloads, list):
+        return payloads
+    image_bytes, label_bytes = payloads
+    ext = job.image_exts[i]
+    if job.transform is None:
+        return _Prepared(ext, image_bytes, label_bytes, image.crc32, [], len(image_bytes),
+                         len(label_bytes))
+    from ..transform.sample import ImageError, LabelError, transform_sample  # Pillow: if needed
+
+    try:
+        done = transform_sample(image_bytes, label_bytes, ext, *job.transform)
+    except ImageError as error:
+        return [Reason.BAD_IMAGE, str(error)]
+    except LabelError as error:
+        return [Reason.BAD_LABEL, str(error)]
+    placement = [done.width, done.height, done.source_width, done.source_height,
+                 *(done.crop_box or NO_BOX), done.unmapped_point_lists, done.scale]
+    return _Prepared(job.transform[0].output_ext(ext), done.image, done.label,
+                     deflate.crc32(done.image), placement, len(image_bytes), len(label_bytes))
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
