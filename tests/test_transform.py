@@ -682,7 +682,38 @@ def test_jpegs_decoded_only_down_to_the_box_give_the_same_bytes(
         label = json.dumps(_label("ct", 1, "x", (500, 700), outline, [], "swelling")).encode()
         options = TransformOptions(crop="outline", crop_margin=4, resize=resize)
         shortened = transform_sample(data, label, "jpg", options, GEOMETRY)
+        inflated = transform_sample(bytearray(data), label, "jpg", options, GEOMETRY)
         with monkeypatch.context() as patch:
             patch.setattr(pixels, "_top_rows", lambda source, rows: source.image)
             whole = transform_sample(data, label, "jpg", options, GEOMETRY)
-        assert shortened.image == whole.image and shortened.label == whole.label, outline
+        assert shortened.image == whole.image == inflated.image, outline
+        assert shortened.label == whole.label == inflated.label, outline
+
+
+def test_buffer_file_reads_as_bytesio_of_the_patched_bytes() -> None:
+    """Pillow reads sources through BufferFile (no copy): every read and seek, inside, across
+    and past the patch, gives what BytesIO of the patched copy gives."""
+    from shardify.transform.pixels import BufferFile
+
+    rng = np.random.default_rng(5)
+    data = bytearray(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    for patch_at, patch in [(0, b""), (0, b"ab"), (4998, b"yz"), (1234, b"PATCH")]:
+        patched = bytearray(data)
+        patched[patch_at:patch_at + len(patch)] = patch
+        ours, theirs = BufferFile(data, patch_at, patch), io.BytesIO(bytes(patched))
+        for _ in range(300):
+            if rng.random() < 0.3:
+                offset, whence = int(rng.integers(-50, 5100)), int(rng.integers(0, 3))
+                if whence == 0:
+                    offset = abs(offset)
+                if theirs.tell() + offset < 0 or (whence == 2 and 5000 + offset < 0):
+                    continue
+                assert ours.seek(offset, whence) == theirs.seek(offset, whence)
+            size = int(rng.choice([-1, 0, 1, 2, 7, 64, 3000]))
+            assert ours.read(size) == theirs.read(size)
+            assert ours.tell() == theirs.tell()
+        buffer = bytearray(10)
+        ours.seek(patch_at)
+        theirs.seek(patch_at)
+        assert ours.readinto(buffer) == theirs.readinto(into := bytearray(10))
+        assert buffer == into
