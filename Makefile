@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CONSUMERS := $(VENV)/.installed-consumers
 DEMO := demo
 SHARD_SIZE ?= 1GiB
 NAME ?= aihub-71687
+# The CPU build: plain `torch` from PyPI is a CUDA build of several GB.
+TORCH ?= torch==2.13.0
 
 .PHONY: venv demo test lint shards bench clean
 
@@ -17,6 +20,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The consumer libraries the suite opens shards with (Hugging Face, Ray, PyTorch): test only.
+$(CONSUMERS): $(STAMP)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test,train,hf,ray]'
+	touch $(CONSUMERS)
+
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/shardify synth $(DEMO)/data
@@ -24,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/shardify verify $(DEMO)/shards --sources $(DEMO)/data
 	$(BIN)/shardify report $(DEMO)/shards --html $(DEMO)/report.html
 
-test: $(STAMP)
+test: $(CONSUMERS)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

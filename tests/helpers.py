@@ -6,8 +6,12 @@ import json
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from shardify.plan.pairing import Sample
 
 
 def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
@@ -65,3 +69,8 @@ def output_files(out: Path, *index_files: str) -> dict[str, bytes]:
         return files | {name: (out / name).read_bytes() for name in index_files}
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
             if p.is_file() and ".shardify" not in p.parts}
+
+
+def source_ext(sample: Sample) -> str:
+    """The planner's image format of a sample converted without transforms: its source's."""
+    return sample.image_ext

@@ -120,6 +120,7 @@ def test_shards_are_plain_ustar_and_ordered(converted: Path) -> None:
         name = shard.relative_to(converted).as_posix()
         assert len(raw) <= SHARD_SIZE or sum(r["shard"] == name for r in rows) == 1
         assert {r["split"] for r in rows if r["shard"] == name} == {shard.parent.name}
+        assert len({r["data_type"] for r in rows if r["shard"] == name}) == 1, name
         with tarfile.open(shard) as tar:
             members = tar.getmembers()
         for info in members:
@@ -132,6 +133,7 @@ def test_shards_are_plain_ustar_and_ordered(converted: Path) -> None:
         for image, label, cls in zip(names[::3], names[1::3], names[2::3], strict=True):
             assert image[0] == label[0] == cls[0]
             assert (image[1] in ("jpg", "png"), label[1], cls[1]) == (True, "json", "cls")
+        assert len({image[1] for image in names[::3]}) == 1, f"{name}: one image format"
 
 
 def test_manifest_offsets_point_at_each_sample(converted: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from helpers import source_ext
 from PIL import Image
 
 from shardify.archives.model import Archive, Member, MemberTable
@@ -114,13 +115,14 @@ def test_split_small_and_empty() -> None:
 ARCHIVE = Archive("images.zip", "zip")
 
 
-def sample(battery: int, index: int, image_size: int) -> Sample:
-    fields = BatteryFields("ct", battery, True, "cell", "pouch", False, (), 8, 8)
-    key = f"CT_cell_pouch_{battery:03d}_x_{index:03d}"
-    image = Member(ARCHIVE, f"{key}.jpg", 0, image_size, image_size, 0, 0, 0, len(key) + 4)
+def sample(battery: int, index: int, image_size: int, data_type: str = "ct",
+           ext: str = "jpg") -> Sample:
+    fields = BatteryFields(data_type, battery, True, "cell", "pouch", False, (), 8, 8)
+    key = f"{data_type.upper()}_cell_pouch_{battery:03d}_x_{index:03d}"
+    image = Member(ARCHIVE, f"{key}.{ext}", 0, image_size, image_size, 0, 0, 0, len(key) + 4)
     label = Member(ARCHIVE, f"{key}.json", 0, 100, 100, 0, 0, 0, len(key) + 5)
     table = MemberTable.from_members(ARCHIVE, [image, label])
-    return Sample(key, table, 0, table, 1, image_size, 100, "jpg", fields)
+    return Sample(key, table, 0, table, 1, image_size, 100, ext, fields)
 
 
 def test_plan_keeps_batteries_whole_and_respects_the_limit() -> None:
@@ -129,7 +131,8 @@ def test_plan_keeps_batteries_whole_and_respects_the_limit() -> None:
     samples = [sample(b, i, 1000) for b, n in ((1, 3), (2, 3), (3, 13), (4, 2)) for i in range(n)]
     samples.append(sample(5, 0, 50_000))
     shards = plan_shards(reversed(samples), {f"ct-{b}": "train" for b in range(1, 6)}, limit,
-                         get_profile(), ShardSizes(planned_sample_bytes, TAR_END_SIZE), shard_name)
+                         get_profile(), ShardSizes(planned_sample_bytes, TAR_END_SIZE, source_ext),
+                         shard_name)
     contents = [[(s.fields.battery_id, s.key) for s in shard.samples] for shard in shards]
     assert [key for shard in contents for key in shard] == sorted((s.fields.battery_id, s.key)
                                                                   for s in samples)
@@ -140,6 +143,27 @@ def test_plan_keeps_batteries_whole_and_respects_the_limit() -> None:
         assert shard.expected_bytes <= limit
     assert shards[-1].expected_bytes > limit and len(shards[-1].samples) == 1
     assert [s.name for s in shards] == [f"train/shard-{i:06d}.tar" for i in range(6)]
+
+
+def test_a_shard_holds_one_data_type_and_one_image_format() -> None:
+    """CT and RGB, JPEG and PNG (a battery holding both) are cut apart: every shard has one
+    kind, each kind keeps its batteries in order, and shard numbers run on across kinds."""
+    one = planned_sample_bytes(sample(1, 0, 1000))
+    samples = [sample(1, i, 1000) for i in range(3)] + [sample(1, 3, 1000, ext="png")]
+    samples += [sample(2, i, 1000, "rgb", "png") for i in range(2)] + [sample(3, 0, 1000)]
+    shards = plan_shards(samples, {"ct-1": "train", "ct-3": "train", "rgb-2": "train"},
+                         TAR_END_SIZE + 10 * one, get_profile(),
+                         ShardSizes(planned_sample_bytes, TAR_END_SIZE, source_ext), shard_name)
+    kinds = [{(s.fields.data_type, s.image_ext) for s in shard.samples} for shard in shards]
+    assert kinds == [{("ct", "jpg")}, {("ct", "png")}, {("rgb", "png")}]
+    assert [s.key for s in shards[0].samples] == sorted(
+        s.key for s in samples if s.image_ext == "jpg")
+    assert [s.name for s in shards] == [f"train/shard-{i:06d}.tar" for i in range(3)]
+    webp = plan_shards(samples, {"ct-1": "train", "ct-3": "train", "rgb-2": "train"},
+                       TAR_END_SIZE + 10 * one, get_profile(),
+                       ShardSizes(planned_sample_bytes, TAR_END_SIZE, lambda s: "webp"),
+                       shard_name)
+    assert [len(shard.samples) for shard in webp] == [5, 2]  # one format: CT, then RGB
 
 
 def jpeg() -> bytes:

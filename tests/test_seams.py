@@ -20,6 +20,7 @@ import deflate
 import orjson
 import pyarrow as pa
 import pytest
+from helpers import source_ext
 from PIL import Image
 
 from shardify.archives.discovery import find_archives
@@ -255,7 +256,7 @@ def planned_jobs(dataset: SynthResult, reader: ArchiveReader) -> list[ShardJob]:
     _, pairing = survey([str(dataset.root)], reader, PROFILE)
     split = assign_splits(group_strata(pairing.samples, PROFILE), (0.7, 0.1, 0.2), 0)
     shards = plan_shards(pairing.samples, split, 64 * 2**10, PROFILE,
-                         ShardSizes(planned_sample_bytes, TAR_END_SIZE), shard_name)
+                         ShardSizes(planned_sample_bytes, TAR_END_SIZE, source_ext), shard_name)
     return [shard_job(shard.name, shard.samples) for shard in shards]
 
 

@@ -116,7 +116,9 @@ def convert(options: ConvertOptions) -> ConvertReport:
                 sample_bytes = estimated_sample_bytes(_measure_transform(
                     pairing.samples, options, pool or Inline(reader)))
             shards = plan_shards(pairing.samples, split_of_group, options.shard_size, profile,
-                                 ShardSizes(sample_bytes, TAR_END_SIZE), shard_name)
+                                 ShardSizes(sample_bytes, TAR_END_SIZE,
+                                            lambda s: options.transform.output_ext(s.image_ext)),
+                                 shard_name)
             run = RunRecord(plan_fingerprint(shards, options.shaping()), options.shaping())
             finished, continuations = _reusable_shards(store, run, shards, options.overwrite)
             shards = _with_continuations(shards, continuations)

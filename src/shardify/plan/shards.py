@@ -1,9 +1,12 @@
 """Order samples and cut them into shards: cheap, pure and deterministic.
 
-Order is (split, the profile's sample order) so a group's (battery's) samples are contiguous. A
-shard keeps whole groups while they fit the size limit; a group larger than the limit fills
-consecutive shards. A shard exceeds the limit only when a single sample is larger than the limit
-on its own. Sizes come from the caller (the tar layout), so planning knows no file format.
+Order is (split, kind, the profile's sample order) so a group's (battery's) samples are
+contiguous. A kind is the profile's shard family (data_type) with the written image format:
+samples of two kinds never share a shard, so every shard has one schema (one image column) for
+readers that type columns per file (Ray, Hugging Face). A shard keeps whole groups while they fit
+the size limit; a group larger than the limit fills consecutive shards. A shard exceeds the
+limit only when a single sample is larger than the limit on its own. Sizes and formats come from
+the caller (the tar layout, the transform options), so planning knows no file format.
 """
 
 from __future__ import annotations
@@ -33,24 +36,35 @@ class ShardSizes:
 
     sample_bytes: Callable[[Sample], int]
     end_bytes: int
+    image_ext: Callable[[Sample], str]  # the format the sample's image is written in
 
 
 def plan_shards(samples: Iterable[Sample], split_of_group: Mapping[str, str], shard_size: int,
                 profile: DatasetProfile, sizes: ShardSizes,
                 shard_name: Callable[[str, int], str]) -> list[PlannedShard]:
-    """Cut every split's samples, in the profile's order, into shards of at most `shard_size`
-    bytes; `shard_name(split, index)` names them."""
+    """Cut every split's samples, kind by kind in the profile's order, into shards of at most
+    `shard_size` bytes; `shard_name(split, index)` names them."""
     by_split: dict[str, list[Sample]] = {split: [] for split in SPLITS}
     for sample in samples:
         by_split[split_of_group[sample.fields.group]].append(sample)
     shards: list[PlannedShard] = []
     for split in SPLITS:
-        ordered = sorted(by_split[split], key=lambda s: profile.sample_order(s.fields, s.key))
-        groups = [list(g) for _, g in groupby(ordered, key=lambda s: s.fields.group)]
-        for index, contents in enumerate(_cut(groups, shard_size, sizes)):
+        def kind(sample: Sample) -> tuple[str, str]:
+            return profile.shard_family(sample.fields), sizes.image_ext(sample)
+
+        ordered = sorted(by_split[split],
+                         key=lambda s: (kind(s), profile.sample_order(s.fields, s.key)))
+        cut = [contents for _, of_kind in groupby(ordered, key=kind)
+               for contents in _cut([list(g) for _, g in groupby(of_kind, key=_group)],
+                                    shard_size, sizes)]
+        for index, contents in enumerate(cut):
             size = sum(map(sizes.sample_bytes, contents)) + sizes.end_bytes
             shards.append(PlannedShard(shard_name(split, index), split, tuple(contents), size))
     return shards
+
+
+def _group(sample: Sample) -> str:
+    return sample.fields.group
 
 
 def continued(shard: PlannedShard, rest: int, name: str) -> PlannedShard:

@@ -141,6 +141,11 @@ class DatasetProfile(Protocol):
         """Sort key of a sample within a split: a group's samples must come out contiguous."""
         ...
 
+    def shard_family(self, fields: Fields) -> str:
+        """Samples of different families never share a shard (the battery set: data_type), so
+        a shard holds one kind of image and column-typed readers see one schema per shard."""
+        ...
+
     def stratum(self, fields: Sequence[Fields]) -> Stratum:
         """The stratum of a group, from all its samples' fields."""
         ...

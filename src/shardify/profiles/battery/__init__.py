@@ -78,6 +78,11 @@ class BatteryProfile:
         assert isinstance(fields, BatteryFields)
         return fields.data_type, fields.battery_id, key
 
+    def shard_family(self, fields: Fields) -> str:
+        """CT slices and exterior photos never share a shard."""
+        assert isinstance(fields, BatteryFields)
+        return fields.data_type
+
     def stratum(self, fields: Sequence[Fields]) -> Stratum:
         """Batteries are balanced per data_type; those with a defect image are spread first."""
         first = fields[0]
