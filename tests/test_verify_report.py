@@ -163,7 +163,7 @@ def test_report_numbers_equal_manifest_counts(converted: Path, tmp_path: Path,
         for name, count in names.items():
             assert f"{name} {count}" in printed
     html = page.read_text()
-    assert html.count('src="data:image/png;base64,') == 4
+    assert html.count('<img class="plot"') == 4
     for title in ("Class balance per split", "Defect types per split", "Samples per battery",
                   "Image sizes"):
         assert f"<h2>{title}</h2>" in html

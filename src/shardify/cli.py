@@ -207,13 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     show = _subcommand(
         commands, "report",
         help="show the dataset at a glance: class balance, defects, sizes, batteries",
-        description="Per split: samples, batteries, normal/defect counts and ratio, by "
-        "data_type and form; defect types (case-folded); swelling; image sizes; samples per "
-        "battery. From OUT/manifest.parquet alone.",
+        description="Per split: samples, batteries, normal/defect counts and ratio, the "
+        "requested and achieved split ratios, by data_type and form; defect types "
+        "(case-folded); swelling; image sizes; samples per battery; the rejects by reason and "
+        "the first rows. From OUT's manifest.parquet, rejects.parquet and summary.json.",
     )
     show.add_argument("out", type=Path, metavar="OUT")
     show.add_argument("--html", type=Path, metavar="PATH",
-                      help="also write one self-contained HTML page with tables and plots")
+                      help="also write one self-contained HTML page with tables, plots and a "
+                      "gallery of thumbnails from the shards with their labels' polygons drawn")
 
     synth = _subcommand(
         commands, "synth",
@@ -375,11 +377,11 @@ def _report(args: argparse.Namespace) -> int:
         manifest, profile = load_manifest(args.out)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
-    data = report_data(manifest, profile)
+    data = report_data(manifest, profile, args.out)
     print(format_text(data, profile))
     if args.html is not None:
         write_html(data, manifest, args.html, f"shardify report: {path_text(args.out)}",
-                   profile)
+                   profile, args.out)
         print(f"\nHTML report written to {path_text(args.html)}")
     return EXIT_OK
 

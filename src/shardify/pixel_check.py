@@ -48,7 +48,7 @@ def check_pixels(rows: list[dict], members: dict[tuple[str, str], Member],
             again = transform_sample(reader.read(image), strip_bom(reader.read(label)),
                                      profile.image_extensions.get(source_ext, row["image_ext"]),
                                      options, profile.geometry)
-            written, written_label = _written(out, row)
+            written, written_label = written_payloads(out, row)
             difference = _difference(_pixels(again.image), _pixels(written))
         except (MemberError, ImageError, LabelError, OSError, ValueError) as error:
             problems.append((where, f"cannot re-check the pixels: {error}"))
@@ -64,9 +64,9 @@ def check_pixels(rows: list[dict], members: dict[tuple[str, str], Member],
     return problems
 
 
-def _written(out: Path, row: dict) -> tuple[bytes, bytes]:
-    """The sample's image and label payloads, read at the manifest's offsets (the shard's own
-    structure is checked separately)."""
+def written_payloads(out: Path, row: dict) -> tuple[bytes, bytes]:
+    """The sample's image and label payloads, read at the manifest's offsets (`shard`,
+    `offset`, `image_bytes`, `label_bytes`); the shard's own structure is checked separately."""
     with open(out / row["shard"], "rb") as handle:
         fd = handle.fileno()
         image_at = row["offset"] + BLOCK
