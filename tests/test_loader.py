@@ -8,33 +8,31 @@ shards (22 train shards, one battery each, like real shards that hold whole batt
 
 from __future__ import annotations
 
-import importlib.util
+import io
+import os
 import shutil
 import subprocess
 import sys
-import types
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Generic, TypeVar
 
 import numpy as np
 import orjson
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 import webdataset as wds
-from helpers import zip_member
+from helpers import read_shards
 from PIL import Image
 
 import shardify
 from shardify.cli import main
-from shardify.loader import manifest_rows
 from shardify.profiles.battery.sample import SynthResult, synthesize
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_autoencoder.py"
 BATCH = 64
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +185,34 @@ def test_workers_and_nodes_see_each_sample_once(small: Path, monkeypatch: pytest
     assert sorted(everything) == sorted(r["key"] for r in rows(small))
 
 
-def test_torch_dataloader_workers_see_each_sample_once(small: Path) -> None:
-    torch = pytest.importorskip("torch")
-    loader = torch.utils.data.DataLoader(shardify.open_dataset(small, decode="raw"),
-                                         batch_size=None, num_workers=2)
-    got = keys(loader)
-    assert sorted(got) == sorted(r["key"] for r in rows(small))
+def meta_key(meta: dict) -> str:
+    return meta["key"]
+
+
+def test_fluent_pipeline_in_torch_dataloader_workers(small: Path) -> None:
+    """webdataset's fluent methods on open_dataset, through two DataLoader workers: each split's
+    samples once each, with the manifest's labels and images equal to Pillow's decode."""
+    tars = read_shards(small)
+    summary = orjson.loads((small / "summary.json").read_bytes())
+    for split, info in summary["splits"].items():
+        expected = {r["key"]: r for r in rows(small, split)}
+        pipeline = (shardify.open_dataset(small, split, decode="numpy", seed=0)
+                    .map_tuple(halve, None, meta_key).shuffle(20).listed(8))
+        loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2)
+        got = [sample for batch in loader for sample in batch]
+        assert len(got) == len(expected) == info["samples"]
+        assert sorted(key for _, _, key in got) == sorted(expected)
+        for image, label, key in got:
+            row = expected[key]
+            assert label == row["label"]
+            assert np.array_equal(image.numpy(), halve(decoded(tars[key][row["image_ext"]])))
+
+    batches = list(shardify.open_dataset(small, "test", decode="raw", shuffle=0, mix=1)
+                   .map_tuple(len, None, meta_key).batched(16))
+    assert {len(keys) for _, _, keys in batches[:-1]} == {16} and len(batches) > 2
+    flat = [(int(size), int(label), key) for sizes, labels, keys in batches
+            for size, label, key in zip(sizes, labels, keys, strict=True)]
+    assert flat == [(r["image_bytes"], r["label"], r["key"]) for r in rows(small, "test")]
 
 
 def test_resampled_stream_is_endless_and_selected(small: Path) -> None:
@@ -219,46 +239,109 @@ def test_wids_index_files(small: Path, dataset: SynthResult, tmp_path: Path) -> 
     assert not (out / "val.wids.json").exists() and (out / "test.wids.json").is_file()
 
 
-@pytest.fixture
-def wids_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """The real wids package. It imports torch at the top only for base classes and its
-    DistributedChunkedSampler; without torch (CI), minimal stand-ins satisfy those imports."""
-    if importlib.util.find_spec("torch") is None:
-        class Dataset(Generic[T]):
-            pass
+@pytest.fixture(scope="module")
+def read_only(small: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`small` mounted read-only (a bind mount remounted ro): as root, permissions would not
+    stop wids' lock file, a mount does. Without mount rights, a copy without write permission
+    (which stops a non-root user)."""
+    mountpoint = tmp_path_factory.mktemp("read-only") / "out"
+    mountpoint.mkdir()
+    bind = ["mount", "--bind", str(small), str(mountpoint)]
+    remount = ["mount", "-o", "remount,ro,bind", str(mountpoint)]
+    mounted = shutil.which("mount") is not None and subprocess.run(
+        bind, capture_output=True, check=False).returncode == 0
+    if mounted:
+        subprocess.run(remount, check=True, capture_output=True)
+    elif os.geteuid() == 0:
+        pytest.skip("cannot mount a read-only copy here, and root ignores file permissions")
+    else:
+        shutil.rmtree(mountpoint.parent)
+        shutil.copytree(small, mountpoint)
+        for path in [mountpoint, *mountpoint.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+    with pytest.raises(OSError, match=r"Read-only|Permission"):
+        (mountpoint / "train" / "probe.lock").touch()
+    yield mountpoint
+    if mounted:
+        subprocess.run(["umount", str(mountpoint)], check=True)
 
-        data = types.ModuleType("torch.utils.data")
-        data.Dataset = data.Sampler = Dataset  # type: ignore[attr-defined]
-        for name in ("torch", "torch.distributed", "torch.utils"):
-            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-        monkeypatch.setitem(sys.modules, "torch.utils.data", data)
-    return importlib.import_module("wids")
+
+def decoded(image: bytes) -> np.ndarray:
+    """An image as open_dataset's "numpy" decode promises (RGB), decoded here with Pillow."""
+    return np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
 
 
-def test_open_indexed_random_access(small: Path, dataset: SynthResult, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch,
-                                    wids_module: types.ModuleType) -> None:
-    monkeypatch.setenv("WIDS_CACHE", str(tmp_path / "cache"))
+def halve(image: np.ndarray) -> np.ndarray:
+    """A transform: every second row and column."""
+    return np.ascontiguousarray(image[::2, ::2])
+
+
+def test_open_indexed_on_read_only_out_with_a_sampler(read_only: Path) -> None:
+    expected = rows(read_only)
+    tars = read_shards(read_only)
+    indexed = shardify.open_indexed(read_only, decode="numpy", transform=halve)
+    assert isinstance(indexed, torch.utils.data.Dataset)
+    assert len(indexed) == len(expected)
+    sampler = torch.utils.data.RandomSampler(indexed, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(indexed, sampler=sampler, batch_size=None,
+                                         num_workers=2)
+    got = {}
+    for image, label, meta in loader:
+        row = next(r for r in expected if r["key"] == meta["key"])
+        assert label == row["label"] == int(tars[row["key"]]["cls"])
+        assert isinstance(image, torch.Tensor)  # the DataLoader's default_convert
+        assert np.array_equal(image.numpy(), halve(decoded(tars[row["key"]][row["image_ext"]])))
+        got[meta["key"]] = meta
+    assert sorted(got) == sorted(r["key"] for r in expected)
+    assert all(got[r["key"]]["data_info"]["battery_ids"] == r["battery_id"] for r in expected)
+    assert not list(read_only.rglob("*.lock"))
+
+
+def test_open_indexed_numbers_like_the_manifest(small: Path) -> None:
     expected = rows(small)
-    indexed = shardify.open_indexed(small, "train")
-    assert isinstance(indexed, wids_module.ShardListDataset)
-    assert len(indexed) == len(expected) == manifest_rows(small).num_rows
-    jpg = next(i for i, r in enumerate(expected) if r["image_ext"] == "jpg")
-    png = next(i for i, r in enumerate(expected) if r["image_ext"] == "png")
-    for i in (len(expected) - 1, png, 0, len(expected) // 2, jpg, 3):
-        row, sample = expected[i], indexed[i]
-        image = sample["." + row["image_ext"]].read()  # wids gives file objects
-        assert sample["__key__"] == row["key"]
-        assert zlib.crc32(image) == row["crc32"]
-        assert image == zip_member(dataset.root / row["source_archive"], row["source_member"])
-        assert int(sample[".cls"].read()) == row["label"]
-    indexed.close()
-    assert not list((tmp_path / "cache").glob("*.tar")), "local shards must be read in place"
-    assert not list((small / "train").glob("*.lock"))
+    raw = shardify.open_indexed(small, decode="raw")
+    for i in (0, 1, len(expected) // 2, len(expected) - 1):
+        assert raw[i][2]["key"] == expected[i]["key"]
+        assert raw[i - len(expected)][2]["key"] == expected[i]["key"]  # negative: from the end
+        assert zlib.crc32(raw[i][0]) == expected[i]["crc32"]
+    for i in (len(expected), -len(expected) - 1):
+        with pytest.raises(IndexError, match="out of range"):
+            raw[i]
+    image, _, meta = shardify.open_indexed(small, "test", decode="pil")[-1]
+    assert isinstance(image, Image.Image) and image.mode == "RGB"
+    assert meta["key"] == rows(small, "test")[-1]["key"]
+
+    # select, and a subset sampler over it
+    wanted = [r for r in rows(small, "test") if r["data_type"] == "rgb"]
+    subset = shardify.open_indexed(small, "test", select={"data_type": "rgb"}, decode="raw")
+    picks = [1, 3, len(wanted) - 1]
+    sampler = torch.utils.data.SubsetRandomSampler(picks)
+    got = [meta["key"] for _, _, meta in torch.utils.data.DataLoader(
+        subset, sampler=sampler, batch_size=None)]
+    assert sorted(got) == sorted(wanted[i]["key"] for i in picks)
+    with pytest.raises(ValueError, match="no test samples"):
+        shardify.open_indexed(small, "test", select={"group": "ct-999"})
+    with pytest.raises(ValueError, match="decode must be"):
+        shardify.open_indexed(small, decode="torch")  # type: ignore[arg-type]
+
+
+def test_wids_reads_the_index_files_of_a_read_only_out(read_only: Path, tmp_path: Path) -> None:
+    """For users of wids itself: `{split}.wids.json` numbers samples as the manifest does;
+    on a read-only OUT, wids needs a writable `cache_dir` (it copies the shards there)."""
+    import wids
+
+    expected = rows(read_only)
+    dataset = wids.ShardListDataset(str(read_only / "train.wids.json"),
+                                    cache_dir=str(tmp_path), transformations=[])
+    assert len(dataset) == len(expected)
+    for i in (0, len(expected) // 3, len(expected) - 1):
+        sample = dataset[i]
+        assert sample["__key__"] == expected[i]["key"]
+        assert zlib.crc32(sample["." + expected[i]["image_ext"]].read()) == expected[i]["crc32"]
+    dataset.close()
 
 
 def test_example_trains_an_autoencoder(per_battery: Path) -> None:
-    pytest.importorskip("torch")
     result = subprocess.run([sys.executable, str(EXAMPLE), str(per_battery), "--steps", "20"],
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
@@ -274,3 +357,20 @@ def test_example_without_torch_says_so(per_battery: Path) -> None:
                             timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert "PyTorch is not installed" in result.stdout
+
+
+def test_package_lists_its_api_and_imports_light() -> None:
+    """`dir(shardify)` shows the loaders, which are imported only on first use; py.typed marks
+    the package typed (setuptools puts it in the wheel)."""
+    probe = ("import json, sys, shardify; "
+             "print(json.dumps([dir(shardify), sorted(set(sys.modules) & "
+             "{'webdataset', 'torch', 'ray', 'pyarrow', 'wids', 'PIL'})]))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, check=True)
+    names, heavy = orjson.loads(result.stdout)
+    assert {"open_dataset", "open_indexed", "ray_dataset", "__version__"} <= set(names)
+    assert heavy == []
+    assert shardify.ray_dataset.__module__ == "shardify.ray_data"
+    assert (Path(shardify.__file__).parent / "py.typed").is_file()
+    with pytest.raises(AttributeError, match="no attribute 'open_everything'"):
+        shardify.open_everything  # noqa: B018

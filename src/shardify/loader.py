@@ -1,4 +1,5 @@
-"""Training from a shardify output: a streaming webdataset pipeline, and wids random access.
+"""Training from a shardify output: a streaming webdataset pipeline, and random access by sample
+number (`open_indexed`, in `indexed.py`, which needs torch).
 
 Shards hold one battery after another, so reading them one at a time gives batches of one or two
 batteries, and a shuffle buffer smaller than a shard cannot fix that. `open_dataset` therefore
@@ -12,12 +13,11 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import numpy as np
 import orjson
@@ -25,17 +25,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import webdataset as wds
 from PIL import Image
+from webdataset.compat import FluidInterface
 
 from .output.manifest import read_parquet, read_schema
-from .output.store import MANIFEST, shard_order, wids_index_name
+from .output.store import MANIFEST, shard_order
 from .plan.split import SPLITS
 
 if TYPE_CHECKING:
-    import wids
+    from .indexed import IndexedDataset
 
 Decode = Literal["pil", "numpy", "raw"]
 Select: TypeAlias = pc.Expression | Mapping[str, Any] | None
 Item = tuple[dict[str, Any], dict[str, Any]]  # (webdataset sample, manifest row)
+Sample = tuple[Any, int, dict[str, Any]]  # (image, label, meta)
 DECODES = ("pil", "numpy", "raw")
 
 
@@ -77,6 +79,14 @@ def manifest_rows(out: Path | str, split: str = "train", select: Select = None) 
         [("_shard_rank", "ascending"), ("offset", "ascending")]).drop_columns(["_shard_rank"])
 
 
+def selected_rows(out: Path | str, split: str, select: Select) -> pa.Table:
+    """`manifest_rows`, refusing an empty selection: a loader of nothing is a mistake."""
+    rows = manifest_rows(out, split, select)
+    if rows.num_rows == 0:
+        raise ValueError(f"no {split} samples in {out} match select={select!r}")
+    return rows
+
+
 def shard_url(out: Path | str, shard: str, base_url: str | None = None) -> str:
     """Where to read `shard` (a manifest path, relative to OUT) from.
 
@@ -89,6 +99,11 @@ def shard_url(out: Path | str, shard: str, base_url: str | None = None) -> str:
     if "{shard}" in base_url:
         return base_url.replace("{shard}", shard)
     return f"{base_url.rstrip('/')}/{shard}"
+
+
+def check_decode(decode: str, choices: tuple[str, ...]) -> None:
+    if decode not in choices:
+        raise ValueError(f"decode must be one of {', '.join(choices)}, got {decode!r}")
 
 
 def decode_image(data: bytes, decode: Decode) -> Any:
@@ -138,27 +153,60 @@ class Interleave:
                 yield sample, row
 
 
-class ToTuple:
-    """(sample, row) -> (image, label, meta), after the shuffle buffer so that it holds bytes.
+def sample_tuple(members: Mapping[str, bytes], row: dict[str, Any], decode: Decode) -> Sample:
+    """A sample's members (extension -> bytes) and manifest row as (image, label, meta).
 
     `meta` is the manifest row updated with the label JSON: the only shared name is `swelling`,
     where the JSON's object (holding the manifest's bool and the battery outline) is kept.
     """
+    meta = {**row, **orjson.loads(members["json"])}
+    return decode_image(members[row["image_ext"]], decode), int(members["cls"]), meta
+
+
+def read_members(path: Path | str, row: Mapping[str, Any]) -> dict[str, bytes]:
+    """The members (extension -> bytes) of the sample `row` describes, from its shard at `path`.
+
+    One pread of the row's `sample_bytes` at its `offset` (no scan of the shard, nothing
+    written: a read-only copy of OUT works); tarfile parses the sample's headers.
+    """
+    with open(path, "rb") as handle:
+        data = os.pread(handle.fileno(), row["sample_bytes"], row["offset"])
+    prefix = f"{row['key']}."
+    members: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            member = tar.extractfile(info)
+            if not info.name.startswith(prefix) or member is None:
+                raise ValueError(f"{path} at offset {row['offset']}: {info.name!r} is not a "
+                                 f"member of sample {row['key']!r}; the manifest does not "
+                                 "describe this shard (shardify verify OUT)")
+            members[info.name.removeprefix(prefix)] = member.read()
+    return members
+
+
+class ToTuple:
+    """(sample, row) -> (image, label, meta), after the shuffle buffer so that it holds bytes."""
 
     def __init__(self, decode: Decode) -> None:
         self.decode = decode
 
-    def __call__(self, item: Item) -> tuple[Any, int, dict[str, Any]]:
+    def __call__(self, item: Item) -> Sample:
         sample, row = item
-        meta = {**row, **orjson.loads(sample["json"])}
-        return decode_image(sample[row["image_ext"]], self.decode), int(sample["cls"]), meta
+        return sample_tuple(sample, row, self.decode)
+
+
+class Pipeline(wds.DataPipeline, FluidInterface):
+    """A DataPipeline with webdataset's fluent methods (`.map_tuple`, `.batched`, `.shuffle`,
+    ...), as `wds.WebDataset` is: stages appended to it run after the (image, label, meta) one."""
 
 
 def open_dataset(out: Path | str, split: str = "train", *, select: Select = None,
                  decode: Decode = "pil", shuffle: int = 1000, resample: bool = False,
                  mix: int = 8, base_url: str | None = None,
-                 seed: int | None = None) -> wds.DataPipeline:
+                 seed: int | None = None) -> Pipeline:
     """A webdataset pipeline of (image, label, meta) for one split of a shardify output.
+
+    It has `wds.WebDataset`'s fluent methods: `open_dataset(OUT).map_tuple(f, g, h).batched(64)`.
 
     - `select`: manifest filter (see `select_expression`); only shards with matches are read.
     - `decode`: "pil" (RGB image), "numpy" (HxWx3 uint8) or "raw" (the image bytes).
@@ -171,14 +219,11 @@ def open_dataset(out: Path | str, split: str = "train", *, select: Select = None
     - `base_url`: read shards from there instead of OUT (see `shard_url`).
     - `seed`: makes shard and sample order repeatable (varying by epoch); None: random.
     """
-    if decode not in DECODES:
-        raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
+    check_decode(decode, DECODES)
     if mix < 1 or shuffle < 0:
         raise ValueError(f"mix must be >= 1 and shuffle >= 0, got mix={mix}, shuffle={shuffle}")
-    rows = manifest_rows(out, split, select)
-    if rows.num_rows == 0:
-        raise ValueError(f"no {split} samples in {out} match select={select!r}")
-    spans = {shard_url(out, shard, base_url): span for shard, span in _shard_spans(rows).items()}
+    rows = selected_rows(out, split, select)
+    spans = {shard_url(out, shard, base_url): span for shard, span in shard_spans(rows).items()}
     urls = list(spans)
     if resample:
         stages: list[Any] = [wds.ResampledShards(urls, seed=seed or 0,
@@ -191,10 +236,10 @@ def open_dataset(out: Path | str, split: str = "train", *, select: Select = None
     if shuffle > 1:
         stages.append(_shuffle(shuffle, min(shuffle, 100), seed))
     stages.append(wds.map(ToTuple(decode)))
-    return wds.DataPipeline(*stages)
+    return Pipeline(*stages)
 
 
-def _shard_spans(rows: pa.Table) -> dict[str, tuple[int, int]]:
+def shard_spans(rows: pa.Table) -> dict[str, tuple[int, int]]:
     """Row range of each shard in `rows` (sorted by shard)."""
     runs = pc.run_end_encode(rows.column("shard").combine_chunks())
     ends = runs.run_ends.to_pylist()
@@ -209,36 +254,20 @@ def _shuffle(size: int, initial: int, seed: int | None) -> Any:
     return wds.detshuffle(size, initial=initial, seed=seed)
 
 
-def open_indexed(out: Path | str, split: str = "train", **options: Any) -> wids.ShardListDataset:
-    """Random access by sample number with `wids`, from OUT/{split}.wids.json.
-
-    Sample i is row i of `manifest_rows(out, split)`. Samples are dicts of raw bytes (".jpg" or
-    ".png", ".json", ".cls", "__key__") unless `transformations` are given; `options` go to
-    `wids.ShardListDataset` (`transformations`, `cache_dir`, `base`, `lru_size`, ...). Local
-    shards are read in place: wids would copy each into its cache otherwise (it creates and
-    removes a `.lock` file beside a shard while opening it). wids needs torch: `shardify[train]`.
+def open_indexed(out: Path | str, split: str = "train", *, select: Select = None,
+                 decode: Decode = "pil", transform: Callable[[Any], Any] | None = None
+                 ) -> IndexedDataset:
+    """A map-style torch Dataset of the split's samples: `dataset[i]` is (image, label, meta)
+    of row i of `manifest_rows(out, split, select)`, decoded as `open_dataset` does, with
+    `transform` applied to the image (a torchvision transform, say). Negative i count from the
+    end. Works with any sampler and DataLoader workers, and on a read-only copy of OUT.
+    Needs torch: `pip install 'shardify[train]'`.
     """
+    check_decode(decode, DECODES)
     try:
-        import wids
+        from .indexed import IndexedDataset
     except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(f"open_indexed needs wids and torch ({error}); "
+        raise ModuleNotFoundError(f"open_indexed needs torch ({error}); "
                                   "pip install 'shardify[train]'") from error
-    index = Path(out) / wids_index_name(split)
-    if not index.is_file():
-        raise FileNotFoundError(f"{index} not found: an empty split, or converted by a shardify "
-                                "without wids indexes (re-run the same convert command)")
-    options.setdefault("transformations", [])
-    options.setdefault("localname", InPlace())
-    return wids.ShardListDataset(str(index), **options)
-
-
-class InPlace:
-    """wids `localname`: a local shard is its own cache file; remote ones go to wids' cache."""
-
-    def __call__(self, url: str) -> str:
-        parsed = urlparse(url)
-        if parsed.scheme in ("", "file"):
-            return url2pathname(parsed.path)
-        from wids.wids import DefaultLocalname
-
-        return DefaultLocalname(os.environ.get("WIDS_CACHE", "/tmp/_wids_cache"))(url)
+    rows = selected_rows(out, split, select)
+    return IndexedDataset(Path(out), rows, decode, transform)

@@ -1,0 +1,45 @@
+"""Random access by sample number: a map-style torch Dataset over the manifest's byte ranges.
+
+The manifest already says where every sample is (shard, offset, sample_bytes), so a sample is
+one pread: nothing is indexed when a shard is first opened and nothing is written (wids' reader
+mmaps and scans each shard and creates a `.lock` file beside it, which fails on a read-only
+copy of OUT, and it numbers negative indexes wrongly). The `{split}.wids.json` files convert
+writes stay for readers that use wids directly.
+
+This module imports torch: `loader.open_indexed` imports it on first use.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, SupportsIndex
+
+import pyarrow as pa
+from torch.utils.data import Dataset
+
+from .loader import Decode, Sample, read_members, sample_tuple
+
+
+class IndexedDataset(Dataset[Sample]):
+    """`dataset[i]`: (image, label, meta) of row i of `rows` (manifest rows of shards in OUT)."""
+
+    def __init__(self, out: Path, rows: pa.Table, decode: Decode,
+                 transform: Callable[[Any], Any] | None) -> None:
+        self.out = out
+        self.rows = rows
+        self.decode: Decode = decode
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.rows.num_rows
+
+    def __getitem__(self, index: SupportsIndex) -> Sample:
+        i = operator.index(index)  # ints, numpy and 0-d torch integers, as samplers give
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples")
+        row = self.rows.slice(i % len(self), 1).to_pylist()[0]
+        image, label, meta = sample_tuple(read_members(self.out / row["shard"], row), row,
+                                          self.decode)
+        return (image if self.transform is None else self.transform(image)), label, meta
