@@ -11,80 +11,33 @@ opened, and each sample's manifest row travels with it into `meta`.
 
 from __future__ import annotations
 
-import io
-import os
-import tarfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import webdataset as wds
-from PIL import Image
 from webdataset.compat import FluidInterface
 
-from .output.manifest import read_parquet, read_schema
-from .output.store import MANIFEST, shard_order
-from .plan.split import SPLITS
+from .rows import (
+    DECODES,
+    Decode,
+    Sample,
+    Select,
+    check_decode,
+    manifest_rows,
+    sample_tuple,
+    select_expression,
+    selected_rows,
+    shard_spans,
+)
 
 if TYPE_CHECKING:
     from .indexed import IndexedDataset
 
-Decode = Literal["pil", "numpy", "raw"]
-Select: TypeAlias = pc.Expression | Mapping[str, Any] | None
+__all__ = ["manifest_rows", "open_dataset", "open_indexed", "select_expression", "shard_url"]
 Item = tuple[dict[str, Any], dict[str, Any]]  # (webdataset sample, manifest row)
-Sample = tuple[Any, int, dict[str, Any]]  # (image, label, meta)
-DECODES = ("pil", "numpy", "raw")
-
-
-def select_expression(split: str, select: Select, columns: list[str]) -> pc.Expression:
-    """`split` and `select` as one Arrow filter over a manifest with `columns`.
-
-    `select` is an Expression, or a dict shorthand: `{"data_type": "ct", "form": ("pouch",
-    "cylindrical")}` means equal for plain values and "in" for tuples, lists and sets.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    expression = pc.field("split") == split
-    if select is None:
-        return expression
-    if isinstance(select, pc.Expression):
-        return expression & select
-    for column, value in select.items():
-        if column not in columns:
-            raise ValueError(f"select: the manifest has no column {column!r} "
-                             f"(columns: {', '.join(columns)})")
-        if isinstance(value, tuple | list | set | frozenset):
-            expression &= pc.field(column).isin(list(value))
-        else:
-            expression &= pc.field(column) == value
-    return expression
-
-
-def manifest_rows(out: Path | str, split: str = "train", select: Select = None) -> pa.Table:
-    """The split's manifest rows that match `select`, in shard then offset order.
-
-    That is the order of the samples on disk, hence of `open_indexed`'s sample numbers.
-    """
-    path = Path(out) / MANIFEST
-    filters = select_expression(split, select, read_schema(path).names)
-    table = read_parquet(path, filters=filters)
-    shards = sorted(pc.unique(table.column("shard")).to_pylist(), key=shard_order)
-    rank = pc.index_in(table.column("shard"), value_set=pa.array(shards, pa.string()))
-    return table.append_column("_shard_rank", rank).sort_by(
-        [("_shard_rank", "ascending"), ("offset", "ascending")]).drop_columns(["_shard_rank"])
-
-
-def selected_rows(out: Path | str, split: str, select: Select) -> pa.Table:
-    """`manifest_rows`, refusing an empty selection: a loader of nothing is a mistake."""
-    rows = manifest_rows(out, split, select)
-    if rows.num_rows == 0:
-        raise ValueError(f"no {split} samples in {out} match select={select!r}")
-    return rows
 
 
 def shard_url(out: Path | str, shard: str, base_url: str | None = None) -> str:
@@ -99,22 +52,6 @@ def shard_url(out: Path | str, shard: str, base_url: str | None = None) -> str:
     if "{shard}" in base_url:
         return base_url.replace("{shard}", shard)
     return f"{base_url.rstrip('/')}/{shard}"
-
-
-def check_decode(decode: str, choices: tuple[str, ...]) -> None:
-    if decode not in choices:
-        raise ValueError(f"decode must be one of {', '.join(choices)}, got {decode!r}")
-
-
-def decode_image(data: bytes, decode: Decode) -> Any:
-    """Image bytes as an RGB PIL image, an HxWx3 uint8 array, or unchanged.
-
-    RGB for CT slices too, so that batches mixing CT and exterior photos stack.
-    """
-    if decode == "raw":
-        return data
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    return image if decode == "pil" else np.array(image)
 
 
 class Interleave:
@@ -151,37 +88,6 @@ class Interleave:
             row = wanted.get(sample["__key__"])
             if row is not None:
                 yield sample, row
-
-
-def sample_tuple(members: Mapping[str, bytes], row: dict[str, Any], decode: Decode) -> Sample:
-    """A sample's members (extension -> bytes) and manifest row as (image, label, meta).
-
-    `meta` is the manifest row updated with the label JSON: the only shared name is `swelling`,
-    where the JSON's object (holding the manifest's bool and the battery outline) is kept.
-    """
-    meta = {**row, **orjson.loads(members["json"])}
-    return decode_image(members[row["image_ext"]], decode), int(members["cls"]), meta
-
-
-def read_members(path: Path | str, row: Mapping[str, Any]) -> dict[str, bytes]:
-    """The members (extension -> bytes) of the sample `row` describes, from its shard at `path`.
-
-    One pread of the row's `sample_bytes` at its `offset` (no scan of the shard, nothing
-    written: a read-only copy of OUT works); tarfile parses the sample's headers.
-    """
-    with open(path, "rb") as handle:
-        data = os.pread(handle.fileno(), row["sample_bytes"], row["offset"])
-    prefix = f"{row['key']}."
-    members: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for info in tar:
-            member = tar.extractfile(info)
-            if not info.name.startswith(prefix) or member is None:
-                raise ValueError(f"{path} at offset {row['offset']}: {info.name!r} is not a "
-                                 f"member of sample {row['key']!r}; the manifest does not "
-                                 "describe this shard (shardify verify OUT)")
-            members[info.name.removeprefix(prefix)] = member.read()
-    return members
 
 
 class ToTuple:
@@ -237,14 +143,6 @@ def open_dataset(out: Path | str, split: str = "train", *, select: Select = None
         stages.append(_shuffle(shuffle, min(shuffle, 100), seed))
     stages.append(wds.map(ToTuple(decode)))
     return Pipeline(*stages)
-
-
-def shard_spans(rows: pa.Table) -> dict[str, tuple[int, int]]:
-    """Row range of each shard in `rows` (sorted by shard)."""
-    runs = pc.run_end_encode(rows.column("shard").combine_chunks())
-    ends = runs.run_ends.to_pylist()
-    return {shard: (first, end) for shard, first, end
-            in zip(runs.values.to_pylist(), [0, *ends[:-1]], ends, strict=True)}
 
 
 def _shuffle(size: int, initial: int, seed: int | None) -> Any:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
 
-from .loader import Select, check_decode, decode_image, read_members, selected_rows, shard_spans
+from .rows import Select, check_decode, decode_image, read_members, selected_rows, shard_spans
 
 if TYPE_CHECKING:
     import ray.data
