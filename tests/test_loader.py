@@ -377,3 +377,15 @@ def test_package_lists_its_api_and_imports_light() -> None:
     assert (Path(shardify.__file__).parent / "py.typed").is_file()
     with pytest.raises(AttributeError, match="no attribute 'open_everything'"):
         shardify.open_everything  # noqa: B018
+
+
+def test_missing_optional_libraries_name_the_extra(small: Path) -> None:
+    probe = ("import sys; sys.modules['torch'] = sys.modules['ray'] = None; import shardify\n"
+             "for call in ('open_indexed', 'ray_dataset'):\n"
+             "    try: getattr(shardify, call)(sys.argv[1])\n"
+             "    except ModuleNotFoundError as error: print(error)\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(small)], capture_output=True,
+                            text=True, timeout=60, check=True)
+    indexed, ray = result.stdout.splitlines()
+    assert indexed.startswith("open_indexed needs torch (") and "'shardify[train]'" in indexed
+    assert ray.startswith("ray_dataset needs Ray Data (") and "'shardify[ray]'" in ray

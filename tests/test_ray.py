@@ -43,7 +43,6 @@ def out(dataset: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def local_ray() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        env.setenv("RAY_DISABLE_IMPORT_WARNING", "1")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, object_store_memory=100 * 2**20)
         ray.data.DataContext.get_current().enable_progress_bars = False
