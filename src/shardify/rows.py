@@ -76,6 +76,7 @@ def selected_rows(out: Path | str, split: str, select: Select) -> pa.Table:
 
 
 def check_decode(decode: str, choices: tuple[str, ...]) -> None:
+    """Refuse an unknown `decode` before any work, naming the choices (the loaders differ)."""
     if decode not in choices:
         raise ValueError(f"decode must be one of {', '.join(choices)}, got {decode!r}")
 
