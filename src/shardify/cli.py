@@ -41,7 +41,8 @@ EXIT_CODES = """exit codes:
   1    inputs were rejected and --strict was given, verify found problems,
        or an I/O error stopped the run
   2    usage error, or no input found
-  3    not enough disk space for OUT (checked before writing, or disk full)
+  3    not enough disk space for OUT (or export's DIR): checked before
+       writing, or the disk filled up
   130  interrupted (Ctrl-C)
   143  terminated (SIGTERM: kill, timeout, docker stop, systemd)
   141  stdout was closed before all output was written (e.g. `| head`);
@@ -49,6 +50,10 @@ EXIT_CODES = """exit codes:
 An interrupted or failed convert keeps its complete shards: re-run the same
 command to resume."""
 
+AFTER_INTERRUPT = {
+    "convert": "; complete shards are kept: re-run the same command to resume",
+    "export": "; DIR is unchanged (the partial export is removed)",
+}
 MAX_SHARD_SIZE = 2**50
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -112,8 +117,9 @@ def _positive_int(text: str) -> int:
 
 def _subcommand(commands: argparse._SubParsersAction, name: str, *, help: str,
                 description: str) -> argparse.ArgumentParser:
-    """A subcommand whose --help ends with the exit codes, like every other one."""
-    return commands.add_parser(name, help=help, description=description, epilog=EXIT_CODES,
+    """A subcommand; its --help points to `shardify --help` for the exit codes (listed once)."""
+    return commands.add_parser(name, help=help, description=description,
+                               epilog="exit codes: see shardify --help",
                                formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -127,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"shardify {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="one of these; `shardify COMMAND --help` for its "
+                                     "options")
 
     conv = _subcommand(
         commands, "convert",
@@ -199,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and summary.json: USTAR members, adjacency, offsets, sizes, CRCs, .cls vs JSON vs "
         "manifest label, no battery in two splits, counts. Exit 0 if clean, 1 if not.",
     )
-    check.add_argument("out", type=Path, metavar="OUT")
+    check.add_argument("out", type=Path, metavar="OUT", help="the output folder to check")
     check.add_argument("--sources", nargs="+", metavar="SOURCE",
                        help="also compare every sample with its source members (size and "
                        "CRC-32); give the SOURCE arguments that convert was given")
@@ -212,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(case-folded); swelling; image sizes; samples per battery; the rejects by reason and "
         "the first rows. From OUT's manifest.parquet, rejects.parquet and summary.json.",
     )
-    show.add_argument("out", type=Path, metavar="OUT")
+    show.add_argument("out", type=Path, metavar="OUT", help="a shardify output folder")
     show.add_argument("--html", type=Path, metavar="PATH",
                       help="also write one self-contained HTML page with tables, plots and a "
                       "gallery of thumbnails from the shards with their labels' polygons drawn")
@@ -223,10 +231,46 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a small dataset with the battery set's folder layout, file names, "
         "label JSON and quirks (CP949 names, a battery over two zips, a few bad inputs).",
     )
-    synth.add_argument("dest", type=Path, metavar="DIR")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--scale", type=int, default=1, help="multiply batteries and images")
+    synth.add_argument("dest", type=Path, metavar="DIR",
+                       help="folder to write the sample dataset into")
+    synth.add_argument("--seed", type=int, default=0,
+                       help="seed of the generated images and labels (default 0)")
+    synth.add_argument("--scale", type=_positive_int, default=1,
+                       help="multiply batteries and images (default 1)")
+    _add_export(commands)
     return parser
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    from .export import LAYOUTS
+
+    files = _subcommand(
+        commands, "export",
+        help="write a selection of samples as image files (anomalib Folder, ImageFolder)",
+        description="Write the selected samples of one split as image files under DIR, the "
+        "bytes exactly as the shards hold them, named by sample key, each checked against the "
+        "manifest's CRC-32. Layout folder (anomalib's Folder): DIR/normal/ (class 0), "
+        "DIR/abnormal/ and DIR/masks/KEY.png (defect polygons white on black, the size of the "
+        "image). Layout imagefolder (torchvision's ImageFolder): DIR/0_normal/, "
+        "DIR/1_defect/. DIR/export.json records what was exported. DIR appears complete or "
+        "not at all.",
+    )
+    files.add_argument("out", type=Path, metavar="OUT", help="a shardify output folder")
+    files.add_argument("dest", type=Path, metavar="DIR",
+                       help="folder to write: new or empty (or an earlier export, with "
+                       "--overwrite)")
+    files.add_argument("--split", choices=SPLITS, default="train",
+                       help="the split to export (default train)")
+    files.add_argument("--select", action="append", default=[], metavar="COLUMN=VALUE[,...]",
+                       help="keep samples whose manifest COLUMN equals VALUE (any of several "
+                       "VALUEs, comma-separated), cast to the column's type; repeat to AND, "
+                       "e.g. --select data_type=ct --select label=0")
+    files.add_argument("--layout", choices=LAYOUTS, default="folder",
+                       help="folder: anomalib's Folder (normal/, abnormal/, masks/; default); "
+                       "imagefolder: torchvision's ImageFolder (one folder per class)")
+    files.add_argument("--overwrite", action="store_true",
+                       help="replace DIR if it holds an earlier shardify export")
+    files.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -259,8 +303,8 @@ def _main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)
-        print(f"shardify: {'terminated' if terminated else 'interrupted'}; complete shards are "
-              "kept: re-run the same command to resume", file=sys.stderr)
+        print(f"shardify: {'terminated' if terminated else 'interrupted'}"
+              f"{AFTER_INTERRUPT.get(args.command, '')}", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except OSError as error:
         print(f"shardify: error: {_with_path_texts(error)}", file=sys.stderr)
@@ -284,6 +328,8 @@ def _run(args: argparse.Namespace) -> int:
         return _scan(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "export":
+        return _export(args)
     return _synth(args)
 
 
@@ -410,4 +456,33 @@ def _synth(args: argparse.Namespace) -> int:
     result = get_profile().synthesize(args.dest, seed=args.seed, scale=args.scale)
     print(f"shardify: sample dataset written to {path_text(result.root)}: {result.samples} "
           f"image/label pairs, planted rejects {result.rejects}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .errors import ExportFailed, NotEnoughSpace
+    from .export import ExportOptions, export
+
+    try:
+        report = export(ExportOptions(args.out, args.dest, args.split, tuple(args.select),
+                                      args.layout, args.overwrite, args.quiet))
+    except ExportFailed as error:
+        print(f"shardify: error: {error}; {path_text(args.dest)} is unchanged",
+              file=sys.stderr)
+        return EXIT_REJECTS
+    except NotEnoughSpace as error:
+        print(f"shardify: error: {error}", file=sys.stderr)
+        return EXIT_NO_SPACE
+    record = report.record
+    lines = [f"shardify: exported {report.samples} {args.split} samples from "
+             f"{path_text(args.out)} to {path_text(report.dest)} ({args.layout}) in "
+             f"{report.seconds:.1f} s",
+             f"  {'folder':<12} {'files':>8} {'bytes':>11}"]
+    lines += [f"  {name:<12} {row['files']:>8} {human_bytes(row['bytes']):>11}"
+              for name, row in record["folders"].items()]
+    if args.layout == "folder" and "masks" in record["folders"]:
+        lines.append(f"  masks: {record['masks_empty']} all black (no usable defect polygon); "
+                     f"{record['unusable_polygons']} defect point lists skipped (odd length, "
+                     "not numbers or < 3 points)")
+    print("\n".join(lines))
     return EXIT_OK

@@ -41,6 +41,11 @@ class NotEnoughSpace(Exception):
     """OUT's disk cannot hold the output (checked before writing, or hit while writing): exit 3."""
 
 
+class ExportFailed(Exception):
+    """export: a sample in a shard does not match its manifest row (member, size or CRC-32);
+    the message names it. Nothing is left under DIR: exit 1."""
+
+
 class OutputMissing(Exception):
     """OUT lacks the manifest or summary: it is not a shardify output (exit 2)."""
 

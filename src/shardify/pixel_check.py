@@ -22,7 +22,7 @@ from .errors import MemberError
 from .profiles import DatasetProfile, strip_bom
 from .transform.options import TransformOptions, library_version
 from .transform.sample import ImageError, LabelError, transform_sample
-from .write.tar import BLOCK, padded
+from .write.tar import read_payloads
 
 PIXEL_CHECKS = 32  # images re-transformed per verify
 OTHER_LIBRARY_MEAN_DIFFERENCE = 1.5  # grey levels, when another Pillow wrote the shards
@@ -68,11 +68,7 @@ def written_payloads(out: Path, row: dict) -> tuple[bytes, bytes]:
     """The sample's image and label payloads, read at the manifest's offsets (`shard`,
     `offset`, `image_bytes`, `label_bytes`); the shard's own structure is checked separately."""
     with open(out / row["shard"], "rb") as handle:
-        fd = handle.fileno()
-        image_at = row["offset"] + BLOCK
-        label_at = image_at + padded(row["image_bytes"]) + BLOCK
-        return os.pread(fd, row["image_bytes"], image_at), os.pread(fd, row["label_bytes"],
-                                                                    label_at)
+        return read_payloads(handle.fileno(), row)
 
 
 def _pixels(data: bytes) -> np.ndarray:

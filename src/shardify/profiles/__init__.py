@@ -56,12 +56,14 @@ class Geometry:
     Paths are key sequences into the label JSON; `"*"` steps into every item of a list.
     `point_lists` are flat [x1, y1, x2, y2, ...] lists in source pixels; `size` is the
     (width, height) pair that describes the image; `outline` are the point lists (of those)
-    that outline the object `--crop outline` crops to, the first one present counting.
+    that outline the object `--crop outline` crops to, the first one present counting;
+    `defects` are the point lists (of those) that outline a defect: the masks `export` draws.
     """
 
     point_lists: tuple[tuple[str, ...], ...]
     size: tuple[tuple[str, ...], tuple[str, ...]]
     outline: tuple[tuple[str, ...], ...] = ()
+    defects: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)

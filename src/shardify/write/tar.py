@@ -10,8 +10,10 @@ and the writer's bytes both come from here.
 from __future__ import annotations
 
 import math
+import os
 import tarfile
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..plan.pairing import Sample
 
@@ -102,3 +104,22 @@ def sample_chunks(key: str, image_ext: str, image: bytes | bytearray,
         chunks.append(payload)
         chunks.append(bytes(padded(len(payload)) - len(payload)))
     return chunks
+
+
+def read_payloads(fd: int, row: Mapping[str, Any]) -> tuple[bytes, bytes]:
+    """A sample's image and label payloads, read at its manifest row's `offset` in one read.
+
+    Raises ValueError when the bytes there are not the row's members (names or sizes differ):
+    readers that trust the manifest's offsets still never hand out another sample's bytes.
+    """
+    data = os.pread(fd, row["sample_bytes"], row["offset"])
+    label_at = BLOCK + padded(row["image_bytes"])
+    for at, name, size in ((0, f"{row['key']}.{row['image_ext']}", row["image_bytes"]),
+                           (label_at, f"{row['key']}.{LABEL_EXT}", row["label_bytes"])):
+        header = data[at: at + BLOCK]
+        if len(header) < BLOCK or header[NAME_FIELD].rstrip(b"\0") != name.encode() or \
+                header[SIZE_FIELD] != b"%011o\0" % size:
+            raise ValueError(f"{row['shard']} at {at + row['offset']}: no member {name} of "
+                             f"{size} bytes there")
+    return (data[BLOCK: BLOCK + row["image_bytes"]],
+            data[label_at + BLOCK: label_at + BLOCK + row["label_bytes"]])

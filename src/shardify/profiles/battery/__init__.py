@@ -49,7 +49,8 @@ GEOMETRY = Geometry(
     point_lists=(("swelling", "battery_outline"), ("battery_outline", "points"),
                  ("defects", "*", "points")),
     size=(("image_info", "width"), ("image_info", "height")),
-    outline=(("swelling", "battery_outline"), ("battery_outline", "points")))
+    outline=(("swelling", "battery_outline"), ("battery_outline", "points")),
+    defects=(("defects", "*", "points"),))
 
 
 @dataclass(frozen=True)
