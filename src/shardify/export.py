@@ -39,9 +39,9 @@ from .pathnames import path_text
 from .profiles import Geometry
 from .progress import Progress, human_bytes
 from .transform.geometry import flat_points, locations
-from .write.tar import read_payloads
+from .write.tar import LABEL_EXT, read_sample
 
-if TYPE_CHECKING:  # pyarrow (and the loader) load when an export runs, not for `--help`
+if TYPE_CHECKING:  # pyarrow (and the manifest reader) load when an export runs, not for `--help`
     import pyarrow as pa
 
 LAYOUTS = ("folder", "imagefolder")
@@ -185,8 +185,8 @@ def export(options: ExportOptions) -> ExportReport:
     import pyarrow.compute as pc
 
     from .convert import DISK_FULL
-    from .loader import manifest_rows
     from .output.manifest import profile_of, read_schema
+    from .rows import manifest_rows
 
     started = time.monotonic()
     manifest = options.out / MANIFEST
@@ -323,9 +323,10 @@ def _samples(out: Path, rows: pa.Table) -> Iterator[tuple[dict[str, Any], bytes,
                     fd = os.open(out / shard, os.O_RDONLY)
                 where = f"{row['shard']}:{row['key']}"
                 try:
-                    image, label = read_payloads(fd, row)
+                    members = read_sample(fd, row)
                 except ValueError as error:
                     raise ExportFailed(f"{where}: {error}") from None
+                image, label = members[row["image_ext"]], members[LABEL_EXT]
                 for what, data, crc in (("image", image, row["crc32"]),
                                         ("label", label, row["label_crc32"])):
                     if zlib.crc32(data) != crc:

@@ -20,9 +20,9 @@ from .archives.model import Member
 from .archives.reader import ArchiveReader
 from .errors import MemberError
 from .profiles import DatasetProfile, strip_bom
+from .rows import image_and_label
 from .transform.options import TransformOptions, library_version
 from .transform.sample import ImageError, LabelError, transform_sample
-from .write.tar import read_payloads
 
 PIXEL_CHECKS = 32  # images re-transformed per verify
 OTHER_LIBRARY_MEAN_DIFFERENCE = 1.5  # grey levels, when another Pillow wrote the shards
@@ -48,7 +48,7 @@ def check_pixels(rows: list[dict], members: dict[tuple[str, str], Member],
             again = transform_sample(reader.read(image), strip_bom(reader.read(label)),
                                      profile.image_extensions.get(source_ext, row["image_ext"]),
                                      options, profile.geometry)
-            written, written_label = written_payloads(out, row)
+            written, written_label = image_and_label(out, row)
             difference = _difference(_pixels(again.image), _pixels(written))
         except (MemberError, ImageError, LabelError, OSError, ValueError) as error:
             problems.append((where, f"cannot re-check the pixels: {error}"))
@@ -62,13 +62,6 @@ def check_pixels(rows: list[dict], members: dict[tuple[str, str], Member],
         if orjson.loads(again.label) != orjson.loads(written_label):
             problems.append((where, "written label differs from its source label mapped again"))
     return problems
-
-
-def written_payloads(out: Path, row: dict) -> tuple[bytes, bytes]:
-    """The sample's image and label payloads, read at the manifest's offsets (`shard`,
-    `offset`, `image_bytes`, `label_bytes`); the shard's own structure is checked separately."""
-    with open(out / row["shard"], "rb") as handle:
-        return read_payloads(handle.fileno(), row)
 
 
 def _pixels(data: bytes) -> np.ndarray:

