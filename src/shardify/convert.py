@@ -8,6 +8,7 @@ the stages in order, checks the command's paths before any work, and sums the ru
 from __future__ import annotations
 
 import errno
+import functools
 import importlib
 import os
 import stat
@@ -24,6 +25,7 @@ from .archives.reader import ArchiveReader
 from .archives.zipdir import Index
 from .errors import NotEnoughSpace, RunFailed, UsageError
 from .output.store import (
+    CARD,
     MANIFEST,
     REJECTS,
     SUMMARY,
@@ -51,6 +53,7 @@ from .scan import archive_table, survey
 from .transform.estimate import PROBES_PER_JOB, Ratios, probe_samples, size_ratios
 from .transform.options import TransformOptions
 from .write.executor import Executor, Inline, local_executor, write_shards
+from .write.label_types import NULL, merge
 from .write.shard import CROP_BOX, UNMAPPED, ShardJob, ShardResult, expand, shard_job
 from .write.tar import TAR_END_SIZE, estimated_sample_bytes, planned_sample_bytes
 
@@ -151,12 +154,18 @@ def convert(options: ConvertOptions) -> ConvertReport:
 
 def _write_index_files(options: ConvertOptions, store: OutputStore, results: list[ShardResult],
                        rejects: list[Reject], summary: dict) -> None:
-    """Manifest, rejects and summary, each atomically; summary.json last, as the sign of done."""
+    """Manifest, rejects, wids indexes and the dataset card, each atomically; summary.json
+    last, as the sign of done."""
+    from .output.card import dataset_card
     from .output.manifest import manifest_table, rejects_table, wids_indexes
 
-    manifest = manifest_table(results, options.profile, options.transform)
-    store.write_parquet(REJECTS, rejects_table(rejects))
+    profile, shaping = options.profile, options.shaping()
+    manifest = manifest_table(results, profile, options.transform, shaping)
+    store.write_parquet(REJECTS, rejects_table(rejects, profile, shaping))
     store.write_parquet(MANIFEST, manifest)
+    image_exts = manifest.column("image_ext").unique().to_pylist()
+    labels = functools.reduce(merge, (result.label_type for result in results), NULL)
+    store.write_text(CARD, dataset_card(profile, summary, shaping, image_exts, labels))
     for name, index in wids_indexes(results).items():
         if index is None:
             store.remove(name)

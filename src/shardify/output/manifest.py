@@ -6,10 +6,11 @@ writes them. Nothing time- or host-dependent goes in, so the same inputs give id
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -51,17 +52,65 @@ SOURCE_COLUMNS = [
     ("source_crc32", pa.uint32()),
     ("label_source_crc32", pa.uint32()),
 ]
+COLUMN_DESCRIPTIONS = {
+    "key": "the sample's key: its members in the shard are {key}.{image_ext}, .json, .cls",
+    "split": "train, val or test",
+    "shard": "the shard holding the sample, relative to OUT (train/shard-000003.tar)",
+    "offset": "byte offset of the sample's first tar header in the shard",
+    "sample_bytes": "bytes of the sample's three members in the shard (headers, padding)",
+    "image_ext": "the written image's type: jpg, png or webp",
+    "image_bytes": "size of the written image",
+    "crc32": "CRC-32 of the written image",
+    "label_bytes": "size of the written label JSON (without a BOM)",
+    "label_crc32": "CRC-32 of the written label JSON",
+    "source_archive": "the image's zip, relative to the SOURCE it was found under",
+    "source_member": "the image's name in that zip, decoded",
+    "label_archive": "the label's zip, relative to the SOURCE it was found under",
+    "label_member": "the label's name in that zip, decoded",
+    "source_width": "the source image's upright width (without a transform: the label's)",
+    "source_height": "the source image's upright height (without a transform: the label's)",
+    "crop_box": "x0, y0, x1, y1 of the crop in upright source pixels (right, bottom "
+                "exclusive); null when the whole image was kept",
+    "scale": "written size / kept size, along the longer side (1.0 without --resize)",
+    "source_bytes": "size of the source image member",
+    "source_crc32": "CRC-32 of the source image member",
+    "label_source_crc32": "CRC-32 of the source label member (with its BOM, if any)",
+}
+REJECT_DESCRIPTIONS = {
+    "key": "the sample's key (the member's name without folder and extension)",
+    "reason": "why the member is not in a shard (one of shardify's reject reasons)",
+    "source_archive": "the archive holding the member",
+    "source_member": "the member's name in it",
+    "detail": "what was found, in words",
+}
 
 
-def manifest_schema(profile: DatasetProfile) -> pa.Schema:
+def manifest_schema(profile: DatasetProfile, options: Mapping[str, Any] | None = None
+                    ) -> pa.Schema:
     """Where each sample is, the profile's dataset columns, then its image, label and sources.
 
     The metadata names shardify (how --manifest knows a file it may replace) and the profile
-    (how readers know which one made the file).
+    (how readers know which one made the file); with the run's `options`, also those, the class
+    names and what each column holds (see `index_metadata`).
     """
-    return pa.schema([*LOCATION_COLUMNS, *profile.columns, *MEMBER_COLUMNS, *SOURCE_COLUMNS],
-                     metadata={
-        MANIFEST_MARKER: __version__.encode(), b"profile": profile.name.encode()})
+    schema = pa.schema([*LOCATION_COLUMNS, *profile.columns, *MEMBER_COLUMNS, *SOURCE_COLUMNS],
+                       metadata={MANIFEST_MARKER: __version__.encode(),
+                                 b"profile": profile.name.encode()})
+    if options is None:
+        return schema
+    descriptions = {**COLUMN_DESCRIPTIONS, **profile.column_descriptions}
+    return schema.with_metadata(index_metadata(
+        profile, options, {name: descriptions[name] for name in schema.names}))
+
+
+def index_metadata(profile: DatasetProfile, options: Mapping[str, Any],
+                   columns: Mapping[str, str]) -> dict[bytes, bytes]:
+    """Parquet key/value metadata that lets the file speak for itself away from OUT: which
+    shardify and profile wrote it, with which options (JSON), the class names (JSON list; `.cls`
+    i is names[i]) and each column's description (JSON object)."""
+    return {MANIFEST_MARKER: __version__.encode(), b"profile": profile.name.encode(),
+            b"options": orjson.dumps(options), b"class_names": orjson.dumps(profile.class_names),
+            b"columns": orjson.dumps(columns)}
 
 
 def profile_of(schema: pa.Schema) -> DatasetProfile | None:
@@ -83,18 +132,19 @@ REJECT_SCHEMA = pa.schema(
 
 
 def manifest_table(results: list[ShardResult], profile: DatasetProfile,
-                   transform: TransformOptions | None = None) -> pa.Table:
+                   transform: TransformOptions, options: Mapping[str, Any]) -> pa.Table:
     """One row per written sample, in shard order, built column by column a batch at a time.
 
-    `transform` (what convert was asked to do to the images) names the written image types.
+    `transform` (what convert was asked to do to the images) names the written image types;
+    `options` (the run's shaping options) go in the metadata.
 
     Columns, not one dict per row, and Python lists for one batch only: at 400k samples, whole
     columns of Python objects would take ~150 MB on top of the table.
     """
-    schema = manifest_schema(profile)
+    schema = manifest_schema(profile, options)
     return pa.Table.from_batches(
         [_manifest_batch(result, start, start + MANIFEST_BATCH, profile, schema,
-                         (transform or TransformOptions()).output_ext)
+                         transform.output_ext)
          for result in results for start in range(0, len(result.samples), MANIFEST_BATCH)],
         schema=schema)
 
@@ -153,9 +203,12 @@ def _placement_columns(result: ShardResult, start: int, stop: int,
             "scale": result.scales[start:stop]}
 
 
-def rejects_table(rejects: Iterable[Reject]) -> pa.Table:
-    """Rejects sorted by reason, key and member, so the file does not depend on discovery order."""
+def rejects_table(rejects: Iterable[Reject], profile: DatasetProfile,
+                  options: Mapping[str, Any]) -> pa.Table:
+    """Rejects sorted by reason, key and member, so the file does not depend on discovery order;
+    its metadata as the manifest's (`index_metadata`)."""
     ordered = sorted(rejects, key=lambda r: (r.reason, r.key, r.source_archive, r.source_member))
+    schema = REJECT_SCHEMA.with_metadata(index_metadata(profile, options, REJECT_DESCRIPTIONS))
     return pa.Table.from_pylist(
         [
             {
@@ -167,7 +220,7 @@ def rejects_table(rejects: Iterable[Reject]) -> pa.Table:
             }
             for r in ordered
         ],
-        schema=REJECT_SCHEMA,
+        schema=schema,
     )
 
 

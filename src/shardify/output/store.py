@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pyarrow is imported when a table is written, after the work
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
 SUMMARY = "summary.json"
+CARD = "README.md"  # the dataset card (see output.card)
 STATE_DIR = ".shardify"
 RUN_FILE = "run.json"
 JOURNAL_FILE = "journal.jsonl"
@@ -42,7 +43,12 @@ def wids_index_name(split: str) -> str:
     return f"{split}.wids.json"
 
 
-INDEX_FILES = (MANIFEST, REJECTS, SUMMARY, *(wids_index_name(split) for split in SPLITS))
+INDEX_FILES = (MANIFEST, REJECTS, CARD, SUMMARY, *(wids_index_name(split) for split in SPLITS))
+
+
+def shard_glob(split: str) -> str:
+    """The pattern of a split's shard files, relative to OUT (continuations match it too)."""
+    return f"{split}/shard-*.tar"
 
 
 def shard_name(split: str, index: int) -> str:
@@ -217,7 +223,7 @@ class OutputStore:
     def shard_files(self) -> list[str]:
         """The names of the shard files in OUT, sorted."""
         return sorted(p.relative_to(self.root).as_posix() for split in SPLITS
-                      for p in (self.root / split).glob("shard-*.tar"))
+                      for p in self.root.glob(shard_glob(split)))
 
     def remove_staged_shards(self) -> None:
         for split in SPLITS:
@@ -245,6 +251,9 @@ class OutputStore:
     # -- small files -------------------------------------------------------------------------
     def write_json(self, name: str, document: dict) -> None:
         write_atomically(self.path(name), json_bytes(document))
+
+    def write_text(self, name: str, text: str) -> None:
+        write_atomically(self.path(name), text.encode())
 
     def write_parquet(self, name: str, table: pa.Table) -> None:
         write_parquet_atomically(self.path(name), table)

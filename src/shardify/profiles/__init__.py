@@ -77,6 +77,15 @@ class ReportSection:
     bars_axis: str = ""
 
 
+@dataclass(frozen=True)
+class CardText:
+    """What a dataset card says about the data itself, which only the profile knows."""
+
+    title: str
+    about: str  # Markdown: what the images and labels are, where they come from
+    terms: str  # Markdown: whose terms of use govern the data, and where they are stated
+
+
 class SampleData(Protocol):
     """What the sample-data generator planted: what a correct conversion must report."""
 
@@ -129,6 +138,16 @@ class DatasetProfile(Protocol):
         """The manifest's dataset columns, in order. They include `group` and `label` (what
         `Fields` has) and the image's `width` and `height` (int32, null when unknown), which
         verify, report and the loader read."""
+        ...
+
+    @property
+    def column_descriptions(self) -> Mapping[str, str]:
+        """What each of `columns` holds (the manifest's metadata says it to its readers)."""
+        ...
+
+    @property
+    def card(self) -> CardText:
+        """The dataset-specific text of the dataset card convert writes (OUT/README.md)."""
         ...
 
     @property

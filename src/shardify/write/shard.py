@@ -3,7 +3,8 @@
 A shard is the unit of work, of parallelism, of progress and of resume. A worker gets a compact
 `ShardJob` (plain numpy records, never an open ZipFile) and returns the shard's entry: what was
 really written (each sample's offset, sizes and CRCs, the rejects, the shard's size and the CRC
-of its last MiB). That entry, not the plan, is the truth the manifest and the journal record.
+of its last MiB, the labels' JSON type). That entry, not the plan, is the truth the manifest and
+the journal record.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import ctypes
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import deflate
 import numpy as np
@@ -25,6 +26,7 @@ from ..profiles import Geometry, strip_bom
 from ..rejects import Reason, Reject
 from ..transform.options import TransformOptions
 from .images import image_problem
+from .label_types import NULL, label_type, merge
 from .tar import TAR_END_SIZE, class_bytes, sample_chunks
 
 SYNC_FILE_RANGE_WRITE = 2
@@ -69,6 +71,7 @@ class ShardResult:
     bytes_out: int = 0
     placements: np.ndarray | None = None  # int64 (samples, PLACEMENT_COLUMNS); None: as source
     scales: np.ndarray | None = None  # float64
+    label_type: Any = NULL  # the JSON type of the labels written (see label_types)
 
     @property
     def split(self) -> str:
@@ -122,7 +125,7 @@ def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
     Entries name samples by key (`[key, offset, sample bytes, image bytes, image CRC-32, label
     bytes, label CRC-32]`) and rejects by sample index; the names of the rejected members come
     from the plan, so workers never need them. Raises ValueError for an entry that does not fit
-    the plan (a journal of an older build, or a damaged line).
+    the plan (a damaged line), KeyError for one without the labels' type (an older build's).
     """
     by_key = {sample.key: sample for sample in samples}
     rows = entry["samples"]
@@ -144,7 +147,8 @@ def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
     crc = np.uint32
     return ShardResult(entry["shard"], [by_key[row[0]] for row in rows], numbers[:, 0],
                        numbers[:, 1], numbers[:, 2], numbers[:, 3].astype(crc), numbers[:, 4],
-                       numbers[:, 5].astype(crc), rejects, entry["bytes"], placements, scales)
+                       numbers[:, 5].astype(crc), rejects, entry["bytes"], placements, scales,
+                       entry["label_type"])
 
 
 def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
@@ -157,6 +161,7 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
     written: list[list] = []
     rejects: list[list] = []
     rest = None
+    labels_type: Any = NULL
     images, labels = job.images.tolist(), job.labels.tolist()
     fd = sink.create_staged_shard(job.name)
     try:
@@ -174,6 +179,7 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
             size = write_all(fd, chunks)
             written.append([key, offset, size, len(sample.image), sample.image_crc,
                             len(sample.label), deflate.crc32(sample.label), *sample.placement])
+            labels_type = merge(labels_type, label_type(sample.label))
             offset += size
             if offset - flushed >= WRITEBACK_STEP:
                 _start_writeback(fd, flushed, offset - flushed)
@@ -187,7 +193,7 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
         raise
     os.close(fd)
     entry = {"shard": job.name, "bytes": size, "tail_crc32": deflate.crc32(tail),
-             "samples": written, "rejects": rejects}
+             "samples": written, "rejects": rejects, "label_type": labels_type}
     if rest is not None:
         entry["rest"] = rest
     return entry

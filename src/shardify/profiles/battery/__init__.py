@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pyarrow as pa
 
-from .. import Fields, Geometry, ReportSection, Stratum
+from .. import CardText, Fields, Geometry, ReportSection, Stratum
 from .labels import BatteryFields, parse_label
 
 
@@ -42,6 +42,35 @@ def battery_columns() -> pa.Schema:
         ("width", pa.int32()),
         ("height", pa.int32()),
     ])
+
+COLUMN_DESCRIPTIONS = MappingProxyType({
+    "group": "the battery, {data_type}-{battery_id} (ct-101): a split never divides one",
+    "battery_id": "data_info.battery_ids, the battery's number (numbered per data_type)",
+    "data_type": "data_info.data_type, lower-cased: ct (CT slices) or rgb (exterior photos)",
+    "type": "data_info.type (cell or module)",
+    "form": "data_info.form (pouch or cylindrical)",
+    "label": "the class in .cls: 0 normal, 1 defect (image_info.is_normal false)",
+    "is_normal": "image_info.is_normal",
+    "swelling": "swelling.swelling; null when absent or not true/false",
+    "defect_types": "the distinct defects[].name values, in order of appearance",
+    "width": "image_info.width; with a transform, the written image's width",
+    "height": "image_info.height; with a transform, the written image's height",
+})
+CARD = CardText(
+    title="AI Hub battery defect images (dataset 71687)",
+    about=(
+        "Images of batteries from the AI Hub dataset 71687, \"배터리 불량 이미지 데이터\" "
+        "(battery defect image data): CT slices (`data_type` ct, JPEG) and exterior photos "
+        "(`data_type` rgb, PNG) of cells and modules, each with its label JSON as AI Hub "
+        "published it: the battery (`data_info`), whether the image is normal "
+        "(`image_info.is_normal`), swelling, the battery outline and the defects' polygons "
+        "(`defects[].points`)."),
+    terms=(
+        "The images and labels are AI Hub's (https://www.aihub.or.kr, dataset 71687), "
+        "published under AI Hub's terms of use, which may restrict who may use the data, "
+        "for what, and whether it may be shared or published (for instance on the Hugging "
+        "Face Hub)."),
+)
 
 # The outline polygon comes in two layouts (swelling.battery_outline as a flat list, or a
 # top-level battery_outline.points); defect polygons are flat lists too.
@@ -66,10 +95,15 @@ class BatteryProfile:
     group_noun: str = "battery"
     group_unit: str = "batteries"
     geometry: Geometry = GEOMETRY
+    card: CardText = CARD
 
     @property
     def columns(self) -> pa.Schema:
         return battery_columns()
+
+    @property
+    def column_descriptions(self) -> Mapping[str, str]:
+        return COLUMN_DESCRIPTIONS
 
     def parse_label(self, raw: bytes | bytearray) -> BatteryFields:
         return parse_label(raw)
