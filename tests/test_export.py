@@ -150,6 +150,20 @@ def test_imagefolder_layout_indexes_classes_as_the_manifest(out: Path, shards: d
                    for name, data in written.items())
 
 
+def test_imagefolder_with_a_class_missing_says_how_imagefolder_numbers_it(
+        out: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dest = tmp_path / "defects"
+    assert export(out, dest, "--select", "label=1", "--layout", "imagefolder") == 0
+    assert sorted(p.name for p in dest.iterdir() if p.is_dir()) == ["1_defect"]
+    assert json.loads((dest / "export.json").read_text())["class_to_idx"] == {"1_defect": 0}
+    assert "ImageFolder numbers 1_defect as 0" in capsys.readouterr().out
+    both = tmp_path / "both"
+    assert export(out, both, "--layout", "imagefolder") == 0
+    assert json.loads((both / "export.json").read_text())["class_to_idx"] == {
+        "0_normal": 0, "1_defect": 1}
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_select_values_are_typed_and_ored(out: Path, tmp_path: Path) -> None:
     dest = tmp_path / "pouch-normal"
     assert export(out, dest, "--split", "val", "--select", "form=pouch,cylindrical",

@@ -128,7 +128,13 @@ def test_card_declares_splits_and_features(out: Path) -> None:
     assert [f["name"] for f in fields["defects"]["list"]] == ["id", "name", "points"]
     text = (out / "README.md").read_text()
     assert f"shardify {shardify.__version__}" in text and "AI Hub's terms of use" in text
-    assert json.dumps(summary["options"]["seed"]) in text
+    making = text.split("## How it was made", 1)[1]
+    block = making.split("```json\n", 1)[1].split("\n```", 1)[0]
+    made = json.loads(block)  # the options that decided the bytes
+    assert (made["seed"], made["shard_size"], made["split"]) == (
+        summary["options"]["seed"], summary["options"]["shard_size"],
+        summary["options"]["ratios"])
+    assert made["profile"].startswith("battery ")
 
 
 def test_load_dataset_reads_every_sample(out: Path, cache: str) -> None:

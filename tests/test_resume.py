@@ -477,19 +477,24 @@ def test_a_journal_entry_that_does_not_fit_the_plan_is_redone(
     assert output_files(out) == output_files(clean_run)
 
 
+@pytest.mark.parametrize(("missing", "says"), [
+    ("profile", "written by an older shardify, without profile"),  # before dataset profiles
+    ("shard_kinds", "whose shards mix data types and image formats"),  # before one kind each
+])
 def test_an_older_builds_run_is_named_as_such(dataset: SynthResult, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture) -> None:
-    """A run.json written before dataset profiles: refused with a message that says so."""
+                                              capsys: pytest.CaptureFixture, missing: str,
+                                              says: str) -> None:
+    """A run.json written by an older build: refused with a message that says so."""
     out = tmp_path / "out"
     assert main(convert_args(dataset, out)) == 0
     run = out / ".shardify" / "run.json"
     record = json.loads(run.read_text())
-    del record["options"]["profile"]
+    del record["options"][missing]
     record["fingerprint"] = "0" * 64
     run.write_text(json.dumps(record))
     capsys.readouterr()
     assert main(convert_args(dataset, out)) == 2
-    assert "written by an older shardify" in capsys.readouterr().err
+    assert says in capsys.readouterr().err
     assert main(convert_args(dataset, out, "--overwrite")) == 0
 
 

@@ -484,5 +484,11 @@ def _export(args: argparse.Namespace) -> int:
         lines.append(f"  masks: {record['masks_empty']} all black (no usable defect polygon); "
                      f"{record['unusable_polygons']} defect point lists skipped (odd length, "
                      "not numbers or < 3 points)")
+    renumbered = {name: index for name, index in record.get("class_to_idx", {}).items()
+                  if int(name.split("_", 1)[0]) != index}
+    if renumbered:
+        lines.append(f"  warning: not every class is here, so torchvision's ImageFolder numbers "
+                     f"{', '.join(f'{n} as {i}' for n, i in renumbered.items())} (not the "
+                     "manifest's label): see class_to_idx in export.json")
     print("\n".join(lines))
     return EXIT_OK

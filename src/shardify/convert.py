@@ -44,7 +44,7 @@ from .output.store import (
 from .pathnames import path_text
 from .plan.fingerprint import plan_fingerprint
 from .plan.pairing import Pairing, Sample
-from .plan.shards import PlannedShard, ShardSizes, continued, plan_shards
+from .plan.shards import SHARD_KINDS, PlannedShard, ShardSizes, continued, plan_shards
 from .plan.split import SPLITS, assign_splits, group_strata
 from .profiles import DatasetProfile, get_profile
 from .progress import Progress, human_bytes
@@ -85,7 +85,7 @@ class ConvertOptions:
         """The options that decide the shards' bytes; a resumed run must use the same."""
         return {"shard_size": self.shard_size, "split": list(self.ratios), "seed": self.seed,
                 "profile": f"{self.profile.name} {self.profile.version}",
-                **self.transform.shaping()}
+                "shard_kinds": SHARD_KINDS, **self.transform.shaping()}
 
 
 @dataclass
@@ -308,6 +308,8 @@ def _reusable_shards(store: OutputStore, run: RunRecord, shards: list[PlannedSha
 def _what_changed(previous: RunRecord, run: RunRecord) -> str:
     """`seed 0 -> 1`-style differences in the options, or that the inputs differ."""
     unknown = sorted(run.options.keys() - previous.options.keys())
+    if "shard_kinds" in unknown:
+        return "written by an older shardify, whose shards mix data types and image formats"
     if unknown:
         return f"written by an older shardify, without {', '.join(unknown)}"
     changed = [f"{key} {previous.options.get(key)} -> {value}"

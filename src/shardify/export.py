@@ -8,7 +8,9 @@ sample key, in one of two layouts:
 - `folder`: anomalib's Folder layout: `normal/` (class 0), `abnormal/` (the others) and
   `masks/`, one PNG per abnormal image, named like it, drawn from the label's defect polygons.
 - `imagefolder`: torchvision's ImageFolder: one folder per class, `{index}_{name}`, so that
-  ImageFolder's class indices (its sorted folder names) are the manifest's `label`.
+  ImageFolder's class indices (its sorted folder names) are the manifest's `label` when every
+  class is present; `export.json`'s `class_to_idx` says how ImageFolder numbers what was
+  written, and the summary warns when that differs.
 
 Planning (which file goes where, which polygons a mask draws) is pure; the I/O is at the edge:
 samples are read at their manifest offsets and checked against the manifest's sizes and
@@ -202,6 +204,10 @@ def export(options: ExportOptions) -> ExportReport:
                          "shardify does not know")
     if options.layout not in LAYOUTS:
         raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}")
+    missing = [name for name in ROW_COLUMNS if name not in schema.names]
+    if missing:
+        raise UsageError(f"{path_text(manifest)} lacks {', '.join(missing)}: written by an older "
+                         "shardify; re-run its convert command to rewrite it")
     select = parse_select(options.select, schema)
     _check_dest(options)
     try:
@@ -227,6 +233,8 @@ def export(options: ExportOptions) -> ExportReport:
             "samples": rows.num_rows, "folders": dict(sorted(tally.folders.items())),
             "masks_empty": tally.masks_empty, "unusable_polygons": tally.unusable_polygons,
         }
+        if options.layout == "imagefolder":  # what ImageFolder will number each folder
+            record["class_to_idx"] = {name: i for i, name in enumerate(sorted(tally.folders))}
         (staging / MARKER).write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2))
         (staging / STAGING_MARKER).unlink()
         _publish(staging, options.dest)
@@ -324,8 +332,8 @@ def _samples(out: Path, rows: pa.Table) -> Iterator[tuple[dict[str, Any], bytes,
                 where = f"{row['shard']}:{row['key']}"
                 try:
                     members = read_sample(fd, row)
-                except ValueError as error:
-                    raise ExportFailed(f"{where}: {error}") from None
+                except ValueError as error:  # it names the shard, offset and key
+                    raise ExportFailed(str(error)) from None
                 image, label = members[row["image_ext"]], members[LABEL_EXT]
                 for what, data, crc in (("image", image, row["crc32"]),
                                         ("label", label, row["label_crc32"])):

@@ -117,7 +117,8 @@ def open_dataset(out: Path | str, split: str = "train", *, select: Select = None
     - `select`: manifest filter (see `select_expression`); only shards with matches are read.
     - `decode`: "pil" (RGB image), "numpy" (HxWx3 uint8) or "raw" (the image bytes).
     - `shuffle`: samples in the shuffle buffer; shard order is shuffled too when > 0. 0 reads
-      everything in manifest order (evaluation); 1 shuffles the shard order only.
+      shards in manifest order (evaluation; with `mix=1`, samples too, else `mix` shards
+      interleave); 1 shuffles the shard order only.
     - `mix`: shards each worker reads at once, taking a sample from each in turn.
     - `resample`: draw shards with replacement, endlessly and independently in each worker and
       node (multi-node training; bound an epoch with `.with_epoch(n)`). Otherwise shards are

@@ -19,6 +19,10 @@ from ..profiles import DatasetProfile
 from .pairing import Sample
 from .split import SPLITS
 
+# How shards are cut, recorded with the run's options: an output cut another way (before shards
+# held one kind each) is not resumed, and the message says why.
+SHARD_KINDS = "family+format"
+
 
 @dataclass(frozen=True, slots=True)
 class PlannedShard:

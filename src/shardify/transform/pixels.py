@@ -48,7 +48,6 @@ class ImageError(Exception):
     """The image cannot be decoded or written as asked (the message is the reject's detail)."""
 
 
-@dataclass
 class BufferFile(io.RawIOBase):
     """A read-only file over bytes or a bytearray, optionally with a few bytes replaced.
 
