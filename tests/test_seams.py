@@ -47,7 +47,7 @@ from shardify.scan import survey
 from shardify.transform.options import TransformOptions
 from shardify.transform.sample import transform_sample
 from shardify.write.executor import Inline, local_executor, write_shards
-from shardify.write.shard import ShardJob, shard_job
+from shardify.write.shard import ShardJob, probe_sizes, shard_job
 from shardify.write.tar import TAR_END_SIZE, planned_sample_bytes
 
 PROFILE = get_profile()
@@ -313,11 +313,38 @@ def test_executors_probe_transformed_sizes_alike(dataset: SynthResult) -> None:
             assert pool is not None
             pooled = pool.probe(job).result()
         assert inline == pooled and len(inline) == len(job.keys)
-        first = next(size for size in inline if size is not None)
-        index = inline.index(first)
+        sizes = list(map(probe_sizes, inline))
+        first = next(size for size in sizes if size is not None)
+        index = sizes.index(first)
         image = reader.read(Member.at(job.archives[job.images[index]["archive"]], "",
                                       job.images[index].tolist()[1:], None))
     assert first[0] == len(image)
     done = transform_sample(image, b'{"image_info": {}}', job.image_exts[index], *transform)
     assert first[2] == len(done.image)
     assert max(Image.open(io.BytesIO(done.image)).size) <= 40
+
+
+def test_samples_the_probe_made_are_written_as_made(dataset: SynthResult,
+                                                     tmp_path: Path) -> None:
+    """The writer takes a probed sample as the probe made it (no second transform): here a
+    marked copy of it lands in the shard, read back with tarfile; the others are transformed
+    as usual, and with the real probed sample the shard is byte-identical to one without."""
+    transform = (TransformOptions(resize=40, format="png"), PROFILE.geometry)
+    with ArchiveReader() as reader:
+        plain = planned_jobs(dataset, reader)[0]._replace(transform=transform)
+        made = Inline(reader).probe(plain).result()
+        first = next(i for i, done in enumerate(made) if not isinstance(done, list))
+        marked = made[first]._replace(image=b"made by the probe")
+        jobs = {"plain": plain, "probed": plain._replace(made={first: made[first]}),
+                "marked": plain._replace(made={first: marked})}
+        shards = {}
+        for name, job in jobs.items():
+            run([job], tmp_path / name, 1, reader)
+            shards[name] = (tmp_path / name / job.name).read_bytes()
+    assert shards["probed"] == shards["plain"]
+    with tarfile.open(tmp_path / "marked" / plain.name) as tar:
+        written = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert written[f"{plain.keys[first]}.png"] == b"made by the probe"
+    with tarfile.open(tmp_path / "plain" / plain.name) as tar:
+        assert {m.name for m in tar.getmembers()} == set(written)
+

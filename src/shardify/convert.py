@@ -54,7 +54,16 @@ from .transform.estimate import PROBES_PER_JOB, Ratios, probe_samples, size_rati
 from .transform.options import TransformOptions
 from .write.executor import Executor, Inline, local_executor, write_shards
 from .write.label_types import NULL, merge
-from .write.shard import CROP_BOX, UNMAPPED, ShardJob, ShardResult, expand, shard_job
+from .write.shard import (
+    CROP_BOX,
+    UNMAPPED,
+    Made,
+    ShardJob,
+    ShardResult,
+    expand,
+    probe_sizes,
+    shard_job,
+)
 from .write.tar import TAR_END_SIZE, estimated_sample_bytes, planned_sample_bytes
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -115,9 +124,11 @@ def convert(options: ConvertOptions) -> ConvertReport:
             split_of_group = assign_splits(group_strata(pairing.samples, profile),
                                            options.ratios, options.seed)
             sample_bytes: Callable[[Sample], int] = planned_sample_bytes
+            probed: dict[str, Made] = {}
             if options.transform.active:
-                sample_bytes = estimated_sample_bytes(_measure_transform(
-                    pairing.samples, options, pool or Inline(reader)))
+                ratios, probed = _measure_transform(pairing.samples, options,
+                                                    pool or Inline(reader))
+                sample_bytes = estimated_sample_bytes(ratios)
             shards = plan_shards(pairing.samples, split_of_group, options.shard_size, profile,
                                  ShardSizes(sample_bytes, TAR_END_SIZE,
                                             lambda s: options.transform.output_ext(s.image_ext)),
@@ -131,7 +142,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
             lock = _claim(store)
             store.start_run(run, keep_journal=bool(finished))
             store.prepare(keep=set(finished))
-            results = _write_shards(shards, finished, options, store, pool or Inline(reader))
+            results = _write_shards(shards, finished, options, store, pool or Inline(reader),
+                                    probed)
     finally:
         if lock is not None:
             store.remove_staged_shards()  # after the workers are gone: none can be writing
@@ -178,23 +190,27 @@ def _write_index_files(options: ConvertOptions, store: OutputStore, results: lis
 
 
 def _measure_transform(samples: list[Sample], options: ConvertOptions, executor: Executor
-                       ) -> Ratios:
-    """Written/source size ratios per image type, from a few samples the workers transform."""
+                       ) -> tuple[Ratios, dict[str, Made]]:
+    """Written/source size ratios per image type, from a few samples the workers transform;
+    and those samples as made, by key, for the writer to use (not transformed twice)."""
     probed = probe_samples(samples)
     transform = (options.transform, options.profile.geometry)
     futures = [executor.probe(shard_job("probe", tuple(probed[i:i + PROBES_PER_JOB]), transform))
                for i in range(0, len(probed), PROBES_PER_JOB)]
     try:
-        return size_ratios(probed, [size for future in futures for size in future.result()])
+        made = [sample for future in futures for sample in future.result()]
+        return (size_ratios(probed, list(map(probe_sizes, made))),
+                {sample.key: done for sample, done in zip(probed, made, strict=True)})
     except BrokenProcessPool:
         raise RunFailed("a worker process died while measuring the transform's output sizes "
                         "(killed, or out of memory?); nothing was written") from None
 
 
 def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
-                  options: ConvertOptions, store: OutputStore, executor: Executor
-                  ) -> list[ShardResult]:
-    """Write the unfinished shards, journaling each; results in plan order."""
+                  options: ConvertOptions, store: OutputStore, executor: Executor,
+                  probed: dict[str, Made]) -> list[ShardResult]:
+    """Write the unfinished shards, journaling each; results in plan order. `probed`: samples
+    the size probe already made."""
     expected = {shard.name: shard.expected_bytes for shard in shards}
     samples = {shard.name: shard.samples for shard in shards}
     progress = Progress(sum(expected.values()), "B", "writing shards", enabled=not options.quiet)
@@ -208,7 +224,7 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
     if options.transform.active:
         transform, limit = (options.transform, options.profile.geometry), options.shard_size
     # Largest first: the last shards to finish are small, so workers end together.
-    jobs = [shard_job(shard.name, shard.samples, transform, limit) for shard in sorted(
+    jobs = [shard_job(shard.name, shard.samples, transform, limit, probed) for shard in sorted(
         shards, key=lambda s: -s.expected_bytes) if shard.name not in finished]
 
     def follow_up(entry: dict) -> ShardJob | None:
@@ -219,7 +235,7 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
                           continuation_name(entry["shard"]))
         planned[shard.name], samples[shard.name], expected[shard.name] = shard, shard.samples, 0
         order.insert(order.index(entry["shard"]) + 1, shard.name)
-        return shard_job(shard.name, shard.samples, transform, limit)
+        return shard_job(shard.name, shard.samples, transform, limit, probed)
 
     def publish(entry: dict) -> None:
         """A shard is written (called by the one publishing thread): in place, then journaled.

@@ -27,9 +27,9 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from ..archives.reader import ArchiveReader
-from .shard import ShardJob, ShardSink, probe_shard, write_shard
+from .shard import Made, ShardJob, ShardSink, probe_shard, write_shard
 
-Probed = list[tuple[int, int, int, int] | None]  # see shard.probe_shard
+Probed = list[Made]  # see shard.probe_shard
 
 PR_SET_PDEATHSIG = 1
 UNPUBLISHED_PER_WORKER = 2  # shards written or being written, not yet durable

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -100,12 +101,14 @@ class ShardJob(NamedTuple):
     archives: tuple[Archive, ...]
     transform: tuple[TransformOptions, Geometry] | None = None  # None: sources' bytes as they are
     limit: int | None = None  # bytes: a sample that would pass it starts a continuation shard
+    made: dict[int, Made] | None = None  # samples the size probe already prepared, by index
 
 
 def shard_job(name: str, samples: tuple[Sample, ...],
               transform: tuple[TransformOptions, Geometry] | None = None,
-              limit: int | None = None) -> ShardJob:
-    """The job for a shard, its member locations read from the tables' columns in bulk."""
+              limit: int | None = None, made: Mapping[str, Made] | None = None) -> ShardJob:
+    """The job for a shard, its member locations read from the tables' columns in bulk;
+    `made` (by key) are samples already prepared (the size probe's), not transformed again."""
     refs = member_refs(samples)
     records, count = refs.records(), len(samples)
     locations = np.zeros(2 * count, LOCATION)
@@ -116,7 +119,9 @@ def shard_job(name: str, samples: tuple[Sample, ...],
     return ShardJob(name, [s.key for s in samples], [s.image_ext for s in samples],
                     [class_bytes(s.fields.label) for s in samples],
                     locations[:count], locations[count:], problems,
-                    tuple(table.archive for table in refs.tables), transform, limit)
+                    tuple(table.archive for table in refs.tables), transform, limit,
+                    {i: made[s.key] for i, s in enumerate(samples) if s.key in made}
+                    if made else None)
 
 
 def expand(samples: tuple[Sample, ...], entry: dict) -> ShardResult:
@@ -199,22 +204,24 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
     return entry
 
 
-def probe_shard(job: ShardJob, reader: ArchiveReader) -> list[tuple[int, int, int, int] | None]:
-    """Transform a job's samples without writing them: per sample (source image bytes, source
-    label bytes, written image bytes, written label bytes), or None for a sample the writer
-    would reject. What the planner's size estimate is measured on."""
+def probe_shard(job: ShardJob, reader: ArchiveReader) -> list[Made]:
+    """Transform a job's samples without writing them: what the planner's size estimate is
+    measured on (`probe_sizes`), kept so that the writer does not transform them again."""
     assert job.transform is not None
     images, labels = job.images.tolist(), job.labels.tolist()
-    found: list[tuple[int, int, int, int] | None] = []
-    for i in range(len(job.keys)):
-        sample = _prepared(job, i, images[i], labels[i], reader)
-        found.append(None if isinstance(sample, list) else (
-            sample.source_image_bytes, sample.source_label_bytes, len(sample.image),
-            len(sample.label)))
-    return found
+    return [_prepared(job, i, images[i], labels[i], reader) for i in range(len(job.keys))]
 
 
-class _Prepared(NamedTuple):
+def probe_sizes(made: Made) -> tuple[int, int, int, int] | None:
+    """(source image bytes, source label bytes, written image bytes, written label bytes) of a
+    probed sample, or None for one the writer rejects."""
+    if isinstance(made, list):
+        return None
+    return (made.source_image_bytes, made.source_label_bytes, len(made.image),
+            len(made.label))
+
+
+class PreparedSample(NamedTuple):
     """A sample ready for its shard: what is written, and what it was made from."""
 
     ext: str
@@ -226,9 +233,14 @@ class _Prepared(NamedTuple):
     source_label_bytes: int
 
 
+Made = PreparedSample | list  # a sample ready for its shard, or [reason, detail] of its reject
+
+
 def _prepared(job: ShardJob, i: int, image_location: tuple, label_location: tuple,
-              reader: ArchiveReader) -> _Prepared | list:
+              reader: ArchiveReader) -> PreparedSample | list:
     """Sample `i` of `job` read, checked and (if asked) transformed; or [reason, detail]."""
+    if job.made is not None and i in job.made:
+        return job.made[i]
     image = _member(job, image_location, job.problems.get((i, 0)))
     label = _member(job, label_location, job.problems.get((i, 1)))
     payloads = _read_sample(reader, image, label, job.image_exts[i])
@@ -237,7 +249,7 @@ def _prepared(job: ShardJob, i: int, image_location: tuple, label_location: tupl
     image_bytes, label_bytes = payloads
     ext = job.image_exts[i]
     if job.transform is None:
-        return _Prepared(ext, image_bytes, label_bytes, image.crc32, [], len(image_bytes),
+        return PreparedSample(ext, image_bytes, label_bytes, image.crc32, [], len(image_bytes),
                          len(label_bytes))
     from ..transform.sample import ImageError, LabelError, transform_sample  # Pillow: if needed
 
@@ -249,7 +261,7 @@ def _prepared(job: ShardJob, i: int, image_location: tuple, label_location: tupl
         return [Reason.BAD_LABEL, str(error)]
     placement = [done.width, done.height, done.source_width, done.source_height,
                  *(done.crop_box or NO_BOX), done.unmapped_point_lists, done.scale]
-    return _Prepared(job.transform[0].output_ext(ext), done.image, done.label,
+    return PreparedSample(job.transform[0].output_ext(ext), done.image, done.label,
                      deflate.crc32(done.image), placement, len(image_bytes), len(label_bytes))
 
 
