@@ -7,7 +7,6 @@ the stages in order, checks the command's paths before any work, and sums the ru
 
 from __future__ import annotations
 
-import errno
 import functools
 import importlib
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 from . import __version__
 from .archives.reader import ArchiveReader
 from .archives.zipdir import Index
-from .errors import NotEnoughSpace, RunFailed, UsageError
+from .errors import DISK_FULL, NotEnoughSpace, RunFailed, UsageError
 from .output.store import (
     CARD,
     MANIFEST,
@@ -66,7 +65,6 @@ from .write.shard import (
 )
 from .write.tar import TAR_END_SIZE, estimated_sample_bytes, planned_sample_bytes
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk check
 OUTPUT_TABLES = "shardify.output.manifest"
 

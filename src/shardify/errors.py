@@ -5,7 +5,11 @@ Messages are written for the user: the CLI prints them on one line, never a trac
 
 from __future__ import annotations
 
+import errno
+
 from .rejects import Reason
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos of a full disk or quota (exit 3)
 
 
 class UsageError(Exception):

@@ -35,7 +35,7 @@ import numpy as np
 import orjson
 
 from . import __version__
-from .errors import ExportFailed, NotEnoughSpace, UsageError
+from .errors import DISK_FULL, ExportFailed, NotEnoughSpace, UsageError
 from .output.store import MANIFEST, nearest_existing
 from .pathnames import path_text
 from .profiles import Geometry
@@ -186,7 +186,6 @@ def export(options: ExportOptions) -> ExportReport:
     """Write the selected samples of one split under DIR; see the module docstring."""
     import pyarrow.compute as pc
 
-    from .convert import DISK_FULL
     from .output.manifest import profile_of, read_schema
     from .rows import manifest_rows
 

@@ -2,8 +2,9 @@
 
 How samples reach Ray: the split's selected manifest rows become the dataset's blocks, one block
 per shard, and `map_batches` tasks read each batch's samples with one pread per sample at the
-row's `offset` (`loader.read_members`). So only the selected samples' bytes are read, in shard
-order, spread over Ray's workers, and every row already has its manifest columns. The
+row's `offset` (`write.tar.read_sample`; each shard opened once per batch). So only the selected
+samples' bytes are read, in shard order, spread over Ray's workers, and every row already has
+its manifest columns. The
 alternative, `ray.data.read_webdataset` over the shards `select` needs, reads every member of
 those shards (unselected samples too), gives no manifest columns without a join (a shuffle of
 the whole split), and its default decoding fails on a split mixing CT and photo shards (see
@@ -12,12 +13,14 @@ README). The shards must be readable at OUT's path on every Ray node (a shared d
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
 
-from .rows import Select, check_decode, decode_image, read_members, selected_rows, shard_spans
+from .rows import Select, check_decode, decode_image, selected_rows, shard_spans
+from .write.tar import LABEL_EXT, read_sample
 
 if TYPE_CHECKING:
     import ray.data
@@ -59,10 +62,15 @@ class ReadBatch:
         from ray.data.extensions import ArrowVariableShapedTensorArray
 
         images, labels = [], []
-        for row in batch.to_pylist():
-            members = read_members(self.out / row["shard"], row)
-            images.append(decode_image(members[row["image_ext"]], self.decode))
-            labels.append(members["json"].decode("utf-8"))
+        with ExitStack() as opened:
+            shards: dict[str, int] = {}  # each shard of the batch opened once
+            for row in batch.to_pylist():
+                if row["shard"] not in shards:
+                    shards[row["shard"]] = opened.enter_context(
+                        open(self.out / row["shard"], "rb")).fileno()
+                members = read_sample(shards[row["shard"]], row)
+                images.append(decode_image(members[row["image_ext"]], self.decode))
+                labels.append(members[LABEL_EXT].decode("utf-8"))
         image_column = (pa.array(images, pa.binary()) if self.decode == "raw"
                         else ArrowVariableShapedTensorArray.from_numpy(images))
         return batch.append_column("image", image_column).append_column(
