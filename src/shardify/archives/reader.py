@@ -57,10 +57,15 @@ class ArchiveReader:
         return self
 
     def __exit__(self, *_: object) -> None:
+        self.close_files()
+        self._inflated.clear()
+
+    def close_files(self) -> None:
+        """Close every cached descriptor: a source deleted while open would keep its space
+        until then (`--consume-sources`)."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self._inflated.clear()
 
     def pread(self, archive: Archive, size: int, offset: int) -> bytes:
         """Up to `size` bytes at `offset` of the archive (fewer only at its end)."""

@@ -59,7 +59,10 @@ class Inline:
 
     def submit(self, job: ShardJob, sink: ShardSink) -> Future[dict]:
         written: Future[dict] = Future()
-        written.set_result(write_shard(job, sink, self.reader))
+        try:
+            written.set_result(write_shard(job, sink, self.reader))
+        finally:
+            self.reader.close_files()  # a source released after this shard frees its space
         return written
 
     def probe(self, job: ShardJob) -> Future[Probed]:
@@ -173,7 +176,11 @@ def _worker_setup(parent: int) -> None:
 
 
 def _write_job(job: ShardJob, sink: ShardSink) -> dict:
-    return write_shard(job, sink, _worker_reader())
+    reader = _worker_reader()
+    try:
+        return write_shard(job, sink, reader)
+    finally:
+        reader.close_files()  # a source released after this shard frees its space
 
 
 def _probe_job(job: ShardJob) -> Probed:
