@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ import orjson
 
 from . import __version__
 from .errors import Terminated, UsageError
-from .output.store import REJECTS
+from .output.store import CONSUMED, REJECTS
 from .pathnames import path_text
 from .profiles import get_profile
 from .progress import human_bytes
@@ -169,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--no-space-check", dest="space_check", action="store_false",
                       help="write even if OUT's disk looks too small for the output")
     conv.add_argument("--quiet", action="store_true", help="no progress output")
+    conv.add_argument("--consume-sources", action="store_true",
+                      help="delete each source zip (each .partN piece; holes punched in a "
+                      "download.tar) once everything in it is in durable shards, so full-size "
+                      "shards fit on the download's own drive; sources holding any reject are "
+                      "kept. Asks first on a terminal")
+    conv.add_argument("--yes", action="store_true",
+                      help="agree to --consume-sources without being asked (needed without a "
+                      "terminal)")
     shaping = conv.add_argument_group(
         "image transforms", "done in the workers while converting; labels follow the pixels\n"
         "(coordinates mapped, image_info.width/height set to the written size).\n"
@@ -338,6 +347,9 @@ def _convert(args: argparse.Namespace) -> int:
     from .errors import NotEnoughSpace, RunFailed
     from .transform.options import TransformOptions
 
+    if args.consume_sources and not args.yes and not sys.stdin.isatty():
+        raise UsageError("--consume-sources deletes the sources as they are converted: without "
+                         "a terminal to ask on, give --yes to agree")
     options = ConvertOptions(
         sources=args.sources, out=args.out, shard_size=args.shard_size, split=args.split.text,
         ratios=args.split.ratios, seed=args.seed, manifest=args.manifest, strict=args.strict,
@@ -345,6 +357,8 @@ def _convert(args: argparse.Namespace) -> int:
         workers=args.workers,
         transform=TransformOptions(args.crop, args.crop_margin, args.resize, args.format,
                                    args.quality),
+        consume_sources=args.consume_sources,
+        confirm=functools.partial(_confirm, asked=not args.yes),
     )
     try:
         report = convert(options)
@@ -356,6 +370,18 @@ def _convert(args: argparse.Namespace) -> int:
         return EXIT_NO_SPACE
     print(format_report(report))
     return EXIT_REJECTS if args.strict and report.rejects else EXIT_OK
+
+
+def _confirm(plan: str, *, asked: bool) -> bool:
+    """Show what --consume-sources will delete; on a terminal (without --yes) ask once."""
+    print(plan, file=sys.stderr)
+    if not asked:
+        return True
+    try:
+        answer = input("Delete these sources as they are converted? [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in {"y", "yes"}
 
 
 def format_report(report: ConvertReport) -> str:
@@ -401,6 +427,13 @@ def format_report(report: ConvertReport) -> str:
     lines.append(f"  bytes in: {human_bytes(summary['bytes_in'])} from "
                  f"{len(summary['archives'])} archives; bytes out: "
                  f"{human_bytes(summary['bytes_out'])}")
+    consumed = report.consumed
+    if consumed is not None:
+        lines.append(f"  sources released: {len(consumed['released'])} "
+                     f"({human_bytes(consumed['bytes_freed'])} freed; "
+                     f"{consumed['released_now']} by this run) -> "
+                     f"{path_text(report.out / CONSUMED)}")
+        lines += [f"  kept: {name}: {why}" for name, why in consumed["kept"].items()]
     return "\n".join(lines)
 
 
@@ -437,11 +470,16 @@ def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_output
 
     try:
-        checked, problems = verify_output(args.out, args.sources)
+        checked, problems, released = verify_output(args.out, args.sources)
     except (OutputMissing, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
+    if released:
+        print(f"verify: {released} samples not compared with their sources: those were "
+              "released by convert --consume-sources (see consumed.json)")
     if not problems:
         against = " and their sources" if args.sources else ""
+        if released:
+            against = f", {checked - released} of them their sources too"
         print(f"verify: OK: {checked} samples in {path_text(args.out)} match their "
               f"manifest{against}")
         return EXIT_OK

@@ -22,9 +22,19 @@ from pathlib import Path
 from . import __version__
 from .archives.reader import ArchiveReader
 from .archives.zipdir import Index
+from .consume import (
+    Consumption,
+    SavedPlan,
+    consumption_plan_text,
+    dump_plan,
+    load_plan,
+    on_drive,
+    start_consuming,
+)
 from .errors import DISK_FULL, NotEnoughSpace, RunFailed, UsageError
 from .output.store import (
     CARD,
+    CONSUMED,
     MANIFEST,
     REJECTS,
     SUMMARY,
@@ -43,6 +53,7 @@ from .output.store import (
 from .pathnames import path_text
 from .plan.fingerprint import plan_fingerprint
 from .plan.pairing import Pairing, Sample
+from .plan.release import peak_growth, release_order
 from .plan.shards import SHARD_KINDS, PlannedShard, ShardSizes, continued, plan_shards
 from .plan.split import SPLITS, assign_splits, group_strata
 from .profiles import DatasetProfile, get_profile
@@ -51,7 +62,7 @@ from .rejects import Reject
 from .scan import archive_table, survey
 from .transform.estimate import PROBES_PER_JOB, Ratios, probe_samples, size_ratios
 from .transform.options import TransformOptions
-from .write.executor import Executor, Inline, local_executor, write_shards
+from .write.executor import UNPUBLISHED_PER_WORKER, Executor, Inline, local_executor, write_shards
 from .write.label_types import NULL, merge
 from .write.shard import (
     CROP_BOX,
@@ -87,6 +98,8 @@ class ConvertOptions:
     workers: int = 1
     profile: DatasetProfile = field(default_factory=get_profile)
     transform: TransformOptions = field(default_factory=TransformOptions)
+    consume_sources: bool = False
+    confirm: Callable[[str], bool] | None = None  # asked before consuming; None: agreed
 
     def shaping(self) -> dict:
         """The options that decide the shards' bytes; a resumed run must use the same."""
@@ -105,6 +118,7 @@ class ConvertReport:
     rejects: list[Reject] = field(default_factory=list)
     seconds: float = 0.0
     resumed_shards: int = 0
+    consumed: dict | None = None  # what --consume-sources released and kept (consumed.json)
 
 
 def convert(options: ConvertOptions) -> ConvertReport:
@@ -114,34 +128,44 @@ def convert(options: ConvertOptions) -> ConvertReport:
     store = OutputStore(out)
     _check_output_folder(store, options.sources)
     _check_manifest_path(options.manifest, options.sources, out)
+    if options.consume_sources and options.transform.active:
+        raise UsageError("--consume-sources keeps every source byte in the shards: it cannot be "
+                         "combined with --crop, --resize, --format or --quality (the originals "
+                         "would be lost)")
     lock = None
+    consumption: Consumption | None = None
     try:
         with local_executor(options.workers) as pool, ArchiveReader() as reader:
-            index, pairing = survey(options.sources, reader, profile, quiet=options.quiet)
+            saved = _saved_plan(store, options)
+            if saved is None:
+                index, pairing, shards, probed = _plan(options, reader, pool or Inline(reader))
+            else:
+                index, pairing, shards, probed = saved.index, saved.pairing, saved.shards, {}
             rejects = index.rejects + pairing.all_rejects()
-            split_of_group = assign_splits(group_strata(pairing.samples, profile),
-                                           options.ratios, options.seed)
-            sample_bytes: Callable[[Sample], int] = planned_sample_bytes
-            probed: dict[str, Made] = {}
-            if options.transform.active:
-                ratios, probed = _measure_transform(pairing.samples, options,
-                                                    pool or Inline(reader))
-                sample_bytes = estimated_sample_bytes(ratios)
-            shards = plan_shards(pairing.samples, split_of_group, options.shard_size, profile,
-                                 ShardSizes(sample_bytes, TAR_END_SIZE,
-                                            lambda s: options.transform.output_ext(s.image_ext)),
-                                 shard_name)
             run = RunRecord(plan_fingerprint(shards, options.shaping()), options.shaping())
             finished, continuations = _reusable_shards(store, run, shards, options.overwrite)
             shards = _with_continuations(shards, continuations)
             todo = [shard for shard in shards if shard.name not in finished]
-            if options.space_check:
+            if options.consume_sources or saved is not None:
+                consumption = start_consuming(store, index, pairing, shards, finished, profile,
+                                              options.consume_sources)
+            if options.consume_sources and consumption is not None:
+                todo = release_order(consumption.plan, todo, set(finished))
+                _agree_to_consume(options, store, consumption, todo, len(pairing.samples))
+                reader.close_files()  # the survey's descriptors: a deleted source frees now
+            elif options.space_check:
                 _check_space(store, todo, len(pairing.samples))
             lock = _claim(store)
-            store.start_run(run, keep_journal=bool(finished))
+            store.start_run(run, keep_journal=bool(finished) or saved is not None)
+            if options.consume_sources and saved is None:
+                store.save_plan(dump_plan(SavedPlan(__version__, options.sources,
+                                                    options.shaping(), index, pairing, shards)))
             store.prepare(keep=set(finished))
+            if consumption is not None:
+                consumption.release_ready()
             results = _write_shards(shards, finished, options, store, pool or Inline(reader),
-                                    probed)
+                                    probed, todo if options.consume_sources else None,
+                                    consumption.published if consumption else None)
     finally:
         if lock is not None:
             store.remove_staged_shards()  # after the workers are gone: none can be writing
@@ -150,8 +174,9 @@ def convert(options: ConvertOptions) -> ConvertReport:
     rejects += [reject for result in results for reject in result.rejects]
     summary = _summary(options, index, pairing, results, rejects)
     del index, pairing, shards  # the results hold what the manifest needs
+    consumed = consumption.outcome() if consumption is not None else None
     try:
-        _write_index_files(options, store, results, rejects, summary)
+        _write_index_files(options, store, results, rejects, summary, consumed)
     except OSError as error:
         if error.errno in DISK_FULL:
             raise NotEnoughSpace(f"disk full on {path_text(out)} while writing the manifest: "
@@ -159,11 +184,80 @@ def convert(options: ConvertOptions) -> ConvertReport:
                                  "command") from None
         raise
     return ConvertReport(out, summary, profile.group_unit, rejects, time.monotonic() - started,
-                         len(finished))
+                         len(finished), consumed)
+
+
+def _plan(options: ConvertOptions, reader: ArchiveReader, executor: Executor
+          ) -> tuple[Index, Pairing, list[PlannedShard], dict[str, Made]]:
+    """Survey the sources, split by group and cut the shards (measuring a transform's output
+    sizes on a few samples first: those samples are kept, made, for the writer)."""
+    profile = options.profile
+    index, pairing = survey(options.sources, reader, profile, quiet=options.quiet)
+    split_of_group = assign_splits(group_strata(pairing.samples, profile), options.ratios,
+                                   options.seed)
+    sample_bytes: Callable[[Sample], int] = planned_sample_bytes
+    probed: dict[str, Made] = {}
+    if options.transform.active:
+        ratios, probed = _measure_transform(pairing.samples, options, executor)
+        sample_bytes = estimated_sample_bytes(ratios)
+    shards = plan_shards(pairing.samples, split_of_group, options.shard_size, profile,
+                         ShardSizes(sample_bytes, TAR_END_SIZE,
+                                    lambda s: options.transform.output_ext(s.image_ext)),
+                         shard_name)
+    return index, pairing, shards, probed
+
+
+def _saved_plan(store: OutputStore, options: ConvertOptions) -> SavedPlan | None:
+    """The plan a consuming run saved in OUT, if this run continues it. A run that released
+    sources can only be continued: re-planning would need the sources it deleted."""
+    data = store.read_plan() if store.is_output() else None
+    if data is None:
+        return None
+    released = len(store.releases())
+    shown = path_text(store.root)
+    plan = load_plan(data)
+    if options.overwrite:
+        if released:
+            raise UsageError(f"{shown} holds the only copy of {released} source files released "
+                             "by --consume-sources; --overwrite would discard them: choose "
+                             "another --out")
+        return None
+    same = plan is not None and plan.shardify == __version__ \
+        and plan.sources == options.sources and plan.shaping == options.shaping()
+    if same:
+        return plan
+    if released:
+        why = ("its saved plan is damaged" if plan is None else
+               f"it was written by shardify {plan.shardify}" if plan.shardify != __version__
+               else "it was run with other SOURCE arguments or options")
+        raise UsageError(f"{shown} is a conversion that consumed {released} of its source "
+                         f"files, and {why}: re-run the same command (same SOURCE arguments, "
+                         "options and shardify version) to finish it")
+    return None
+
+
+def _agree_to_consume(options: ConvertOptions, store: OutputStore, consumption: Consumption,
+                      todo: list[PlannedShard], samples: int) -> None:
+    """Say what will be deleted and the disk use expected; check the space for the worst point
+    of the plan; ask (`options.confirm`) before anything is deleted."""
+    tracker = consumption.tracker
+    drive = on_drive(consumption.plan.units, nearest_existing(store.root))
+    waiting = {u: names for u, names in tracker.waiting.items() if u in drive}
+    peak = peak_growth(consumption.plan, waiting, todo, UNPUBLISHED_PER_WORKER * options.workers)
+    needed = peak + samples * MANIFEST_ROW_BYTES
+    free = store.free_bytes()
+    if options.space_check and needed > free:
+        raise NotEnoughSpace(f"not enough space on {path_text(store.root)}, even deleting the "
+                             f"sources as they are converted: at the worst point the run needs "
+                             f"about {human_bytes(needed)} more, {human_bytes(free)} is free "
+                             "(--no-space-check to try anyway)")
+    text = consumption_plan_text(consumption, todo, needed, free)
+    if options.confirm is not None and not options.confirm(text):
+        raise UsageError("not confirmed: nothing was deleted or written")
 
 
 def _write_index_files(options: ConvertOptions, store: OutputStore, results: list[ShardResult],
-                       rejects: list[Reject], summary: dict) -> None:
+                       rejects: list[Reject], summary: dict, consumed: dict | None) -> None:
     """Manifest, rejects, wids indexes and the dataset card, each atomically; summary.json
     last, as the sign of done."""
     from .output.card import dataset_card
@@ -181,6 +275,8 @@ def _write_index_files(options: ConvertOptions, store: OutputStore, results: lis
             store.remove(name)
         else:
             store.write_json(name, index)
+    if consumed is not None:
+        store.write_json(CONSUMED, consumed)
     if options.manifest is not None:
         write_parquet_atomically(options.manifest, manifest)
         write_atomically(summary_beside(options.manifest), json_bytes(summary))
@@ -206,9 +302,11 @@ def _measure_transform(samples: list[Sample], options: ConvertOptions, executor:
 
 def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
                   options: ConvertOptions, store: OutputStore, executor: Executor,
-                  probed: dict[str, Made]) -> list[ShardResult]:
+                  probed: dict[str, Made], write_order: list[PlannedShard] | None = None,
+                  published: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
     """Write the unfinished shards, journaling each; results in plan order. `probed`: samples
-    the size probe already made."""
+    the size probe already made; `write_order`: the order to write them in (largest first if not
+    given); `published(result)` is called once each is durable and journaled."""
     expected = {shard.name: shard.expected_bytes for shard in shards}
     samples = {shard.name: shard.samples for shard in shards}
     progress = Progress(sum(expected.values()), "B", "writing shards", enabled=not options.quiet)
@@ -222,8 +320,9 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
     if options.transform.active:
         transform, limit = (options.transform, options.profile.geometry), options.shard_size
     # Largest first: the last shards to finish are small, so workers end together.
-    jobs = [shard_job(shard.name, shard.samples, transform, limit, probed) for shard in sorted(
-        shards, key=lambda s: -s.expected_bytes) if shard.name not in finished]
+    jobs = [shard_job(shard.name, shard.samples, transform, limit, probed) for shard in (
+        write_order if write_order is not None else sorted(shards, key=lambda s: -s.expected_bytes))
+        if shard.name not in finished]
 
     def follow_up(entry: dict) -> ShardJob | None:
         """The continuation of a shard that had no room for all its samples (this thread)."""
@@ -248,6 +347,8 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
             store.discard_staged_shard(entry["shard"])
         store.append_journal(entry)
         results[entry["shard"]] = expand(samples[entry["shard"]], entry)
+        if published is not None:
+            published(results[entry["shard"]])
         progress.advance(expected[entry["shard"]])
 
     # The manifest's modules (pyarrow) are imported while the workers write, not before the

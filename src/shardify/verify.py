@@ -23,6 +23,7 @@ from .archives.discovery import find_archives
 from .archives.model import Member
 from .archives.reader import ArchiveReader
 from .archives.zipdir import index_archives
+from .consume import released_archives
 from .errors import BadLabel, OutputMissing, UnusableIndex
 from .output.manifest import manifest_schema, profile_of, read_parquet
 from .output.store import MANIFEST, SUMMARY, OutputStore
@@ -50,8 +51,10 @@ class Problem:
         return f"{self.where}: {self.what}"
 
 
-def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, list[Problem]]:
-    """(samples checked, problems found) for the output folder `out`.
+def verify_output(out: Path, sources: list[str] | None = None
+                  ) -> tuple[int, list[Problem], int]:
+    """(samples checked, problems found, samples not compared with their sources because
+    `convert --consume-sources` released them) for the output folder `out`.
 
     A manifest or summary that is missing (but not both), unreadable or incomplete is a problem
     like any other; with neither, `out` is not an output (OutputMissing).
@@ -62,7 +65,7 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
     try:
         rows, summary, profile = _read_index_files(out)
     except UnusableIndex as error:
-        return 0, [Problem(error.where, error.what)]
+        return 0, [Problem(error.where, error.what)], 0
     expected: dict[str, dict[str, dict]] = {row["shard"]: {} for row in rows}
     for row in rows:
         expected[row["shard"]][row["key"]] = row
@@ -76,11 +79,19 @@ def verify_output(out: Path, sources: list[str] | None = None) -> tuple[int, lis
             problems += _check_shard(out / shard, shard, expected[shard], label_crcs, profile)
     problems += _check_leakage(rows, profile)
     problems += _check_counts(rows, summary)
+    released = 0
     if sources is not None:
         transform = summary["options"].get("transform")
-        problems += _check_sources(rows, sources, label_crcs, out,
-                                   None if transform is None else (transform, profile))
-    return len(rows), problems
+        gone = released_archives(OutputStore(out))
+        kept = [row for row in rows
+                if row["source_archive"] not in gone and row["label_archive"] not in gone]
+        released = len(rows) - len(kept)
+        if gone:  # a SOURCE argument that was a released file itself is gone
+            sources = [source for source in sources if os.path.lexists(source)]
+        if kept:
+            problems += _check_sources(kept, sources, label_crcs, out,
+                                       None if transform is None else (transform, profile))
+    return len(rows), problems, released
 
 
 def _read_index_files(out: Path) -> tuple[list[dict], dict, DatasetProfile]:

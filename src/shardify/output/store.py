@@ -30,10 +30,13 @@ MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
 SUMMARY = "summary.json"
 CARD = "README.md"  # the dataset card (see output.card)
+CONSUMED = "consumed.json"  # what --consume-sources released and kept
 STATE_DIR = ".shardify"
 RUN_FILE = "run.json"
 JOURNAL_FILE = "journal.jsonl"
 LOCK_FILE = "lock"
+PLAN_FILE = "plan.pickle"  # a consuming run's plan: it resumes without the sources it released
+RELEASES_FILE = "released.jsonl"  # the sources a consuming run released, one line each
 PARQUET_MAGIC = b"PAR1"
 MANIFEST_MARKER = b"shardify"  # a key of the manifest's metadata (see output.manifest)
 MAX_SUMMARY_BYTES = 64 * 2**20  # far above a real summary; a larger file is not one
@@ -43,7 +46,8 @@ def wids_index_name(split: str) -> str:
     return f"{split}.wids.json"
 
 
-INDEX_FILES = (MANIFEST, REJECTS, CARD, SUMMARY, *(wids_index_name(split) for split in SPLITS))
+INDEX_FILES = (MANIFEST, REJECTS, CARD, CONSUMED, SUMMARY,
+               *(wids_index_name(split) for split in SPLITS))
 
 
 def shard_glob(split: str) -> str:
@@ -280,17 +284,49 @@ class OutputStore:
         """Record the run that owns OUT, durably; the journal is kept only for the same run."""
         self.state.mkdir(parents=True, exist_ok=True)
         if not keep_journal:
-            (self.state / JOURNAL_FILE).unlink(missing_ok=True)
+            for name in (JOURNAL_FILE, PLAN_FILE, RELEASES_FILE):
+                (self.state / name).unlink(missing_ok=True)
         write_atomically(self.state / RUN_FILE, record.to_json())
 
     def append_journal(self, entry: dict) -> None:
         """Record a finished shard's entry, flushed to disk before the shard counts as done."""
-        fd = os.open(self.state / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._append_line(JOURNAL_FILE, entry)
+
+    def _append_line(self, name: str, entry: dict) -> None:
+        fd = os.open(self.state / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, orjson.dumps(entry) + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def save_plan(self, data: bytes) -> None:
+        """Keep a consuming run's plan in OUT, durably, before any source is released."""
+        write_atomically(self.state / PLAN_FILE, data)
+
+    def read_plan(self) -> bytes | None:
+        path = self.state / PLAN_FILE
+        return path.read_bytes() if path.is_file() else None
+
+    def append_release(self, entry: dict) -> None:
+        """Record a released source (after it is gone: a crash before this line is seen on
+        resume as a source missing whose shards are all done)."""
+        self._append_line(RELEASES_FILE, entry)
+
+    def releases(self) -> list[dict]:
+        """The sources released into OUT so far (a torn last line is skipped)."""
+        path = self.state / RELEASES_FILE
+        if not path.is_file():
+            return []
+        found = []
+        for line in path.read_bytes().splitlines():
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("unit"), str):
+                found.append(entry)
+        return found
 
     def journal(self) -> Iterator[dict]:
         """The journal's entries whose shard file still has the recorded size and tail CRC.
