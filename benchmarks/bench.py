@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import contextlib
 import os
 import shutil
 import subprocess
@@ -134,6 +135,68 @@ def transforms(cache: Path, workers: str) -> dict[str, dict]:
     return found
 
 
+PIECE = 64 * 2**20  # the download tool's 1 GiB pieces, scaled to this 2 GB set
+
+
+def allocated(folders: list[Path]) -> int:
+    """Bytes allocated on disk to every file below `folders` (holes and deleted files: none)."""
+    total = 0
+    for folder in folders:
+        for path in folder.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):  # deleted while listed
+                total += path.lstat().st_blocks * 512
+    return total
+
+
+def with_disk_peak(command: list[str], folders: list[Path]) -> dict:
+    """`measure`, plus the peak of the bytes allocated below `folders` (sampled every 20 ms)."""
+    start, peak, stop = allocated(folders), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], allocated(folders))
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = measure(command)
+    finally:
+        stop.set()
+        sampler.join()
+    return {**result, "disk_start_mb": start / 2**20, "disk_peak_mb": peak[0] / 2**20,
+            "disk_end_mb": allocated(folders) / 2**20}
+
+
+def consuming(cache: Path, workers: str) -> dict[str, dict]:
+    """Peak disk use (sources + output) and wall time: a plain convert, then --consume-sources,
+    of the 2 GB set as 64 MiB pieces, into 128 MiB shards."""
+    source, out = cache / "consume-src", cache / "consume-out"
+    results: dict[str, dict] = {}
+    print("\nfull-size shards on the download's own drive: 2 GB set as 64 MiB pieces, "
+          "128 MiB shards", flush=True)
+    for name, extra in (("plain", []), ("consuming", ["--consume-sources", "--yes"])):
+        fresh(source)
+        for zip_path in sorted((cache / "big").rglob("*.zip")):
+            folder = source / zip_path.parent.name
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(zip_path, "rb") as handle:
+                offset = 0
+                while chunk := handle.read(PIECE):
+                    (folder / f"{zip_path.name}.part{offset}").write_bytes(chunk)
+                    offset += len(chunk)
+        fresh(out)
+        results[f"consume_{name}"] = run = with_disk_peak(
+            [*SHARDIFY, "convert", str(source), "--out", str(out), "--workers", workers,
+             "--quiet", "--shard-size", "128MiB", *extra], [source, out])
+        print(f"{row(f'convert, {name}', run)}\n    disk (sources + output): "
+              f"{run['disk_start_mb']:.0f} MB at the start, peak {run['disk_peak_mb']:.0f} MB, "
+              f"{run['disk_end_mb']:.0f} MB at the end", flush=True)
+    fresh(source)
+    fresh(out)
+    return results
+
+
 def zipfile_names(folder: Path) -> list[str]:
     import zipfile
 
@@ -204,6 +267,7 @@ def main() -> None:
           flush=True)
 
     results.update(transforms(cache, workers))
+    results.update(consuming(cache, workers))
 
     tiny = cache / "tiny"
     print("\n~400k pairs (800k members), tiny payloads", flush=True)
@@ -232,6 +296,12 @@ def main() -> None:
         **{f"{how} convert/{other}": results[f"{how}_convert"]["seconds"]
            / results[f"{how}_{other}"]["seconds"]
            for how in TRANSFORMS for other in ("baseline", "floor")},
+        # Issue 15's: the disk a full-size conversion needs beyond the download, and its cost.
+        "consume disk growth/plain": (results["consume_consuming"]["disk_peak_mb"]
+                                      - results["consume_consuming"]["disk_start_mb"])
+        / (results["consume_plain"]["disk_peak_mb"] - results["consume_plain"]["disk_start_mb"]),
+        "consume time/plain": results["consume_consuming"]["seconds"]
+        / results["consume_plain"]["seconds"],
     }
     # Issue 12's targets: no worse than before the code was reshaped into seams. The floor a
     # target is set against makes its output durable, as convert does; the one that leaves it in
@@ -244,6 +314,8 @@ def main() -> None:
     for name, value in ratios.items():
         target = (f"<= {targets[name]}" if name in targets else
                   "flat ~1.0" if name.startswith("peak") else
+                  "lower is better" if name.startswith("consume disk") else
+                  "~1.0" if name.startswith("consume time") else
                   "no target" if "page cache" in name else "higher is better")
         verdict = "" if name not in targets else ("  ok" if value <= targets[name] else "  MISSED")
         print(f"  {name:<30} {value:6.2f}  ({target}){verdict}")
