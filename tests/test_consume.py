@@ -32,7 +32,10 @@ from test_downloads import (
     zip_bytes,
 )
 
+from shardify.archives.model import Extent
 from shardify.cli import main
+from shardify.plan.release import ReleasePlan, ReleaseUnit, peak_growth, release_order
+from shardify.plan.shards import PlannedShard
 from shardify.synth import ZIP_DEFLATED, ZIP_STORED, ZipEntry, flip_byte, write_zip
 
 SHARD_SIZE = "64KiB"
@@ -539,3 +542,33 @@ def test_download_tar_on_a_filesystem_without_holes_is_kept_whole(
         assert "cannot punch holes: the tar is kept whole" in said
         assert (ram / "data" / "download.tar").read_bytes() == original
         assert len(read_shards(ram / "out")) == 4 * 18
+
+
+# --- the plan's arithmetic (pure) ------------------------------------------------------------
+
+
+def _plan_of(sizes: list[int], needs: list[set[str]]) -> ReleasePlan:
+    units = [ReleaseUnit(f"{i}.zip", (Extent(Path(f"{i}.zip"), 0, size),), True)
+             for i, size in enumerate(sizes)]
+    return ReleasePlan(units, [frozenset(n) for n in needs], {}, [()] * len(units), {}, {}, {})
+
+
+def test_peak_growth_counts_the_shards_in_flight_and_the_releases_before_them() -> None:
+    """Unit 0 (100 B) waits for s1, unit 1 (50 B) for s2 and s3. With one shard in flight the
+    worst point is writing s1 or s3 (+80 B); with two, writing s1 while s2 is written too."""
+    plan = _plan_of([100, 50], [{"s1"}, {"s2", "s3"}])
+    order = [PlannedShard(name, "train", (), size)
+             for name, size in (("s1", 80), ("s2", 60), ("s3", 40))]
+    waiting = {0: {"s1"}, 1: {"s2", "s3"}}
+    assert peak_growth(plan, waiting, order, 1) == 80
+    assert peak_growth(plan, waiting, order, 2) == 140
+    assert peak_growth(plan, {}, order, 1) == 180  # sources on another drive: no help
+
+
+def test_release_order_writes_first_what_frees_most_per_byte() -> None:
+    """Unit 0 frees 100 B for 40 B of shards (s3), unit 1 50 B for 80 B (s1): s3 first, then
+    s1; s2, which no unit waits for, last."""
+    plan = _plan_of([100, 50], [{"s3"}, {"s1"}])
+    todo = [PlannedShard(name, "train", (), size)
+            for name, size in (("s1", 80), ("s2", 60), ("s3", 40))]
+    assert [shard.name for shard in release_order(plan, todo, set())] == ["s3", "s1", "s2"]

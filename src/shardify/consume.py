@@ -17,15 +17,15 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from .archives.zipdir import Index
 from .errors import UsageError
 from .output.store import OutputStore, fsync_folder
 from .pathnames import path_text
-from .plan.pairing import FileTypes, Pairing
+from .plan.pairing import Pairing
 from .plan.release import ReleasePlan, ReleaseTracker, ReleaseUnit, release_plan
 from .plan.shards import PlannedShard
-from .profiles import DatasetProfile
 from .progress import human_bytes
 from .write.shard import ShardResult
 
@@ -50,8 +50,8 @@ class SavedPlan:
     shards: list[PlannedShard]
 
 
-def dump_plan(plan: SavedPlan) -> bytes:
-    return pickle.dumps((PLAN_FORMAT, plan), protocol=pickle.HIGHEST_PROTOCOL)
+def dump_plan(plan: SavedPlan, handle: BinaryIO) -> None:
+    pickle.dump((PLAN_FORMAT, plan), handle, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def load_plan(data: bytes) -> SavedPlan | None:
@@ -125,12 +125,12 @@ class Consumption:
 
 def start_consuming(store: OutputStore, index: Index, pairing: Pairing,
                     shards: list[PlannedShard], finished: dict[str, ShardResult],
-                    profile: DatasetProfile, delete: bool) -> Consumption:
+                    delete: bool) -> Consumption:
     """The release plan with what earlier runs did: units already released (by name), rejects
     found in finished shards; tars whose filesystem cannot punch holes kept whole. Refuses
     (UsageError) sources that may not be deleted, and a source missing that a shard still
     needs."""
-    plan = release_plan(index, pairing, shards, FileTypes.of(profile))
+    plan = release_plan(index, pairing, shards)
     unit_of_name = {unit.name: u for u, unit in enumerate(plan.units)}
     released = {unit_of_name[entry["unit"]] for entry in store.releases()
                 if entry["unit"] in unit_of_name}
@@ -139,7 +139,7 @@ def start_consuming(store: OutputStore, index: Index, pairing: Pairing,
         kept = _unpunchable(plan, released)
         refuse_unconsumable([plan.units[u] for u in plan.releasable()
                              if u not in released and u not in kept])
-    tracker = ReleaseTracker(plan, set(finished), kept, released)
+    tracker = ReleaseTracker(plan, shards, set(finished), kept, released)
     for result in finished.values():
         tracker.shard_done(result.name, result.rejects)
     _refuse_missing(plan, tracker)

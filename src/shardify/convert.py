@@ -147,7 +147,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
             shards = _with_continuations(shards, continuations)
             todo = [shard for shard in shards if shard.name not in finished]
             if options.consume_sources or saved is not None:
-                consumption = start_consuming(store, index, pairing, shards, finished, profile,
+                consumption = start_consuming(store, index, pairing, shards, finished,
                                               options.consume_sources)
             if options.consume_sources and consumption is not None:
                 todo = release_order(consumption.plan, todo, set(finished))
@@ -158,8 +158,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
             lock = _claim(store)
             store.start_run(run, keep_journal=bool(finished) or saved is not None)
             if options.consume_sources and saved is None:
-                store.save_plan(dump_plan(SavedPlan(__version__, options.sources,
-                                                    options.shaping(), index, pairing, shards)))
+                store.save_plan(functools.partial(dump_plan, SavedPlan(
+                    __version__, options.sources, options.shaping(), index, pairing, shards)))
             store.prepare(keep=set(finished))
             if consumption is not None:
                 consumption.release_ready()

@@ -300,9 +300,10 @@ class OutputStore:
         finally:
             os.close(fd)
 
-    def save_plan(self, data: bytes) -> None:
-        """Keep a consuming run's plan in OUT, durably, before any source is released."""
-        write_atomically(self.state / PLAN_FILE, data)
+    def save_plan(self, write: Callable[[BinaryIO], object]) -> None:
+        """Keep a consuming run's plan in OUT, durably, before any source is released
+        (`write` streams it into the staged file: a 400k-sample plan is ~80 MB)."""
+        _write_staged(self.state / PLAN_FILE, write)
 
     def read_plan(self) -> bytes | None:
         path = self.state / PLAN_FILE

@@ -79,7 +79,8 @@ class Orphans:
 @dataclass
 class Pairing:
     """The outcome of pairing: samples, rejects, counts of what was skipped on purpose, and per
-    archive how many members were images, labels, other files and junk (`kinds`)."""
+    archive how many members were images, labels, other files and junk (`kinds`) and which
+    each member is (`member_kinds`: IMAGE, LABEL, OTHER or JUNK per row)."""
 
     samples: list[Sample] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
@@ -88,6 +89,7 @@ class Pairing:
     labels: int = 0
     ignored: int = 0
     kinds: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    member_kinds: dict[str, np.ndarray] = field(default_factory=dict)  # per archive, per row
     other_files: Counter[str] = field(default_factory=Counter)
     identical_duplicates: int = 0
 
@@ -262,6 +264,7 @@ def pair_members(tables: list[MemberTable], read_labels: LabelReader,
         found = classify(table, file_types)
         counts = np.bincount(found.kinds, minlength=len(KINDS)).tolist()
         result.kinds[table.archive.name].update({KINDS[k]: n for k, n in enumerate(counts) if n})
+        result.member_kinds[table.archive.name] = found.kinds
         result.ignored += counts[JUNK]
         for row in np.flatnonzero(found.kinds == OTHER).tolist():
             name = table.name(row)

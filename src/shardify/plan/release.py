@@ -24,7 +24,7 @@ import numpy as np
 from ..archives.model import Archive, Extent, MemberTable
 from ..archives.zipdir import Index
 from ..rejects import Reject
-from .pairing import IMAGE, JUNK, LABEL, OTHER, FileTypes, Pairing, classify, safe_key
+from .pairing import JUNK, OTHER, Pairing, Sample, safe_key, split_name
 from .shards import PlannedShard
 
 MAX_LOCAL_EXTRA = 0xFFFF  # the longest local extra field: bounds a nested zip's bytes
@@ -56,11 +56,30 @@ class ReleasePlan:
     units: list[ReleaseUnit]
     needs: list[frozenset[str]]
     kept: dict[int, str]
-    units_of_key: dict[str, frozenset[int]]  # a sample's units: kept if it is rejected later
     archives_of_unit: list[tuple[str, ...]]  # the archives whose bytes lie in each unit
+    copies: dict[str, frozenset[int]]  # by key: units holding identical copies of its members
+    placements: dict[str, _Placement]
+    header_offsets: dict[str, np.ndarray]  # per archive, sorted: where each member's bytes end
 
     def releasable(self) -> list[int]:
         return [u for u in range(len(self.units)) if u not in self.kept]
+
+    def units_of_sample(self, sample: Sample) -> frozenset[int]:
+        """The units holding a sample's members and their identical copies (a sample rejected
+        while writing keeps them all)."""
+        return self._units_of(sample.image_table, sample.image_row) \
+            | self._units_of(sample.label_table, sample.label_row) \
+            | self.copies.get(sample.key, frozenset())
+
+    def _units_of(self, table: MemberTable, row: int) -> frozenset[int]:
+        name = table.archive.name
+        placement = self.placements.get(name)
+        if placement is None:
+            return frozenset()
+        start = np.array([table.columns["header_offset"][row]], np.int64)
+        ids, sets = placement.set_ids(start, member_ends(self.header_offsets[name], start,
+                                                         table.archive))
+        return sets[int(ids[0])]
 
 
 class _Placement:
@@ -74,15 +93,18 @@ class _Placement:
         last = max(first, int(np.searchsorted(self.starts, max(start, end - 1), "right")) - 1)
         return frozenset().union(*self.units[first : last + 1])
 
-    def of_rows(self, starts: np.ndarray, ends: np.ndarray) -> list[frozenset[int]]:
-        """The units of many ranges; ranges within one extent (nearly all) in bulk."""
+    def set_ids(self, starts: np.ndarray, ends: np.ndarray
+                ) -> tuple[np.ndarray, list[frozenset[int]]]:
+        """The units of many byte ranges, as an index per range into a list of unit sets:
+        ranges within one extent (nearly all) in bulk, the others one by one."""
         first = np.maximum(np.searchsorted(self.starts, starts, "right") - 1, 0)
         last = np.maximum(np.searchsorted(self.starts, np.maximum(starts, ends - 1), "right")
                           - 1, first)
-        found = [self.units[f] for f in first.tolist()]
+        sets = list(self.units)
         for i in np.flatnonzero(last > first).tolist():
-            found[i] = frozenset().union(*self.units[first[i] : last[i] + 1])
-        return found
+            sets.append(frozenset().union(*self.units[first[i] : last[i] + 1]))
+            first[i] = len(sets) - 1
+        return first, sets
 
     def everything(self) -> frozenset[int]:
         return frozenset().union(*self.units)
@@ -111,7 +133,7 @@ def release_units(archives: list[Archive]) -> tuple[list[ReleaseUnit], dict[str,
                     continue
                 name = f"{archive.name}.part{start}" if pieces else archive.name
                 if in_tar:
-                    name = f"{archive.kind.split(': ', 1)[0]}: {name}"
+                    name = f"{archive.kind.rsplit(': ', 1)[0]}: {name}"
                 units.append(ReleaseUnit(name, (extent,), not in_tar))
                 per_extent.append(frozenset({len(units) - 1}))
         for extent, unit in zip(archive.extents, per_extent, strict=True):
@@ -143,75 +165,98 @@ class _Tally:
 
     needs: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
     held: dict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
-    units_of_key: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     archives: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+    copies: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
 
-    def hold(self, units: Iterable[int], what: str) -> None:
+    def hold(self, units: Iterable[int], what: str, count: int = 1) -> None:
         for unit in units:
-            self.held[unit][what] += 1
+            self.held[unit][what] += count
 
 
-def release_plan(index: Index, pairing: Pairing, shards: list[PlannedShard],
-                 file_types: FileTypes) -> ReleasePlan:
-    """Every unit of the sources, with the shards it waits for or the reason it is kept."""
+def release_plan(index: Index, pairing: Pairing, shards: list[PlannedShard]) -> ReleasePlan:
+    """Every unit of the sources, with the shards it waits for or the reason it is kept.
+
+    Vectorised per archive: each member's byte range gives a set of units (nearly always one),
+    and the shards of the samples in it are gathered per set, not per member.
+    """
     units, placements = release_units(index.archives)
-    shard_of_key = {sample.key: shard.name for shard in shards for sample in shard.samples}
-    sample_rows: dict[int, dict[int, str]] = defaultdict(dict)  # id(table) -> row -> key
-    for sample in pairing.samples:
-        sample_rows[id(sample.image_table)][sample.image_row] = sample.key
-        sample_rows[id(sample.label_table)][sample.label_row] = sample.key
+    sample_rows: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for number, shard in enumerate(shards):
+        for sample in shard.samples:
+            for table, row in ((sample.image_table, sample.image_row),
+                               (sample.label_table, sample.label_row)):
+                rows, numbers = sample_rows[id(table)]
+                rows.append(row)
+                numbers.append(number)
     rejected, unlocated = _rejected_rows(index, pairing)
     tally = _Tally()
     for archive_name, reason in unlocated:
         if archive_name in placements:
             tally.hold(placements[archive_name].everything(), f"reject ({reason})")
+    offsets: dict[str, np.ndarray] = {}
+    unmatched: list[tuple[str, frozenset[int]]] = []  # (stem, units) of members in no sample
     for table in index.tables:
-        placement = placements.get(table.archive.name)
+        name = table.archive.name
+        placement = placements.get(name)
         if placement is None:
             continue
-        row_units = placement.of_rows(*_member_ranges(table))
-        for units_of_row in set(row_units):
-            for unit in units_of_row:
-                tally.archives[unit].add(table.archive.name)
-        found = classify(table, file_types)
-        keys = sample_rows.get(id(table), {})
-        bad = rejected.get(id(table), {})
-        stems = {row: stem for kind in (IMAGE, LABEL)
-                 for row, stem in zip(found.rows[kind].tolist(), found.stems[kind], strict=True)}
-        for row, kind in enumerate(found.kinds.tolist()):
-            if kind == JUNK:
-                continue
-            if row in bad:
-                tally.hold(row_units[row], f"reject ({bad[row]})")
-                continue
-            key = keys.get(row)
-            if key is None and kind != OTHER:
-                copy_key = safe_key(stems[row])  # an identical copy of a written member
-                key = copy_key if copy_key in shard_of_key else None
-            if key is None:
-                tally.hold(row_units[row], "file shardify does not write" if kind == OTHER
-                           else "member not written")
-                continue
-            for unit in row_units[row]:
-                tally.needs[unit].add(shard_of_key[key])
-            tally.units_of_key[key] |= row_units[row]
+        starts = table.columns["header_offset"].astype(np.int64)
+        offsets[name] = np.sort(starts)
+        ids, sets = placement.set_ids(starts, member_ends(offsets[name], starts, table.archive))
+        for set_id in np.unique(ids).tolist():
+            for unit in sets[set_id]:
+                tally.archives[unit].add(name)
+        kinds = pairing.member_kinds[name]
+        accounted = kinds == JUNK
+        in_samples, shard_numbers = (np.array(column, np.int64)
+                                     for column in sample_rows[id(table)])
+        accounted[in_samples] = True
+        pairs = np.unique(ids[in_samples] * len(shards) + shard_numbers)  # (set, shard)
+        for set_id, number in zip(*np.divmod(pairs, max(len(shards), 1)), strict=True):
+            for unit in sets[set_id]:
+                tally.needs[unit].add(shards[number].name)
+        for row, reason in rejected.get(id(table), {}).items():
+            accounted[row] = True
+            tally.hold(sets[ids[row]], f"reject ({reason})")
+        other = ~accounted & (kinds == OTHER)
+        for set_id, count in zip(*np.unique(ids[other], return_counts=True), strict=True):
+            tally.hold(sets[set_id], "file shardify does not write", int(count))
+        copies = np.flatnonzero(~accounted & ~other).tolist()
+        unmatched += [(split_name(member.rsplit("/", 1)[-1])[0], sets[ids[row]])
+                      for row, member in zip(copies, table.names_of(copies), strict=True)]
+    _place_copies(unmatched, shards, tally)
     return ReleasePlan(units, [frozenset(tally.needs.get(u, ())) for u in range(len(units))],
                        {u: _kept_reason(held) for u, held in tally.held.items()},
-                       {key: frozenset(found) for key, found in tally.units_of_key.items()},
-                       [tuple(sorted(tally.archives.get(u, ()))) for u in range(len(units))])
+                       [tuple(sorted(tally.archives.get(u, ()))) for u in range(len(units))],
+                       {key: frozenset(found) for key, found in tally.copies.items()},
+                       placements, offsets)
 
 
-def _member_ranges(table: MemberTable) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) of each member's bytes in its archive: from its header to the next
-    member's header, the last one to the archive's end."""
-    starts = table.columns["header_offset"].astype(np.int64)
-    order = np.argsort(starts, kind="stable")
-    ends = np.empty_like(starts)
-    ends[order[:-1]] = starts[order[1:]]
-    if len(order):
-        last = table.archive.size if table.archive.parent is None else starts[order[-1]] + 1
-        ends[order[-1]] = max(last, starts[order[-1]] + 1)
-    return starts, np.maximum(ends, starts + 1)
+def _place_copies(unmatched: list[tuple[str, frozenset[int]]], shards: list[PlannedShard],
+                  tally: _Tally) -> None:
+    """Images and labels in no sample and no reject are identical copies of a written member
+    (pairing kept one copy): their units wait for that sample's shard; any other is kept."""
+    wanted = {safe_key(stem) for stem, _ in unmatched}
+    shard_of = {sample.key: shard.name for shard in shards for sample in shard.samples
+                if sample.key in wanted} if wanted else {}
+    for stem, found in unmatched:
+        key = safe_key(stem)
+        if key not in shard_of:
+            tally.hold(found, "member not written")
+            continue
+        for unit in found:
+            tally.needs[unit].add(shard_of[key])
+        tally.copies[key] |= found
+
+
+def member_ends(sorted_offsets: np.ndarray, starts: np.ndarray, archive: Archive) -> np.ndarray:
+    """Where each member's bytes end at the latest: the next member's header, or the end of the
+    archive (its central directory) for the last one."""
+    following = np.searchsorted(sorted_offsets, starts, "right")
+    last = archive.size if archive.parent is None else int(starts.max(initial=0)) + 1
+    ends = np.where(following < len(sorted_offsets),
+                    sorted_offsets[np.minimum(following, len(sorted_offsets) - 1)], last)
+    return np.maximum(ends, starts + 1)
 
 
 def _rejected_rows(index: Index, pairing: Pairing
@@ -230,8 +275,9 @@ def _rejected_rows(index: Index, pairing: Pairing
         if table is None or not reject.source_member:
             unlocated.append((reject.source_archive, str(reject.reason)))
             continue
-        if id(table) not in names:
-            names[id(table)] = {name: row for row, name in enumerate(table.names)}
+        if id(table) not in names:  # every name, once, not kept on the table afterwards
+            names[id(table)] = {name: row for row, name in
+                                enumerate(table.names_of(list(range(len(table)))))}
         row = names[id(table)].get(reject.source_member)
         if row is None:
             unlocated.append((reject.source_archive, str(reject.reason)))
@@ -246,16 +292,6 @@ def _kept_reason(held: Counter[str]) -> str:
     what = ", ".join(f"{count} {thing}" if count > 1 else thing
                      for thing, count in sorted(held.items()))
     return f"holds {total} member{'s' if total > 1 else ''} not in any shard: {what}"
-
-
-def kept_by_rejects(plan: ReleasePlan, rejects: Iterable[Reject]) -> dict[int, str]:
-    """The units a shard's rejects (found while writing) keep, with why."""
-    kept: dict[int, str] = {}
-    for reject in rejects:
-        for unit in plan.units_of_key.get(reject.key, ()):
-            kept.setdefault(unit, f"holds a member of {reject.key}, rejected while writing "
-                            f"({reject.reason}: {reject.detail})")
-    return kept
 
 
 def release_order(plan: ReleasePlan, todo: list[PlannedShard], done: set[str]
@@ -314,9 +350,10 @@ class ReleaseTracker:
     that cannot punch holes); `released` are units already gone.
     """
 
-    def __init__(self, plan: ReleasePlan, done: set[str], kept: dict[int, str],
-                 released: set[int]) -> None:
+    def __init__(self, plan: ReleasePlan, shards: list[PlannedShard], done: set[str],
+                 kept: dict[int, str], released: set[int]) -> None:
         self.plan, self.released = plan, set(released)
+        self.samples = {shard.name: shard.samples for shard in shards}
         self.kept = {**kept, **plan.kept}
         self.waiting = {u: set(plan.needs[u]) - done for u in range(len(plan.units))
                         if u not in self.kept and u not in self.released}
@@ -330,11 +367,15 @@ class ReleaseTracker:
         return sorted(u for u, names in self.waiting.items() if not names)
 
     def shard_done(self, name: str, rejects: Iterable[Reject]) -> list[int]:
-        """Shard `name` is durable, with these rejects: the units now ready."""
-        for unit, why in kept_by_rejects(self.plan, rejects).items():
-            if unit not in self.released:
-                self.kept.setdefault(unit, why)
-                self.waiting.pop(unit, None)
+        """Shard `name` is durable, with these rejects (found while writing it, which keep the
+        units of their samples): the units now ready."""
+        why = {reject.key: f"{reject.reason}: {reject.detail}" for reject in rejects}
+        for sample in self.samples.get(name, ()):
+            if sample.key in why:
+                for unit in self.plan.units_of_sample(sample) - self.released:
+                    self.kept.setdefault(unit, f"holds a member of {sample.key}, rejected "
+                                         f"while writing ({why[sample.key]})")
+                    self.waiting.pop(unit, None)
         for unit in self.units_of_shard.pop(name, []):
             if unit in self.waiting:
                 self.waiting[unit].discard(name)
