@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The consumer libraries the suite opens shards with (Hugging Face, Ray, PyTorch): test only.
+# The consumer libraries the suite opens shards with (Hugging Face, Ray, PyTorch), the S3
+# backend and the S3 server the tests start (moto): test only.
 $(CONSUMERS): $(STAMP)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test,train,hf,ray]'
+	$(BIN)/pip install --quiet -e '.[test,train,hf,ray,s3]' 'moto[server]>=5.0'
 	touch $(CONSUMERS)
 
 demo: $(STAMP)
