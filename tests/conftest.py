@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import pytest
 
 from shardify.profiles.battery.sample import SynthResult, synthesize
@@ -11,3 +20,71 @@ from shardify.profiles.battery.sample import SynthResult, synthesize
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
     """The synthetic AI-Hub-shaped dataset; tests only read it (they copy it to change it)."""
     return synthesize(tmp_path_factory.mktemp("src"))
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, for this test session."""
+
+    endpoint: str
+    key: str = "testing"
+    secret: str = "testing"
+
+    @property
+    def options(self) -> dict[str, object]:
+        """fsspec/s3fs storage options that reach it."""
+        return {"endpoint_url": self.endpoint, "key": self.key, "secret": self.secret}
+
+    @property
+    def cli_options(self) -> list[str]:
+        """The same, as `--storage-option` arguments."""
+        return [arg for key, value in self.options.items()
+                for arg in ("--storage-option", f"{key}={value}")]
+
+    def make_bucket(self, name: str) -> str:
+        """A new, empty bucket; returns `s3://name`."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**self.options)
+        fs.mkdir(name)
+        fs.invalidate_cache()
+        return f"s3://{name}"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server, started on a free loopback port and stopped after the session. The
+    environment's AWS settings are pointed at it, so nothing can reach beyond this machine."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {name: os.environ.get(name) for name in (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto's S3 server did not start") from None
+                time.sleep(0.1)
+        yield S3Server(endpoint)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
