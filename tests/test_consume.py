@@ -163,7 +163,7 @@ def test_consuming_fits_a_drive_too_small_for_sources_and_output(tmp_path: Path,
     assert convert(trial, "--consume-sources", "--yes") == 0
     said = capsys.readouterr().err
     assert "4 source files" not in said and "8 source files" in said, said
-    peak = _said_bytes(said.split("at most ", 1)[1])
+    peak = _said_bytes(said.split("worst point, ", 1)[1])
     size = sources + peak + 128 * 1024
     assert size < sources + output, (size, sources, output)  # both would not fit
     with mounted(tmp_path / "small", "tmpfs", size) as small:

@@ -155,9 +155,10 @@ def _refuse_missing(plan: ReleasePlan, tracker: ReleaseTracker) -> None:
                              "still need it; put it back, then re-run the same command")
 
 
-def consumption_plan_text(consumption: Consumption, order: list[PlannedShard], peak: int,
-                          free: int) -> str:
-    """What the run will delete and keep, and the disk use it expects: said before starting."""
+def consumption_plan_text(consumption: Consumption, order: list[PlannedShard], now: int,
+                          peak: int, free: int) -> str:
+    """What the run will delete and keep, and the disk use it expects (`now`: the sources and
+    output on OUT's drive; `peak`: the most that grows): said before starting."""
     plan, tracker = consumption.plan, consumption.tracker
     going = [u for u in tracker.waiting]
     size = sum(plan.units[u].size for u in going)
@@ -169,8 +170,10 @@ def consumption_plan_text(consumption: Consumption, order: list[PlannedShard], p
               if u not in tracker.released]
     if tracker.released:
         lines.append(f"  released by an earlier run: {len(tracker.released)}")
-    lines.append(f"  disk use on OUT's drive: at most {human_bytes(max(peak, 0))} more than now "
-                 f"at the worst point ({len(order)} shards to write; {human_bytes(free)} free)")
+    lines.append(f"  disk use on OUT's drive (sources not yet released + output so far): "
+                 f"{human_bytes(now)} now, at most {human_bytes(now + max(peak, 0))} at the worst "
+                 f"point, {human_bytes(max(peak, 0))} more than now ({len(order)} shards to "
+                 f"write; {human_bytes(free)} free)")
     return "\n".join(lines)
 
 

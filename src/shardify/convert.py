@@ -151,7 +151,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
                                               options.consume_sources)
             if options.consume_sources and consumption is not None:
                 todo = release_order(consumption.plan, todo, set(finished))
-                _agree_to_consume(options, store, consumption, todo, len(pairing.samples))
+                _agree_to_consume(options, store, consumption, todo, len(pairing.samples),
+                                  sum(result.bytes_out for result in finished.values()))
                 reader.close_files()  # the survey's descriptors: a deleted source frees now
             elif options.space_check:
                 _check_space(store, todo, len(pairing.samples))
@@ -237,12 +238,16 @@ def _saved_plan(store: OutputStore, options: ConvertOptions) -> SavedPlan | None
 
 
 def _agree_to_consume(options: ConvertOptions, store: OutputStore, consumption: Consumption,
-                      todo: list[PlannedShard], samples: int) -> None:
+                      todo: list[PlannedShard], samples: int, written: int) -> None:
     """Say what will be deleted and the disk use expected; check the space for the worst point
-    of the plan; ask (`options.confirm`) before anything is deleted."""
-    tracker = consumption.tracker
-    drive = on_drive(consumption.plan.units, nearest_existing(store.root))
+    of the plan; ask (`options.confirm`) before anything is deleted. `written`: the bytes of
+    the shards earlier runs finished."""
+    tracker, units = consumption.tracker, consumption.plan.units
+    drive = on_drive(units, nearest_existing(store.root))
     waiting = {u: names for u, names in tracker.waiting.items() if u in drive}
+    now = written + sum(units[u].size for u in drive
+                        if u not in tracker.released and all(
+                            e.path is not None and e.path.exists() for e in units[u].files))
     peak = peak_growth(consumption.plan, waiting, todo, UNPUBLISHED_PER_WORKER * options.workers)
     needed = peak + samples * MANIFEST_ROW_BYTES
     free = store.free_bytes()
@@ -251,7 +256,7 @@ def _agree_to_consume(options: ConvertOptions, store: OutputStore, consumption: 
                              f"sources as they are converted: at the worst point the run needs "
                              f"about {human_bytes(needed)} more, {human_bytes(free)} is free "
                              "(--no-space-check to try anyway)")
-    text = consumption_plan_text(consumption, todo, needed, free)
+    text = consumption_plan_text(consumption, todo, now, needed, free)
     if options.confirm is not None and not options.confirm(text):
         raise UsageError("not confirmed: nothing was deleted or written")
 
