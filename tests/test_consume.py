@@ -57,8 +57,15 @@ if point == "journal":  # a shard journaled, its sources not yet released
     OutputStore.append_journal = killing(OutputStore.append_journal)
 elif point == "deletion":  # a source deleted, its release not yet recorded
     consume.release = killing(consume.release)
-else:  # a release recorded
-    OutputStore.append_release = killing(OutputStore.append_release)
+else:  # a release recorded as done (its intent line came before the deletion)
+    record = OutputStore.append_release
+    def recorded(store, entry):
+        record(store, entry)
+        if entry["state"] == "released":
+            calls[0] += 1
+            if calls[0] == after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    OutputStore.append_release = recorded
 from shardify.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -109,6 +116,13 @@ def written(out: Path) -> dict[str, bytes]:
 
 def files_under(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def release_lines(out: Path) -> list[dict]:
+    """OUT's release records: an intent line (`releasing`) before each release, a `released`
+    line after it."""
+    path = out / ".shardify" / "released.jsonl"
+    return [json.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
 
 
 def used(path: Path) -> int:
@@ -225,8 +239,8 @@ def test_kill_9_then_the_same_command_resumes_to_identical_output(
         assert remaining == []
     else:
         assert remaining == left  # only the consuming run deletes
-    released = [json.loads(line)["unit"] for line in
-                (run / "out" / ".shardify" / "released.jsonl").read_bytes().splitlines()]
+    released = [entry["unit"] for entry in release_lines(run / "out")
+                if entry["state"] == "released"]
     assert len(released) == len(set(released)) == 8 - len(remaining)
     assert main(["verify", str(run / "out")]) == 0
 
@@ -276,7 +290,8 @@ def test_pieces_are_released_one_by_one_and_never_before_their_members(
 
         def release(store: OutputStore, entry: dict) -> None:
             append_release(store, entry)
-            events.append((entry["unit"], list(journaled)))
+            if entry["state"] == "released":
+                events.append((entry["unit"], list(journaled)))
 
         monkeypatch.setattr(OutputStore, "append_journal", journal)
         monkeypatch.setattr(OutputStore, "append_release", release)
@@ -432,8 +447,9 @@ def test_a_volume_set_goes_as_a_whole(tmp_path: Path) -> None:
     assert len(volumes) >= 5
     assert convert(tmp_path, "--consume-sources", "--yes", sources=("spanned",)) == 0
     assert files_under(spanned) == []
-    releases = [json.loads(line) for line in
-                (tmp_path / "out" / ".shardify" / "released.jsonl").read_bytes().splitlines()]
+    releases = release_lines(tmp_path / "out")
+    assert [(entry["unit"], entry["state"]) for entry in releases if "images" in entry["unit"]] \
+        == [("images.zip (volume set)", "releasing"), ("images.zip (volume set)", "released")]
     assert {entry["unit"] for entry in releases} == {"images.zip (volume set)", "labels.zip"}
     assert len(read_shards(tmp_path / "out")) == 8
 
@@ -494,11 +510,10 @@ def test_download_tar_has_holes_punched_and_goes_when_consumed(tmp_path: Path) -
     assert convert(run, "--consume-sources", "--yes") == 0
     assert written(run / "out") == expected
     assert files_under(run / "data") == []
-    releases = [json.loads(line) for line in
-                (run / "out" / ".shardify" / "released.jsonl").read_bytes().splitlines()]
+    releases = [entry for entry in release_lines(run / "out") if entry["state"] == "released"]
     assert {entry["how"] for entry in releases[:-1]} == {"holes punched"}
     assert releases[-1]["unit"].endswith("download.tar")
-    assert releases[-1]["how"].startswith("deleted (empty")
+    assert releases[-1]["how"] == "deleted (emptied)"
 
 
 def test_download_tar_holding_a_reject_keeps_it_with_the_rest_punched_out(
@@ -560,9 +575,10 @@ def test_peak_growth_counts_the_shards_in_flight_and_the_releases_before_them() 
     order = [PlannedShard(name, "train", (), size)
              for name, size in (("s1", 80), ("s2", 60), ("s3", 40))]
     waiting = {0: {"s1"}, 1: {"s2", "s3"}}
-    assert peak_growth(plan, waiting, order, 1) == 80
-    assert peak_growth(plan, waiting, order, 2) == 140
-    assert peak_growth(plan, {}, order, 1) == 180  # sources on another drive: no help
+    assert peak_growth(plan, waiting, order, 1, block=1) == 80
+    assert peak_growth(plan, waiting, order, 2, block=1) == 140
+    assert peak_growth(plan, {}, order, 1, block=1) == 180  # sources on another drive: no help
+    assert peak_growth(plan, waiting, order, 1) == 3 * 4096 - 100  # whole 4 KiB blocks
 
 
 def test_release_order_writes_first_what_frees_most_per_byte() -> None:

@@ -29,6 +29,8 @@ from .consume import (
     dump_plan,
     load_plan,
     on_drive,
+    releases_begun,
+    resolved_sources,
     start_consuming,
 )
 from .errors import DISK_FULL, NotEnoughSpace, RunFailed, UsageError
@@ -77,6 +79,7 @@ from .write.shard import (
 from .write.tar import TAR_END_SIZE, estimated_sample_bytes, planned_sample_bytes
 
 MANIFEST_ROW_BYTES = 256  # a generous estimate of a manifest row, for the disk check
+STATE_ROW_BYTES = 384  # a sample's share of a consuming run's saved plan and journal (~290)
 OUTPUT_TABLES = "shardify.output.manifest"
 
 
@@ -138,7 +141,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
         with local_executor(options.workers) as pool, ArchiveReader() as reader:
             saved = _saved_plan(store, options)
             if saved is None:
-                index, pairing, shards, probed = _plan(options, reader, pool or Inline(reader))
+                index, pairing, shards, probed = _plan(
+                    options, reader, pool or Inline(reader), absolute=options.consume_sources)
             else:
                 index, pairing, shards, probed = saved.index, saved.pairing, saved.shards, {}
             rejects = index.rejects + pairing.all_rejects()
@@ -148,7 +152,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
             todo = [shard for shard in shards if shard.name not in finished]
             if options.consume_sources or saved is not None:
                 consumption = start_consuming(store, index, pairing, shards, finished,
-                                              options.consume_sources)
+                                              options.consume_sources,
+                                              saved.identities if saved else None)
             if options.consume_sources and consumption is not None:
                 todo = release_order(consumption.plan, todo, set(finished))
                 _agree_to_consume(options, store, consumption, todo, len(pairing.samples),
@@ -158,9 +163,10 @@ def convert(options: ConvertOptions) -> ConvertReport:
                 _check_space(store, todo, len(pairing.samples))
             lock = _claim(store)
             store.start_run(run, keep_journal=bool(finished) or saved is not None)
-            if options.consume_sources and saved is None:
+            if options.consume_sources and saved is None and consumption is not None:
                 store.save_plan(functools.partial(dump_plan, SavedPlan(
-                    __version__, options.sources, options.shaping(), index, pairing, shards)))
+                    __version__, resolved_sources(options.sources), options.shaping(), index,
+                    pairing, shards, consumption.identities)))
             store.prepare(keep=set(finished))
             if consumption is not None:
                 consumption.release_ready()
@@ -188,12 +194,14 @@ def convert(options: ConvertOptions) -> ConvertReport:
                          len(finished), consumed)
 
 
-def _plan(options: ConvertOptions, reader: ArchiveReader, executor: Executor
-          ) -> tuple[Index, Pairing, list[PlannedShard], dict[str, Made]]:
+def _plan(options: ConvertOptions, reader: ArchiveReader, executor: Executor, *,
+          absolute: bool = False) -> tuple[Index, Pairing, list[PlannedShard], dict[str, Made]]:
     """Survey the sources, split by group and cut the shards (measuring a transform's output
-    sizes on a few samples first: those samples are kept, made, for the writer)."""
+    sizes on a few samples first: those samples are kept, made, for the writer). `absolute`:
+    the plan's files named by absolute paths (a consuming run may resume from elsewhere)."""
     profile = options.profile
-    index, pairing = survey(options.sources, reader, profile, quiet=options.quiet)
+    sources = resolved_sources(options.sources) if absolute else options.sources
+    index, pairing = survey(sources, reader, profile, quiet=options.quiet)
     split_of_group = assign_splits(group_strata(pairing.samples, profile), options.ratios,
                                    options.seed)
     sample_bytes: Callable[[Sample], int] = planned_sample_bytes
@@ -209,32 +217,33 @@ def _plan(options: ConvertOptions, reader: ArchiveReader, executor: Executor
 
 
 def _saved_plan(store: OutputStore, options: ConvertOptions) -> SavedPlan | None:
-    """The plan a consuming run saved in OUT, if this run continues it. A run that released
-    sources can only be continued: re-planning would need the sources it deleted."""
-    data = store.read_plan() if store.is_output() else None
-    if data is None:
-        return None
-    released = len(store.releases())
+    """The plan a consuming run saved in OUT, when this run must continue it: that run began
+    to release sources, so re-planning would need files it deleted. Any other command into
+    such an OUT is refused: the output holds the only copy of what was released."""
+    begun = releases_begun(store) if store.is_output() else 0
+    if not begun:
+        return None  # nothing released: plan afresh (new inputs are seen), resume by journal
     shown = path_text(store.root)
-    plan = load_plan(data)
     if options.overwrite:
-        if released:
-            raise UsageError(f"{shown} holds the only copy of {released} source files released "
-                             "by --consume-sources; --overwrite would discard them: choose "
-                             "another --out")
-        return None
-    same = plan is not None and plan.shardify == __version__ \
-        and plan.sources == options.sources and plan.shaping == options.shaping()
-    if same:
+        raise UsageError(f"{shown} holds the only copy of {begun} source files released by "
+                         "--consume-sources; --overwrite would discard them: choose another "
+                         "--out")
+    data = store.read_plan()
+    plan = load_plan(data) if data is not None else None
+    if plan is None:
+        raise UsageError(f"{shown} is a conversion that consumed {begun} of its source files, "
+                         "and its saved plan (.shardify/plan.pickle) is missing or damaged: it "
+                         "cannot be finished. Its complete shards hold the samples of the "
+                         "released sources; convert the sources that are left into another "
+                         "--out")
+    if plan.shardify == __version__ and plan.sources == resolved_sources(options.sources) \
+            and plan.shaping == options.shaping():
         return plan
-    if released:
-        why = ("its saved plan is damaged" if plan is None else
-               f"it was written by shardify {plan.shardify}" if plan.shardify != __version__
-               else "it was run with other SOURCE arguments or options")
-        raise UsageError(f"{shown} is a conversion that consumed {released} of its source "
-                         f"files, and {why}: re-run the same command (same SOURCE arguments, "
-                         "options and shardify version) to finish it")
-    return None
+    why = (f"it was written by shardify {plan.shardify}" if plan.shardify != __version__
+           else "it was run with other SOURCE arguments or options")
+    raise UsageError(f"{shown} is a conversion that consumed {begun} of its source files, and "
+                     f"{why}: re-run the same command (same SOURCE arguments, options and "
+                     "shardify version) to finish it")
 
 
 def _agree_to_consume(options: ConvertOptions, store: OutputStore, consumption: Consumption,
@@ -249,7 +258,7 @@ def _agree_to_consume(options: ConvertOptions, store: OutputStore, consumption: 
                         if u not in tracker.released and all(
                             e.path is not None and e.path.exists() for e in units[u].files))
     peak = peak_growth(consumption.plan, waiting, todo, UNPUBLISHED_PER_WORKER * options.workers)
-    needed = peak + samples * MANIFEST_ROW_BYTES
+    needed = peak + samples * (MANIFEST_ROW_BYTES + STATE_ROW_BYTES)
     free = store.free_bytes()
     if options.space_check and needed > free:
         raise NotEnoughSpace(f"not enough space on {path_text(store.root)}, even deleting the "
@@ -362,7 +371,12 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
                                daemon=True)
     preload.start()
     try:
-        write_shards(jobs, executor, store, publish, follow_up)
+        write_shards(jobs, executor, store, publish, follow_up,
+                     in_order=write_order is not None)
+    except FileNotFoundError as error:
+        raise RunFailed(f"source {path_text(str(error.filename))} disappeared while the shards "
+                        f"were written; {len(results)} of {len(order)} shards are complete and "
+                        "kept: put it back and re-run the same command") from None
     except BrokenProcessPool:
         raise RunFailed(f"a worker process died (killed, or out of memory?); {len(results)} of "
                         f"{len(order)} shards are complete and kept: re-run the same command "

@@ -145,6 +145,8 @@ class ArchiveReader:
                 # bytes are not copied again; the few bytes already read are read twice.
                 raw = self.pread(member.archive, member.compressed_size,
                                  member.header_offset + start)
+        except FileNotFoundError:
+            raise  # the source itself is gone (deleted while in use): no reject, an error
         except OSError as error:
             raise MemberError(Reason.BAD_CRC, f"read error: {error}") from None
         if len(raw) != member.compressed_size:

@@ -293,12 +293,17 @@ class OutputStore:
         self._append_line(JOURNAL_FILE, entry)
 
     def _append_line(self, name: str, entry: dict) -> None:
-        fd = os.open(self.state / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        """One JSON line, durable before this returns (a new file's folder entry too)."""
+        path = self.state / name
+        created = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, orjson.dumps(entry) + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
+        if created:
+            fsync_folder(self.state)
 
     def save_plan(self, write: Callable[[BinaryIO], object]) -> None:
         """Keep a consuming run's plan in OUT, durably, before any source is released
@@ -310,8 +315,8 @@ class OutputStore:
         return path.read_bytes() if path.is_file() else None
 
     def append_release(self, entry: dict) -> None:
-        """Record a released source (after it is gone: a crash before this line is seen on
-        resume as a source missing whose shards are all done)."""
+        """Record a source being released (`state` releasing, before it is touched) or released
+        (after it is gone)."""
         self._append_line(RELEASES_FILE, entry)
 
     def releases(self) -> list[dict]:

@@ -23,11 +23,13 @@ import numpy as np
 
 from ..archives.model import Archive, Extent, MemberTable
 from ..archives.zipdir import Index
+from ..pathnames import path_text
 from ..rejects import Reject
 from .pairing import JUNK, OTHER, Pairing, Sample, safe_key, split_name
 from .shards import PlannedShard
 
 MAX_LOCAL_EXTRA = 0xFFFF  # the longest local extra field: bounds a nested zip's bytes
+BLOCK = 4096  # a file takes whole blocks of the filesystem (the peak counts them)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ReleasePlan:
     copies: dict[str, frozenset[int]]  # by key: units holding identical copies of its members
     placements: dict[str, _Placement]
     header_offsets: dict[str, np.ndarray]  # per archive, sorted: where each member's bytes end
+    unread: dict[str, str] = field(default_factory=dict)  # archives in no unit, and why
 
     def releasable(self) -> list[int]:
         return [u for u in range(len(self.units)) if u not in self.kept]
@@ -112,30 +115,57 @@ class _Placement:
 
 def release_units(archives: list[Archive]) -> tuple[list[ReleaseUnit], dict[str, _Placement]]:
     """The units of the archives found on disk or in a tar, and each archive's placement
-    (nested zips placed inside their parent's units)."""
+    (nested zips placed inside their parent's units). A file on disk is one unit however many
+    extents of it an archive has (a zip merged in the wrong order is read in slices); every
+    unit has its own name."""
     units: list[ReleaseUnit] = []
     placements: dict[str, _Placement] = {}
     by_file: dict[Path, list[tuple[int, int, int]]] = defaultdict(list)  # (offset, end, unit)
+    names: Counter[str] = Counter()
+
+    def add(name: str, files: tuple[Extent, ...], whole: bool) -> frozenset[int]:
+        names[name] += 1
+        units.append(ReleaseUnit(name if names[name] == 1 else f"{name} #{names[name]}",
+                                 files, whole))
+        return frozenset({len(units) - 1})
+
     for archive in archives:
         if archive.parent is not None or archive.kind.startswith("nested"):
             continue
         in_tar = ": " in archive.kind  # "download.tar: pieces", as discovery names them
+        prefix = f"{archive.kind.rsplit(': ', 1)[0]}: " if in_tar else ""
         starts = np.cumsum([0, *(e.length for e in archive.extents)])[:-1]
+        volumes = archive.kind.endswith("volumes")
+        pieces = archive.kind.endswith("pieces") or archive.kind.endswith("(broken)")
         per_extent: list[frozenset[int]] = []
-        if archive.kind.endswith("volumes") and not in_tar:
-            units.append(ReleaseUnit(f"{archive.name} (volume set)", archive.extents, True))
-            per_extent = [frozenset({len(units) - 1})] * len(archive.extents)
+        if volumes and not in_tar:
+            per_extent = [add(f"{archive.name} (volume set)", archive.extents, True)] \
+                * len(archive.extents)
+        elif not in_tar and not pieces:  # a zip file, possibly read in slices
+            paths = sorted({e.path for e in archive.extents if e.path is not None})
+            of_path: dict[Path, frozenset[int]] = {}
+            for path in paths:
+                name = archive.name if len(paths) == 1 else \
+                    f"{archive.name}: {path_text(path.name)}"
+                of_path[path] = add(name, tuple(e for e in archive.extents if e.path == path),
+                                    True)
+            per_extent = [of_path[e.path] if e.path is not None else frozenset()
+                          for e in archive.extents]
         else:
-            pieces = archive.kind.endswith("pieces") or archive.kind.endswith("(broken)")
-            for extent, start in zip(archive.extents, starts.tolist(), strict=True):
+            stem = archive.name.removesuffix(".zip") if volumes else archive.name
+            for number, (extent, start) in enumerate(zip(archive.extents, starts.tolist(),
+                                                         strict=True)):
                 if extent.path is None:  # a missing piece: nothing to free
                     per_extent.append(frozenset())
-                    continue
-                name = f"{archive.name}.part{start}" if pieces else archive.name
-                if in_tar:
-                    name = f"{archive.kind.rsplit(': ', 1)[0]}: {name}"
-                units.append(ReleaseUnit(name, (extent,), not in_tar))
-                per_extent.append(frozenset({len(units) - 1}))
+                elif volumes:
+                    last = number == len(archive.extents) - 1
+                    per_extent.append(add(f"{prefix}{archive.name if last else stem}"
+                                          f"{'' if last else f'.z{number + 1:02d}'}",
+                                          (extent,), False))
+                else:
+                    per_extent.append(add(f"{prefix}{archive.name}"
+                                          f"{f'.part{start}' if pieces else ''}",
+                                          (extent,), not in_tar))
         for extent, unit in zip(archive.extents, per_extent, strict=True):
             if extent.path is not None and unit:
                 by_file[extent.path].append((extent.offset, extent.offset + extent.length,
@@ -190,9 +220,13 @@ def release_plan(index: Index, pairing: Pairing, shards: list[PlannedShard]) -> 
                 numbers.append(number)
     rejected, unlocated = _rejected_rows(index, pairing)
     tally = _Tally()
+    unread: dict[str, str] = {}  # archives no unit holds (never listed): kept, said so
     for archive_name, reason in unlocated:
-        if archive_name in placements:
-            tally.hold(placements[archive_name].everything(), f"reject ({reason})")
+        placed = _placed_ancestor(archive_name, placements)
+        if placed is not None:
+            tally.hold(placements[placed].everything(), f"reject ({reason})")
+        else:
+            unread[archive_name] = f"not read ({reason}): kept"
     offsets: dict[str, np.ndarray] = {}
     unmatched: list[tuple[str, frozenset[int]]] = []  # (stem, units) of members in no sample
     for table in index.tables:
@@ -229,7 +263,15 @@ def release_plan(index: Index, pairing: Pairing, shards: list[PlannedShard]) -> 
                        {u: _kept_reason(held) for u, held in tally.held.items()},
                        [tuple(sorted(tally.archives.get(u, ()))) for u in range(len(units))],
                        {key: frozenset(found) for key, found in tally.copies.items()},
-                       placements, offsets)
+                       placements, offsets, unread)
+
+
+def _placed_ancestor(name: str, placements: dict[str, _Placement]) -> str | None:
+    """`name`, or the nearest archive it lies in (`outer.zip/inner.zip` lies in `outer.zip`),
+    that has a placement: a reject of an inner zip that could not be read keeps the outer."""
+    while name not in placements and "/" in name:
+        name = name.rsplit("/", 1)[0]
+    return name if name in placements else None
 
 
 def _place_copies(unmatched: list[tuple[str, frozenset[int]]], shards: list[PlannedShard],
@@ -321,18 +363,20 @@ def release_order(plan: ReleasePlan, todo: list[PlannedShard], done: set[str]
 
 
 def peak_growth(plan: ReleasePlan, waiting: dict[int, set[str]], order: list[PlannedShard],
-                in_flight: int) -> int:
+                in_flight: int, block: int = BLOCK) -> int:
     """The most the used space on a drive grows over the run (bytes; negative: it only
     shrinks), writing shards in `order` while the units `waiting` (those on that drive, each
     with the shards it still waits for) are released. When shard k is being written, up to
-    `in_flight` shards from k on may be on disk while only those before k are published."""
+    `in_flight` shards from k on may be on disk while only those before k are published (the
+    writer keeps to that window: `write_shards(in_order=True)`); a shard takes whole blocks of
+    `block` bytes."""
     pending = {u: set(names) for u, names in waiting.items()}
     freed = sum(plan.units[u].size for u, names in pending.items() if not names)
     needed_by: dict[str, list[int]] = defaultdict(list)
     for unit, names in pending.items():
         for name in names:
             needed_by[name].append(unit)
-    written = np.cumsum([0, *(shard.expected_bytes for shard in order)])
+    written = np.cumsum([0, *(-(-shard.expected_bytes // block) * block for shard in order)])
     peak = -freed
     for k, shard in enumerate(order):
         peak = max(peak, int(written[min(k + in_flight, len(order))]) - freed)

@@ -111,8 +111,14 @@ def local_executor(workers: int) -> Iterator[ForkedPool | None]:
 
 def write_shards(jobs: list[ShardJob], executor: Executor, sink: ShardSink,
                  publish: Callable[[dict], None],
-                 follow_up: Callable[[dict], ShardJob | None] = lambda entry: None) -> None:
+                 follow_up: Callable[[dict], ShardJob | None] = lambda entry: None, *,
+                 in_order: bool = False) -> None:
     """Write every job with `executor`; `publish(entry)` in one thread as each is written.
+
+    `in_order`: a job starts only when every job more than the backlog's limit before it is
+    published (a slow shard holds the others back instead of letting them run ahead), so
+    what is on disk at any time is known from the order (`--consume-sources` plans its disk
+    use on that).
 
     `follow_up(entry)`, called in this thread as each is written, may give one more job (the
     continuation of a shard that had no room for all its samples); it is written next.
@@ -124,29 +130,38 @@ def write_shards(jobs: list[ShardJob], executor: Executor, sink: ShardSink,
     left to `local_executor`.
     """
     limit = UNPUBLISHED_PER_WORKER * executor.workers
-    todo = deque(jobs)
-    writing: set[Future[dict]] = set()
-    publishing: set[Future[None]] = set()
+    todo = deque(enumerate(jobs))
+    writing: dict[Future[dict], int] = {}
+    publishing: dict[Future[None], int] = {}
+    published: set[int] = set()
+    first_unpublished = [0]
     with ThreadPoolExecutor(1, thread_name_prefix="shardify-publish") as publisher:
 
         def settle() -> None:
             """Hand each written shard to the publisher; a failed write or publish raises."""
             for future in [future for future in writing if future.done()]:
-                writing.discard(future)
+                position = writing.pop(future)
                 entry = future.result()
                 more = follow_up(entry)
                 if more is not None:
-                    todo.appendleft(more)
-                publishing.add(publisher.submit(publish, entry))
-            for published in [future for future in publishing if future.done()]:
-                publishing.discard(published)
-                published.result()
+                    todo.appendleft((position, more))
+                publishing[publisher.submit(publish, entry)] = position
+            for done in [future for future in publishing if future.done()]:
+                published.add(publishing.pop(done))
+                done.result()
+            while first_unpublished[0] in published:
+                first_unpublished[0] += 1
+
+        def may_start() -> bool:
+            return bool(todo) and len(writing) + len(publishing) < limit and (
+                not in_order or todo[0][0] < first_unpublished[0] + limit)
 
         try:
             while True:
                 settle()
-                while todo and len(writing) + len(publishing) < limit:
-                    writing.add(executor.submit(todo.popleft(), sink))
+                while may_start():
+                    position, job = todo.popleft()
+                    writing[executor.submit(job, sink)] = position
                     settle()
                 if not writing and not publishing:
                     return
