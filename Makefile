@@ -9,6 +9,9 @@ SHARD_SIZE ?= 1GiB
 NAME ?= aihub-71687
 # The CPU build: plain `torch` from PyPI is a CUDA build of several GB.
 TORCH ?= torch==2.13.0
+# moto asks for the newest boto3, whose botocore s3fs's aiobotocore does not take: pip would try
+# every boto3 release before settling (20+ minutes). The one that fits aiobotocore 3.10:
+S3_PINS ?= boto3==1.43.117
 
 .PHONY: venv demo test lint shards bench clean
 
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml
 # backend and the S3 server the tests start (moto): test only.
 $(CONSUMERS): $(STAMP)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test,train,hf,ray,s3]' 'moto[server]>=5.0'
+	$(BIN)/pip install --quiet -e '.[test,train,hf,ray,s3]' 'moto[server]>=5.0' $(S3_PINS)
 	touch $(CONSUMERS)
 
 demo: $(STAMP)
