@@ -91,7 +91,7 @@ class Consumption:
 
     def _release(self, unit: int) -> None:
         found = self.plan.units[unit]
-        if all(extent.path is not None and not os.path.lexists(extent.path)
+        if all(extent.local is not None and not os.path.lexists(extent.local)
                for extent in found.files):
             how = "gone already"  # deleted, then stopped before its line was written
         else:
@@ -149,7 +149,7 @@ def start_consuming(store: OutputStore, index: Index, pairing: Pairing,
 def _refuse_missing(plan: ReleasePlan, tracker: ReleaseTracker) -> None:
     """A source a shard still needs must be there: else the shard would be written without it."""
     for unit, names in tracker.waiting.items():
-        if names and any(e.path is not None and not e.path.is_file()
+        if names and any(e.local is not None and not e.local.is_file()
                          for e in plan.units[unit].files):
             raise UsageError(f"source {plan.units[unit].name} is gone, but {len(names)} shards "
                              "still need it; put it back, then re-run the same command")
@@ -180,7 +180,7 @@ def on_drive(units: list[ReleaseUnit], folder: Path) -> set[int]:
     found = set()
     for u, unit in enumerate(units):
         with contextlib.suppress(OSError):
-            if all(e.path is not None and os.stat(e.path).st_dev == device for e in unit.files):
+            if all(e.local is not None and os.stat(e.local).st_dev == device for e in unit.files):
                 found.add(u)
     return found
 
@@ -189,8 +189,8 @@ def refuse_unconsumable(units: list[ReleaseUnit]) -> None:
     """Before any work: every source to delete is the user's, on writable media, in a folder
     the user may change (a tar: the file itself writable)."""
     problems = []
-    for path, whole in {(e.path, unit.whole) for unit in units for e in unit.files
-                        if e.path is not None}:
+    for path, whole in {(e.local, unit.whole) for unit in units for e in unit.files
+                        if e.local is not None}:
         try:
             info = os.stat(path)
             read_only = os.statvfs(path).f_flag & os.ST_RDONLY
@@ -261,14 +261,14 @@ def release(unit: ReleaseUnit) -> str:
             os.close(fd)
         return "holes punched"
     for extent in unit.files:
-        assert extent.path is not None
-        if os.stat(extent.path).st_size != extent.offset + extent.length:
-            raise OSError(errno.EEXIST, f"{path_text(extent.path)} changed since it was planned; "
+        assert extent.local is not None
+        if os.stat(extent.local).st_size != extent.offset + extent.length:
+            raise OSError(errno.EEXIST, f"{path_text(extent.local)} changed since it was planned; "
                           "not deleted")
     for extent in unit.files:
-        assert extent.path is not None
-        extent.path.unlink()
-        fsync_folder(extent.path.parent)
+        assert extent.local is not None
+        extent.local.unlink()
+        fsync_folder(extent.local.parent)
     return "deleted"
 
 

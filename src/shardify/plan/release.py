@@ -46,7 +46,7 @@ class ReleaseUnit:
     @property
     def container(self) -> Path | None:
         """The tar a punched unit lies in."""
-        return None if self.whole else self.files[0].path
+        return None if self.whole else self.files[0].local
 
 
 @dataclass
@@ -128,7 +128,7 @@ def release_units(archives: list[Archive]) -> tuple[list[ReleaseUnit], dict[str,
         else:
             pieces = archive.kind.endswith("pieces") or archive.kind.endswith("(broken)")
             for extent, start in zip(archive.extents, starts.tolist(), strict=True):
-                if extent.path is None:  # a missing piece: nothing to free
+                if extent.local is None:  # a missing piece: nothing to free
                     per_extent.append(frozenset())
                     continue
                 name = f"{archive.name}.part{start}" if pieces else archive.name
@@ -137,8 +137,8 @@ def release_units(archives: list[Archive]) -> tuple[list[ReleaseUnit], dict[str,
                 units.append(ReleaseUnit(name, (extent,), not in_tar))
                 per_extent.append(frozenset({len(units) - 1}))
         for extent, unit in zip(archive.extents, per_extent, strict=True):
-            if extent.path is not None and unit:
-                by_file[extent.path].append((extent.offset, extent.offset + extent.length,
+            if extent.local is not None and unit:
+                by_file[extent.local].append((extent.offset, extent.offset + extent.length,
                                              next(iter(unit))))
         placements[archive.name] = _Placement(starts, per_extent)
     for archive in archives:  # nested zips: inside their parent archive's bytes
@@ -154,7 +154,7 @@ def release_units(archives: list[Archive]) -> tuple[list[ReleaseUnit], dict[str,
             continue
         starts = np.cumsum([0, *(e.length for e in archive.extents)])[:-1]
         placements[archive.name] = _Placement(starts, [frozenset(
-            unit for offset, end, unit in (by_file.get(e.path, []) if e.path else [])
+            unit for offset, end, unit in (by_file.get(e.local, []) if e.local else [])
             if offset < e.offset + e.length and e.offset < end) for e in archive.extents])
     return units, placements
 
