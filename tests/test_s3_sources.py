@@ -170,7 +170,7 @@ def remote_run(remote: str, proxy: CountingProxy, s3_server: S3Server,
     assert main(["scan", remote, *options]) == 0
     proxy.seen.clear()
     assert main(["convert", remote, "--out", str(out), "--quiet", "--workers", "2",
-                 *options]) == 0
+                 "--manifest", str(out.parent / "copy.parquet"), *options]) == 0
     return RemoteRun(out, list(proxy.seen), proxy.object_gets())
 
 
@@ -186,6 +186,8 @@ def test_convert_from_s3_is_byte_identical_to_local(
     local_summary = json.loads(local_files.pop("summary.json"))
     remote_summary = json.loads(remote_files.pop("summary.json"))
     assert remote_files == local_files
+    copy = remote_run.out.parent / "copy.parquet"  # --manifest: checked against a URL SOURCE
+    assert copy.read_bytes() == remote_files["manifest.parquet"]
     assert local_summary["options"].pop("sources") == [str(tree)]
     assert remote_summary["options"].pop("sources") == [remote]
     assert remote_summary == local_summary
@@ -241,6 +243,18 @@ def test_central_directory_in_one_request_per_file(
     index = index_archives(found, reader)
     assert index.member_count == 20_000 and not index.rejects
     assert reader.requests == 5
+
+
+def test_a_piece_named_alone_brings_its_set_from_the_bucket(
+        tree: Path, remote: str, s3_server: S3Server) -> None:
+    """`s3://.../X.zip.part0` reads every piece of X.zip beside it, as a local path does."""
+    first = next(tree.rglob("*.zip.part0")).relative_to(tree).as_posix()
+    (local,) = find_archives([str(tree / first)]).archives
+    (found,) = find_archives([f"{remote}/{first}"], s3_server.options).archives
+    assert (found.name, found.kind) == (local.name, local.kind) == (
+        first.rsplit("/", 1)[1].removesuffix(".part0"), "pieces")
+    assert [e.length for e in found.extents] == [e.length for e in local.extents]
+    assert len(found.extents) > 2
 
 
 def _stored_zip(path: Path, sizes: list[int]) -> dict[str, bytes]:
