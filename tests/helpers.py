@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import tarfile
 import zipfile
 from pathlib import Path
@@ -40,6 +41,22 @@ def zip_member(archive: Path, member: str) -> bytes:
             if name.replace("\\", "/") == member:
                 return zf.read(info)
     raise KeyError(member)
+
+
+def write_pieces(data: bytes, folder: Path, zip_name: str, piece: int, seed: int = 0) -> int:
+    """Write `data` as the download tool's `X.zip.part<offset>` pieces, in shuffled order."""
+    offsets = list(range(0, len(data), piece))
+    random.Random(seed).shuffle(offsets)
+    for offset in offsets:
+        (folder / f"{zip_name}.part{offset}").write_bytes(data[offset : offset + piece])
+    return len(offsets)
+
+
+def split_in_place(zip_path: Path, piece: int, seed: int = 0) -> int:
+    """Replace a zip by its pieces; returns how many."""
+    data = zip_path.read_bytes()
+    zip_path.unlink()
+    return write_pieces(data, zip_path.parent, zip_path.name, piece, seed)
 
 
 def table_rows(path: Path) -> list[dict]:

@@ -29,7 +29,15 @@ from pathlib import Path
 import inflate64
 import pytest
 import webdataset as wds
-from helpers import manifest_rows, output_files, read_shards, reject_rows, summary_of
+from helpers import (
+    manifest_rows,
+    output_files,
+    read_shards,
+    reject_rows,
+    split_in_place,
+    summary_of,
+    write_pieces,
+)
 from PIL import Image
 
 from shardify.archives.reader import inflate
@@ -106,22 +114,6 @@ def zip_bytes(entries: list[ZipEntry], tmp: Path) -> bytes:
     data = scratch.read_bytes()
     scratch.unlink()
     return data
-
-
-def write_pieces(data: bytes, folder: Path, zip_name: str, piece: int, seed: int = 0) -> int:
-    """Write `data` as the download tool's `X.zip.part<offset>` pieces, in shuffled order."""
-    offsets = list(range(0, len(data), piece))
-    random.Random(seed).shuffle(offsets)
-    for offset in offsets:
-        (folder / f"{zip_name}.part{offset}").write_bytes(data[offset : offset + piece])
-    return len(offsets)
-
-
-def split_in_place(zip_path: Path, piece: int, seed: int = 0) -> int:
-    """Replace a zip by its pieces; returns how many."""
-    data = zip_path.read_bytes()
-    zip_path.unlink()
-    return write_pieces(data, zip_path.parent, zip_path.name, piece, seed)
 
 
 def string_order(size: int, piece: int) -> list[int]:

@@ -23,6 +23,7 @@ from .output.store import CONSUMED, REJECTS
 from .pathnames import path_text
 from .profiles import get_profile
 from .progress import human_bytes
+from .storage import parse_storage_options
 from .transform.options import CROPS, DEFAULT_MARGIN, DEFAULT_QUALITY, FORMATS
 
 if TYPE_CHECKING:
@@ -116,6 +117,16 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _add_storage_option(parser: argparse.ArgumentParser) -> None:
+    """`--storage-option KEY=VALUE`, for the commands that take URLs (s3://, gs://, ...)."""
+    parser.add_argument("--storage-option", dest="storage_options", action="append",
+                        default=[], metavar="KEY=VALUE",
+                        help="an fsspec storage option for the URLs given (repeatable; a value "
+                        "that parses as JSON is taken as such), e.g. endpoint_url=http://"
+                        "127.0.0.1:9000; credentials otherwise come from the environment or "
+                        "~/.aws")
+
+
 def _subcommand(commands: argparse._SubParsersAction, name: str, *, help: str,
                 description: str) -> argparse.ArgumentParser:
     """A subcommand; its --help points to `shardify --help` for the exit codes (listed once)."""
@@ -147,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("sources", nargs="+", metavar="SOURCE",
                       help="a folder (searched recursively) or files: zips, .zip.partN "
-                      "pieces, .z01 volumes, download.tar")
+                      "pieces, .z01 volumes, download.tar; or such a prefix or file in "
+                      "object storage as a URL (s3://bucket/prefix), read in place")
     conv.add_argument("--out", required=True, type=Path, metavar="OUT",
                       help="output folder: new, empty, or an earlier shardify output of the "
                       "same command (resumed: complete shards are kept)")
@@ -178,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--yes", action="store_true",
                       help="agree to --consume-sources without being asked (needed without a "
                       "terminal)")
+    _add_storage_option(conv)
     shaping = conv.add_argument_group(
         "image transforms", "done in the workers while converting; labels follow the pixels\n"
         "(coordinates mapped, image_info.width/height set to the written size).\n"
@@ -206,8 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
         "problems and the estimated output size. Reads only central directories and labels.",
     )
     survey.add_argument("sources", nargs="+", metavar="SOURCE",
-                        help="folders, zips, .zip.partN pieces, .z01 volumes or download.tar")
+                        help="folders, zips, .zip.partN pieces, .z01 volumes or download.tar; "
+                        "local or URLs (s3://bucket/prefix)")
     survey.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_storage_option(survey)
 
     check = _subcommand(
         commands, "verify",
@@ -220,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--sources", nargs="+", metavar="SOURCE",
                        help="also compare every sample with its source members (size and "
                        "CRC-32); give the SOURCE arguments that convert was given")
+    _add_storage_option(check)
 
     show = _subcommand(
         commands, "report",
@@ -359,6 +375,7 @@ def _convert(args: argparse.Namespace) -> int:
                                    args.quality),
         consume_sources=args.consume_sources,
         confirm=functools.partial(_confirm, asked=not args.yes),
+        storage_options=parse_storage_options(args.storage_options),
     )
     try:
         report = convert(options)
@@ -441,7 +458,7 @@ def _scan(args: argparse.Namespace) -> int:
     """Print the scan report as text or JSON; scanning never fails on bad inputs (exit 0)."""
     from .scan import format_scan, scan  # each subcommand imports only what it needs
 
-    report = scan(args.sources, get_profile())
+    report = scan(args.sources, get_profile(), parse_storage_options(args.storage_options))
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:
@@ -470,7 +487,8 @@ def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_output
 
     try:
-        checked, problems, released = verify_output(args.out, args.sources)
+        checked, problems, released = verify_output(
+            args.out, args.sources, parse_storage_options(args.storage_options))
     except (OutputMissing, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
     if released:

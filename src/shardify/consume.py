@@ -148,7 +148,7 @@ class Consumption:
     def _changed(self, unit: ReleaseUnit) -> str | None:
         """Whether a file of the unit is not the one planned (replaced, rewritten, moved)."""
         for extent in unit.files:
-            path = extent.path
+            path = extent.local
             if path is None or not os.path.lexists(path):
                 continue
             was = self.identities.get(str(path))
@@ -190,13 +190,13 @@ class Consumption:
 
 def unit_files(unit: ReleaseUnit) -> list[list]:
     """A unit's files as its release lines record them: [path, offset, length] each."""
-    return [[str(extent.path), extent.offset, extent.length] for extent in unit.files]
+    return [[str(extent.local), extent.offset, extent.length] for extent in unit.files]
 
 
 def file_identities(units: list[ReleaseUnit]) -> dict[str, Identity]:
     """Each source file as it is now (saved with the plan, checked before each deletion)."""
     found = {}
-    for path in {e.path for unit in units for e in unit.files if e.path is not None}:
+    for path in {e.local for unit in units for e in unit.files if e.local is not None}:
         with contextlib.suppress(OSError):
             info = os.lstat(path)
             found[str(path)] = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
@@ -256,7 +256,7 @@ def _refuse_redo_without_sources(plan: ReleasePlan, gone: set[int], finished: se
 def _refuse_missing(plan: ReleasePlan, tracker: ReleaseTracker) -> None:
     """A source a shard still needs must be there: else the shard would be written without it."""
     for unit, names in tracker.waiting.items():
-        if names and any(e.path is not None and not e.path.is_file()
+        if names and any(e.local is not None and not e.local.is_file()
                          for e in plan.units[unit].files):
             raise UsageError(f"source {plan.units[unit].name} is gone, but {len(names)} shards "
                              "still need it; put it back, then re-run the same command")
@@ -291,7 +291,7 @@ def on_drive(units: list[ReleaseUnit], folder: Path) -> set[int]:
     found = set()
     for u, unit in enumerate(units):
         with contextlib.suppress(OSError):
-            if all(e.path is not None and os.stat(e.path).st_dev == device for e in unit.files):
+            if all(e.local is not None and os.stat(e.local).st_dev == device for e in unit.files):
                 found.add(u)
     return found
 
@@ -300,8 +300,8 @@ def refuse_unconsumable(units: list[ReleaseUnit]) -> None:
     """Before any work: every source to delete is the user's, on writable media, in a folder
     the user may change (a tar: the file itself writable)."""
     problems = []
-    for path, whole in {(e.path, unit.whole) for unit in units for e in unit.files
-                        if e.path is not None}:
+    for path, whole in {(e.local, unit.whole) for unit in units for e in unit.files
+                        if e.local is not None}:
         try:
             info = os.stat(path)
             read_only = os.statvfs(path).f_flag & os.ST_RDONLY
@@ -346,10 +346,10 @@ def _unfreeable(plan: ReleasePlan, released: set[int]) -> dict[int, str]:
     for u, unit in enumerate(plan.units):
         for extent in unit.files if u not in released else ():
             with contextlib.suppress(OSError):
-                if extent.path is not None and stat.S_ISLNK(os.lstat(extent.path).st_mode):
-                    kept[u] = f"{path_text(extent.path)} is a symbolic link: not followed"
-                elif extent.path is not None and os.lstat(extent.path).st_nlink > 1:
-                    kept[u] = (f"{path_text(extent.path)} has other hard links: deleting it "
+                if extent.local is not None and stat.S_ISLNK(os.lstat(extent.local).st_mode):
+                    kept[u] = f"{path_text(extent.local)} is a symbolic link: not followed"
+                elif extent.local is not None and os.lstat(extent.local).st_nlink > 1:
+                    kept[u] = (f"{path_text(extent.local)} has other hard links: deleting it "
                                "would free nothing")
     return kept
 
@@ -388,7 +388,7 @@ def release(unit: ReleaseUnit) -> str:
         finally:
             os.close(fd)
         return "holes punched"
-    paths = sorted({e.path for e in unit.files if e.path is not None})
+    paths = sorted({e.local for e in unit.files if e.local is not None})
     for path in paths:
         _check_whole(unit, path)
     aside = [(path, path.with_name(f".{path.name}{RELEASING}")) for path in paths]
@@ -415,7 +415,7 @@ def _check_whole(unit: ReleaseUnit, path: Path) -> None:
     """A file is deleted only if the unit's extents of it cover it exactly, end to end."""
     if not os.path.lexists(path):
         return
-    spans = sorted((e.offset, e.length) for e in unit.files if e.path == path)
+    spans = sorted((e.offset, e.length) for e in unit.files if e.local == path)
     end = 0
     for offset, length in spans:
         if offset != end:

@@ -62,6 +62,7 @@ from .profiles import DatasetProfile, get_profile
 from .progress import Progress, human_bytes
 from .rejects import Reject
 from .scan import archive_table, survey
+from .storage import is_url, location
 from .transform.estimate import PROBES_PER_JOB, Ratios, probe_samples, size_ratios
 from .transform.options import TransformOptions
 from .write.executor import UNPUBLISHED_PER_WORKER, Executor, Inline, local_executor, write_shards
@@ -103,6 +104,7 @@ class ConvertOptions:
     transform: TransformOptions = field(default_factory=TransformOptions)
     consume_sources: bool = False
     confirm: Callable[[str], bool] | None = None  # asked before consuming; None: agreed
+    storage_options: dict[str, object] = field(default_factory=dict)  # for URLs (fsspec)
 
     def shaping(self) -> dict:
         """The options that decide the shards' bytes; a resumed run must use the same."""
@@ -129,12 +131,18 @@ def convert(options: ConvertOptions) -> ConvertReport:
     started = time.monotonic()
     out, profile = options.out, options.profile
     store = OutputStore(out)
+    for source in options.sources:  # a bad URL is said now, and its storage backend imported
+        location(source, options.storage_options)  # once, before the workers fork: not in each
     _check_output_folder(store, options.sources)
     _check_manifest_path(options.manifest, options.sources, out)
     if options.consume_sources and options.transform.active:
         raise UsageError("--consume-sources keeps every source byte in the shards: it cannot be "
                          "combined with --crop, --resize, --format or --quality (the originals "
                          "would be lost)")
+    remote = next(filter(is_url, options.sources), None)
+    if options.consume_sources and remote is not None:
+        raise UsageError(f"--consume-sources deletes local source files only; {remote} is in "
+                         "remote storage, whose objects shardify never deletes")
     lock = None
     consumption: Consumption | None = None
     try:
@@ -201,7 +209,8 @@ def _plan(options: ConvertOptions, reader: ArchiveReader, executor: Executor, *,
     the plan's files named by absolute paths (a consuming run may resume from elsewhere)."""
     profile = options.profile
     sources = resolved_sources(options.sources) if absolute else options.sources
-    index, pairing = survey(sources, reader, profile, quiet=options.quiet)
+    index, pairing = survey(sources, reader, profile, quiet=options.quiet,
+                            storage_options=options.storage_options)
     split_of_group = assign_splits(group_strata(pairing.samples, profile), options.ratios,
                                    options.seed)
     sample_bytes: Callable[[Sample], int] = planned_sample_bytes
@@ -256,7 +265,7 @@ def _agree_to_consume(options: ConvertOptions, store: OutputStore, consumption: 
     waiting = {u: names for u, names in tracker.waiting.items() if u in drive}
     now = written + sum(units[u].size for u in drive
                         if u not in tracker.released and all(
-                            e.path is not None and e.path.exists() for e in units[u].files))
+                            e.local is not None and e.local.exists() for e in units[u].files))
     peak = peak_growth(consumption.plan, waiting, todo, UNPUBLISHED_PER_WORKER * options.workers)
     needed = peak + samples * (MANIFEST_ROW_BYTES + STATE_ROW_BYTES)
     free = store.free_bytes()
@@ -466,8 +475,7 @@ def _check_output_folder(store: OutputStore, sources: list[str]) -> None:
     """Refuse an OUT inside a source folder, or a non-empty one that shardify did not write."""
     out = store.root
     resolved = out.resolve()
-    for source in sources:
-        source_path = Path(os.path.realpath(source))  # a link loop: said by find_archives
+    for source, source_path in _local_sources(sources):
         if source_path.is_dir() and resolved.is_relative_to(source_path):
             raise UsageError(f"--out {path_text(out)} is inside the source folder "
                              f"{path_text(source)}; sources are only ever read")
@@ -514,14 +522,20 @@ def _check_outside_sources(path: Path, sources: list[str], said: str) -> None:
     """Neither where `path` lands (its folder resolved) nor what it points to is a SOURCE or
     inside a SOURCE folder; `said` starts the message."""
     places = {Path(os.path.realpath(path.parent)) / path.name, Path(os.path.realpath(path))}
-    for source in sources:
-        source_path = Path(os.path.realpath(source))  # realpath: a link loop is no traceback
+    for source, source_path in _local_sources(sources):
         if source_path in places:
             raise UsageError(f"{said} is the source {path_text(source)}; "
                              "sources are only ever read")
         if source_path.is_dir() and any(place.is_relative_to(source_path) for place in places):
             raise UsageError(f"{said} is inside the source folder {path_text(source)}; "
                              "sources are only ever read")
+
+
+def _local_sources(sources: list[str]) -> list[tuple[str, Path]]:
+    """Each SOURCE on this machine (`file://` URLs too) with its real path (realpath: a link
+    loop is said by find_archives, not here); remote ones hold no local file to protect."""
+    return [(source, Path(os.path.realpath(where))) for source in sources
+            if not is_url(source) and isinstance(where := location(source), Path)]
 
 
 def _check_writable(path: Path, option: str) -> None:

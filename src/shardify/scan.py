@@ -29,13 +29,15 @@ SHOWN_PROBLEMS = 20
 
 
 def survey(sources: list[str], reader: ArchiveReader, profile: DatasetProfile, *,
-           quiet: bool = True) -> tuple[Index, Pairing]:
+           quiet: bool = True, storage_options: dict[str, object] | None = None
+           ) -> tuple[Index, Pairing]:
     """Find and list every archive, read the labels and pair: everything but the image bytes.
 
-    Raises UsageError when there is nothing to convert, saying what was found instead.
+    `storage_options` open the SOURCE arguments that are URLs. Raises UsageError when there is
+    nothing to convert, saying what was found instead.
     """
     try:
-        discovery = find_archives(sources)
+        discovery = find_archives(sources, storage_options)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
     if not discovery.archives and not discovery.rejects:
@@ -79,11 +81,12 @@ def archive_table(index: Index) -> list[dict]:
     return rows
 
 
-def scan(sources: list[str], profile: DatasetProfile) -> dict:
+def scan(sources: list[str], profile: DatasetProfile,
+         storage_options: dict[str, object] | None = None) -> dict:
     """A report of the sources as plain data (what `--json` prints); `dataset` holds the
     profile's own figures (for the battery set: batteries per data_type, defect images)."""
     with ArchiveReader() as reader:
-        index, pairing = survey(sources, reader, profile)
+        index, pairing = survey(sources, reader, profile, storage_options=storage_options)
     archives = archive_table(index)
     for row in archives:
         kinds = pairing.kinds[row["name"]]

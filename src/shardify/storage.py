@@ -9,6 +9,7 @@ worker process or a Ray task opens its own filesystem from it); `file://` URLs a
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -119,3 +120,19 @@ def _filesystem(protocol: str, options: str) -> AbstractFileSystem:
                          f"{hint}") from None
     except TypeError as error:  # an option the backend does not take
         raise UsageError(f"--storage-option for {protocol}://: {error}") from None
+
+
+# A forked worker opens its own filesystems: an s3fs instance (its event loop, its connections)
+# must not be used across fork, and fsspec refuses to. fsspec resets its own caches after fork.
+os.register_at_fork(after_in_child=_filesystem.cache_clear)
+
+
+def storage_errors() -> tuple[type[Exception], ...]:
+    """What a remote filesystem raises when storage says no (not found, denied, unreachable):
+    OSError from fsspec and s3fs, and botocore's own errors (no endpoint, no credentials),
+    which s3fs lets through."""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError)

@@ -31,6 +31,7 @@ from .pathnames import path_text
 from .plan.pairing import SAFE_KEY
 from .plan.split import SPLITS
 from .profiles import BOM, DatasetProfile
+from .storage import is_url
 from .transform.options import EXT_OF_FORMAT
 from .write.tar import BLOCK, TAR_END_SIZE, class_bytes, padded
 
@@ -51,7 +52,8 @@ class Problem:
         return f"{self.where}: {self.what}"
 
 
-def verify_output(out: Path, sources: list[str] | None = None
+def verify_output(out: Path, sources: list[str] | None = None,
+                  storage_options: dict[str, object] | None = None
                   ) -> tuple[int, list[Problem], int]:
     """(samples checked, problems found, samples not compared with their sources because
     `convert --consume-sources` released them) for the output folder `out`.
@@ -59,8 +61,9 @@ def verify_output(out: Path, sources: list[str] | None = None
     A manifest or summary that is missing (but not both), unreadable or incomplete is a problem
     like any other; with neither, `out` is not an output (OutputMissing).
 
-    With `sources` (the SOURCE arguments given to convert), every sample is also compared with
-    its source members: image and label size and CRC-32 from the zips' central directories.
+    With `sources` (the SOURCE arguments given to convert; URLs are opened with
+    `storage_options`), every sample is also compared with its source members: image and label
+    size and CRC-32 from the zips' central directories.
     """
     try:
         rows, summary, profile = _read_index_files(out)
@@ -87,10 +90,12 @@ def verify_output(out: Path, sources: list[str] | None = None
                 if row["source_archive"] not in gone and row["label_archive"] not in gone]
         released = len(rows) - len(kept)
         if gone:  # a SOURCE argument that was a released file itself is gone
-            sources = [source for source in sources if os.path.lexists(source)]
+            sources = [source for source in sources
+                       if is_url(source) or os.path.lexists(source)]
         if kept:
             problems += _check_sources(kept, sources, label_crcs, out,
-                                       None if transform is None else (transform, profile))
+                                       None if transform is None else (transform, profile),
+                                       storage_options)
     return len(rows), problems, released
 
 
@@ -135,11 +140,12 @@ def _read_index_files(out: Path) -> tuple[list[dict], dict, DatasetProfile]:
 
 def _check_sources(rows: list[dict], sources: list[str],
                    label_crcs: dict[tuple[str, str], tuple[int, int]], out: Path,
-                   transform: tuple[dict, DatasetProfile] | None) -> list[Problem]:
+                   transform: tuple[dict, DatasetProfile] | None,
+                   storage_options: dict[str, object] | None) -> list[Problem]:
     """Each sample's image and label against the source members' size and CRC-32; for a
     transformed output, a sample of images transformed again from their sources."""
     with ArchiveReader() as reader:
-        index = index_archives(find_archives(sources).archives, reader)
+        index = index_archives(find_archives(sources, storage_options).archives, reader)
         members = {(m.archive.name, m.name): m for table in index.tables
                    for m in table.members()}
         problems = _compare_sources(rows, members, label_crcs, transformed=bool(transform))

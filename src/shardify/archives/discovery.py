@@ -3,7 +3,8 @@
 An archive is a sequence of byte ranges (extents) in files on disk: a plain zip is one extent; the
 download tool's offset-named pieces, a multi-volume set or a zip inside `download.tar` are several
 extents or a slice of the tar; a stored zip inside a zip is a slice of its parent. Nothing is ever
-merged, unpacked or written next to the sources: every read is a `pread` on a read-only descriptor.
+merged, unpacked or written next to the sources: every read is a `pread` on a read-only descriptor,
+or a ranged request for files in remote storage (an fsspec URL such as `s3://bucket/prefix`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
+from ..errors import UsageError
 from ..pathnames import path_text
 from ..rejects import Reason, Reject
+from ..storage import RemotePath, location, storage_errors
 from .model import (
     Archive,
     Extent,
@@ -26,6 +30,7 @@ from .model import (
 
 PIECE = re.compile(r"^(?P<zip>.+\.zip)\.part(?P<offset>\d+)$", re.IGNORECASE)
 VOLUME = re.compile(r"^(?P<stem>.+)\.z(?P<number>\d{2,})$", re.IGNORECASE)
+TAR_READAHEAD = 2**16
 
 
 @dataclass
@@ -36,34 +41,78 @@ class Discovery:
     rejects: list[Reject] = field(default_factory=list)
 
 
-def find_archives(sources: list[str]) -> Discovery:
+def find_archives(sources: list[str],
+                  storage_options: dict[str, object] | None = None) -> Discovery:
     """Resolve SOURCE arguments (folders, zips, pieces, volumes, tars) to archives.
 
-    Raises FileNotFoundError for a SOURCE that does not exist.
+    A SOURCE may be an fsspec URL (`s3://bucket/prefix`, opened with `storage_options`): its
+    files are listed with their sizes and read in place, as local ones are. Raises
+    FileNotFoundError for a SOURCE that does not exist, UsageError for remote storage that
+    cannot be listed (access denied, unreachable).
     """
     found = Discovery()
-    seen: set[Path] = set()
+    seen: set[Path | str] = set()
     for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            files = _walk(path, found)
-            root = path
-        elif path.is_file():
-            # A piece or volume named alone brings the rest of its set from the same folder.
-            files = sorted(p for p in path.parent.iterdir() if p.is_file()
-                           and _set_name(p.name) == _set_name(path.name))
-            root = path.parent
-        elif os.path.lexists(source):
-            raise FileNotFoundError(f"source {path_text(source)} {_not_a_file(source)}")
-        else:
-            raise FileNotFoundError(f"source not found: {path_text(source)}")
-        fresh = [p for p in files if p.resolve() not in seen]
-        seen.update(p.resolve() for p in fresh)
-        files_by_name = {p.relative_to(root).as_posix(): Extent(p, 0, p.stat().st_size)
-                         for p in fresh}
-        _collect(files_by_name, "", found)
+        where = location(source, storage_options)
+        files = _remote_files(where) if isinstance(where, RemotePath) else _local_files(
+            where, source, found)
+        fresh = {name: extent for name, extent in files.items() if _real(extent) not in seen}
+        seen.update(map(_real, fresh.values()))
+        _collect(fresh, "", found)
     found.archives = _unique_names(found.archives)
     return found
+
+
+def _real(extent: Extent) -> Path | str:
+    """What tells two ways to the same file apart: its resolved path, or its URL."""
+    path = extent.path
+    assert path is not None  # a file found, never a hole
+    return path.url if isinstance(path, RemotePath) else path.resolve()
+
+
+def _local_files(path: Path, source: str, found: Discovery) -> dict[str, Extent]:
+    """The files of a local SOURCE (`path`, given as `source`) by name below it (for a file:
+    the other files of its set beside it)."""
+    if path.is_dir():
+        files = _walk(path, found)
+        root = path
+    elif path.is_file():
+        # A piece or volume named alone brings the rest of its set from the same folder.
+        files = sorted(p for p in path.parent.iterdir() if p.is_file()
+                       and _set_name(p.name) == _set_name(path.name))
+        root = path.parent
+    elif os.path.lexists(path):
+        raise FileNotFoundError(f"source {path_text(source)} {_not_a_file(path)}")
+    else:
+        raise FileNotFoundError(f"source not found: {path_text(source)}")
+    return {p.relative_to(root).as_posix(): Extent(p, 0, p.stat().st_size) for p in files}
+
+
+def _remote_files(source: RemotePath) -> dict[str, Extent]:
+    """The files of a remote SOURCE by name below it (for a file: the other files of its set
+    beside it), from one recursive listing with sizes."""
+    fs = source.fs()
+    try:
+        fs.invalidate_cache()  # a listing kept from earlier in this process may be stale
+        info = fs.info(source.path)
+        if info["type"] == "file":
+            root, _, base = info["name"].rpartition("/")
+            listing = {entry["name"]: entry for entry in fs.ls(root, detail=True)
+                       if _set_name(entry["name"].rpartition("/")[2]) == _set_name(base)}
+        else:
+            root = info["name"]
+            listing = fs.find(root, detail=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"source not found: {source}") from None
+    except PermissionError as error:
+        raise UsageError(f"source {source}: access denied ({error}): check the credentials "
+                         "(environment, ~/.aws, --storage-option)") from None
+    except storage_errors() as error:
+        raise UsageError(f"source {source} cannot be listed: {error}") from None
+    return {name[len(root):].lstrip("/"): Extent(RemotePath(source.protocol, name,
+                                                            source.options), 0, entry["size"])
+            for name, entry in sorted(listing.items())
+            if entry["type"] == "file" and not name.endswith("/")}
 
 
 def _walk(folder: Path, found: Discovery) -> list[Path]:
@@ -272,8 +321,10 @@ def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
     """
     entries: dict[str, Extent] = {}
     cut = None
+    problem: Exception | None = None
+    assert extent.path is not None  # a tar file, never a hole
     try:
-        with tarfile.open(extent.path, "r:") as tar:
+        with _opened(extent.path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -284,16 +335,21 @@ def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
                 earlier = entries.get(info.name)
                 if earlier is None or present >= earlier.length:
                     entries[info.name] = Extent(extent.path, info.offset_data, present)
-            if cut is None and not _tar_end_found(extent, tar.offset):
+            if cut is None and not _tar_end_found(handle, tar.offset):
                 cut = (f"no end-of-archive blocks after its last member; "
                        f"{extent.length - tar.offset} bytes follow it")
-    except (tarfile.TarError, OSError) as error:
+    except tarfile.TarError as error:
+        problem = error
+    except storage_errors() as error:
+        problem = error
+    if problem is not None:
         if not entries:
-            detail = (f"{name}: cannot read: {error.strerror}" if isinstance(error, OSError)
-                      else _not_a_tar(name, _first_bytes(extent), error))
+            detail = (_not_a_tar(name, _first_bytes(extent.path), problem)
+                      if isinstance(problem, tarfile.TarError) else
+                      f"{name}: cannot read: {getattr(problem, 'strerror', None) or problem}")
             found.rejects.append(Reject("", Reason.BAD_ARCHIVE, name, "", detail))
             return
-        cut = f"{error} after {len(entries)} members"
+        cut = f"{problem} after {len(entries)} members"
     if cut is not None:
         found.rejects.append(Reject("", Reason.TRUNCATED, name, "", (
             f"{name} is cut off ({cut}): the zips and pieces before the cut are read; "
@@ -301,18 +357,25 @@ def _collect_tar(name: str, extent: Extent, found: Discovery) -> None:
     _collect(entries, name, found)
 
 
-def _first_bytes(extent: Extent) -> bytes:
-    assert extent.path is not None  # a tar on disk, never a hole
-    with open(extent.path, "rb") as handle:
+def _opened(path: Path | RemotePath) -> BinaryIO:
+    """A file opened for reading: a remote one reads ahead a little at each seek, so each tar
+    header costs one request."""
+    if isinstance(path, RemotePath):
+        opened: BinaryIO = path.fs().open(path.path, "rb", block_size=TAR_READAHEAD,
+                                          cache_type="readahead")
+        return opened
+    return open(path, "rb")
+
+
+def _first_bytes(path: Path | RemotePath) -> bytes:
+    with _opened(path) as handle:
         return handle.read(64)
 
 
-def _tar_end_found(extent: Extent, end: int) -> bool:
+def _tar_end_found(handle: BinaryIO, end: int) -> bool:
     """Whether two zero blocks (the end-of-archive marker) follow the last member at `end`."""
-    assert extent.path is not None  # a tar on disk, never a hole
-    with open(extent.path, "rb") as handle:
-        handle.seek(end)
-        marker = handle.read(1024)
+    handle.seek(end)
+    marker = handle.read(1024)
     return len(marker) == 1024 and not any(marker)
 
 

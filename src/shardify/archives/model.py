@@ -11,6 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..rejects import Reason
+from ..storage import RemotePath
 
 METHOD_STORED = 0
 METHOD_DEFLATED = 8
@@ -21,14 +22,21 @@ SUPPORTED_METHODS = {METHOD_STORED: "stored", METHOD_DEFLATED: "deflate",
 
 @dataclass(frozen=True, slots=True)
 class Extent:
-    """A byte range of a file on disk: `length` bytes from `offset` of `path`.
+    """A byte range of a file: `length` bytes from `offset` of `path`, on disk or in remote
+    storage (read with ranged requests).
 
     A path of None is a hole (a missing download piece): it reads as zero bytes.
     """
 
-    path: Path | None
+    path: Path | RemotePath | None
     offset: int
     length: int
+
+    @property
+    def local(self) -> Path | None:
+        """Its file on this machine; None for a hole or a remote file (which --consume-sources
+        never deletes)."""
+        return self.path if isinstance(self.path, Path) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +63,13 @@ class Archive:
         if self.parent is not None:
             return self.parent.file_size
         return sum(extent.length for extent in self.extents)
+
+    @property
+    def remote(self) -> bool:
+        """Whether its bytes are in remote storage: each read is a request, so neighbours are
+        read together (a set comes from one SOURCE: never part local, part remote)."""
+        return isinstance(next((e.path for e in self.extents if e.path is not None), None),
+                          RemotePath)
 
 
 Problem = tuple[Reason, str]  # (reject reason, detail) of a member known to be unusable

@@ -1,15 +1,19 @@
-"""Reading archives: positioned reads on read-only descriptors, inflate, CRC checks."""
+"""Reading archives: positioned reads on read-only descriptors, or ranged requests to remote
+storage; inflate, CRC checks."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import deflate
 
 from ..errors import MemberError
 from ..rejects import Reason
+from ..storage import RemotePath, storage_errors
 from .model import (
     METHOD_DEFLATE64,
     METHOD_DEFLATED,
@@ -27,6 +31,14 @@ MAX_NESTED_INFLATE = 512 * 2**20
 MAX_OPEN_FILES = 64  # descriptors an ArchiveReader keeps open at once
 Payload = bytes | bytearray  # a member's bytes (libdeflate inflates into a bytearray)
 INFLATE64_CHUNK = 1024  # input per step: Deflate64 output past a lying size stays < ~30 MB
+# Remote storage: a request costs about as much as a few MB of transfer, so neighbouring
+# members are fetched together (gaps of up to REMOTE_GAP are read and dropped), and small reads
+# (directory probes, local headers) fetch a whole REMOTE_BLOCK, kept for the reads that follow.
+REMOTE_WINDOW = 16 * 2**20
+REMOTE_GAP = 256 * 2**10
+REMOTE_BLOCK = 64 * 2**10
+KEPT_BLOCKS = 16  # blocks kept per reader (at most 1 MiB each: an archive's tail)
+HELD_WINDOW_BYTES = 64 * 2**20  # read-ahead windows held at once (the least recently used go)
 
 
 def _pread_fully(fd: int, size: int, offset: int) -> bytes:
@@ -43,15 +55,37 @@ def _pread_fully(fd: int, size: int, offset: int) -> bytes:
     return b"".join(parts)  # one part (the usual case) is returned as it is, not copied
 
 
-class ArchiveReader:
-    """Reads bytes of archives and members with positioned reads on cached descriptors.
+@dataclass(eq=False)
+class _Window:
+    """Neighbouring members of one archive, fetched in one request when the first is read.
 
-    Each process makes its own reader: file descriptors are never shared across fork.
+    `waiting` maps each member not read yet ((archive id, header offset)) to where its bytes
+    end at the latest; the bytes are dropped once all are read. Dropped early (to bound
+    memory), the window is fetched again when next needed: only the span of those waiting.
+    """
+
+    archive: Archive
+    waiting: dict[tuple[int, int], int]
+    start: int = 0  # where `data` starts in the archive
+    data: bytes | None = None
+
+
+class ArchiveReader:
+    """Reads bytes of archives and members with positioned reads on cached descriptors, or
+    ranged requests for remote archives (`requests` counts them, `bytes_fetched` their bytes).
+
+    Each process makes its own reader: file descriptors are never shared across fork (a remote
+    filesystem is opened again in each process, see `storage`).
     """
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
         self._inflated: dict[str, Payload] = {}
+        self._kept: list[tuple[RemotePath, int, bytes]] = []  # remote blocks, last used last
+        self._ahead: dict[tuple[int, int], _Window] = {}
+        self._held: dict[int, _Window] = {}  # windows holding bytes, least recently used first
+        self.requests = 0
+        self.bytes_fetched = 0
 
     def __enter__(self) -> ArchiveReader:
         return self
@@ -59,6 +93,7 @@ class ArchiveReader:
     def __exit__(self, *_: object) -> None:
         self.close_files()
         self._inflated.clear()
+        self._kept.clear()
 
     def close_files(self) -> None:
         """Close every cached descriptor: a source deleted while open would keep its space
@@ -78,8 +113,14 @@ class ArchiveReader:
             if offset < end and size > 0:
                 skip = max(0, offset - start)
                 take = min(size, extent.length - skip)
-                chunk = bytes(take) if extent.path is None else _pread_fully(
-                    self._fd(extent.path), take, extent.offset + skip)
+                path = extent.path
+                if path is None:
+                    chunk = bytes(take)
+                elif isinstance(path, RemotePath):
+                    chunk = self._remote_read(path, take, extent.offset + skip,
+                                              extent.offset + extent.length)
+                else:
+                    chunk = _pread_fully(self._fd(path), take, extent.offset + skip)
                 chunks.append(chunk)
                 size -= len(chunk)
                 offset += len(chunk)
@@ -90,10 +131,42 @@ class ArchiveReader:
 
     def read(self, member: Member) -> Payload:
         """Return the member's uncompressed bytes, CRC-checked; raise MemberError if unusable."""
+        if self._ahead:
+            key = (id(member.archive), member.header_offset)
+            window = self._ahead.pop(key, None)
+            if window is not None and (data := self._window_bytes(window, key)):
+                return self._read(member, data, member.header_offset - window.start,
+                                  member.compressed_size)
         # Small members come with their header in one read; large ones are read on their own,
-        # so the payload is not copied out of a bigger buffer.
-        inline = member.compressed_size if member.compressed_size <= INLINE_READ else 0
+        # so the payload is not copied out of a bigger buffer. A remote member always comes
+        # with its header: one request, not two.
+        inline = member.compressed_size if member.compressed_size <= INLINE_READ \
+            or member.archive.remote else 0
         return self._read(member, None, 0, inline)
+
+    @contextmanager
+    def reading_ahead(self, members: list[Member]) -> Iterator[None]:
+        """Inside, `read` takes these members (of remote archives) from windows of neighbours:
+        one request per window, made when the first of its members is read, in any order.
+
+        At most HELD_WINDOW_BYTES are held: the least recently used window is dropped for a
+        new one, and fetched again (its members not read yet) if needed later.
+        """
+        ahead = sorted({(id(m.archive), m.header_offset): m for m in members
+                        if m.problem is None and m.archive.remote}.values(),
+                       key=lambda m: (id(m.archive), m.header_offset))
+        i = 0
+        while i < len(ahead):
+            j, _ = _neighbours(ahead, i, REMOTE_WINDOW, REMOTE_GAP)
+            window = _Window(ahead[i].archive, {(id(m.archive), m.header_offset): _upper_end(m)
+                                                for m in ahead[i:j]})
+            self._ahead.update(dict.fromkeys(window.waiting, window))
+            i = j
+        try:
+            yield
+        finally:
+            self._ahead.clear()
+            self._held.clear()
 
     def read_many(self, members: list[Member]) -> Iterator[tuple[Member, Payload | MemberError]]:
         """Each member with its bytes or its MemberError, in order; neighbours share one read.
@@ -104,11 +177,8 @@ class ArchiveReader:
         i = 0
         while i < len(members):
             first = members[i]
-            end, j = _upper_end(first), i + 1
-            while j < len(members) and members[j].archive is first.archive \
-                    and first.header_offset <= members[j].header_offset < end + WINDOW_GAP \
-                    and _upper_end(members[j]) - first.header_offset <= WINDOW:
-                end, j = max(end, _upper_end(members[j])), j + 1
+            j, end = _neighbours(members, i, *((REMOTE_WINDOW, REMOTE_GAP)
+                                               if first.archive.remote else (WINDOW, WINDOW_GAP)))
             window = b""
             if j - i > 1:
                 try:
@@ -160,6 +230,81 @@ class ArchiveReader:
             raise MemberError(Reason.BAD_CRC, f"crc32 {crc:08x} != {member.crc32:08x} in directory")
         return data
 
+    def prefetch(self, archive: Archive, size: int, offset: int) -> None:
+        """Fetch `size` bytes at `offset` of a remote archive now (one request per file) and
+        keep them: the many small reads that follow inside them (an end record, a Zip64
+        locator, a central directory) cost no request. Nothing to do for local archives."""
+        if not archive.remote:
+            return
+        start = 0
+        for extent in archive.extents:
+            lo, hi = max(offset, start), min(offset + size, start + extent.length)
+            path = extent.path
+            if lo < hi and isinstance(path, RemotePath):
+                at = extent.offset + lo - start
+                if self._kept_bytes(path, hi - lo, at) is None:
+                    self._keep(path, at, self._fetch(path, hi - lo, at))
+            start += extent.length
+
+    def _remote_read(self, path: RemotePath, size: int, offset: int, limit: int) -> bytes:
+        """`size` bytes at `offset` of a remote file, from a kept block if one holds them; a
+        small read fetches a whole block (up to `limit`, its extent's end) and keeps it."""
+        kept = self._kept_bytes(path, size, offset)
+        if kept is not None:
+            return kept
+        if size >= REMOTE_BLOCK:
+            return self._fetch(path, size, offset)
+        block = self._fetch(path, min(REMOTE_BLOCK, limit - offset), offset)
+        self._keep(path, offset, block)
+        return block[:size]
+
+    def _kept_bytes(self, path: RemotePath, size: int, offset: int) -> bytes | None:
+        for i, (kept_path, start, block) in enumerate(self._kept):
+            if kept_path == path and start <= offset and offset + size <= start + len(block):
+                self._kept.append(self._kept.pop(i))
+                return block[offset - start : offset - start + size]
+        return None
+
+    def _keep(self, path: RemotePath, offset: int, block: bytes) -> None:
+        if len(self._kept) >= KEPT_BLOCKS:
+            del self._kept[0]
+        self._kept.append((path, offset, block))
+
+    def _fetch(self, path: RemotePath, size: int, offset: int) -> bytes:
+        """One ranged request; whatever storage raises becomes an OSError naming the file."""
+        self.requests += 1
+        try:
+            data = path.fs().cat_file(path.path, start=offset, end=offset + size)
+        except storage_errors() as error:
+            raise OSError(f"{path}: {error}") from None
+        self.bytes_fetched += len(data)
+        return bytes(data)
+
+    def _window_bytes(self, window: _Window, key: tuple[int, int]) -> bytes:
+        """The bytes of a read-ahead window holding member `key`, fetched if not held (b"" if
+        that failed: the member is then read on its own); dropped once all its members are
+        read."""
+        if window.data is None:
+            window.start = min(offset for _, offset in window.waiting)
+            size = max(window.waiting.values()) - window.start
+            held = sum(len(w.data or b"") for w in self._held.values())
+            while self._held and held + size > HELD_WINDOW_BYTES:
+                dropped = self._held.pop(next(iter(self._held)))
+                held -= len(dropped.data or b"")
+                dropped.data = None
+            try:
+                window.data = self.pread(window.archive, size, window.start)
+            except OSError:
+                window.data = b""
+        self._held.pop(id(window), None)
+        data = window.data
+        del window.waiting[key]
+        if window.waiting:
+            self._held[id(window)] = window  # (re)inserted last: the most recently used
+        else:
+            window.data = None
+        return data
+
     def _nested_bytes(self, archive: Archive) -> Payload:
         """A deflated zip inside a zip is inflated once and kept while it is in use.
 
@@ -187,6 +332,18 @@ class ArchiveReader:
             fd = os.open(path, os.O_RDONLY)
         self._fds[path] = fd  # (re)inserted last: dict order is the recency order
         return fd
+
+
+def _neighbours(members: list[Member], i: int, limit: int, gap: int) -> tuple[int, int]:
+    """(j, end): members[i:j] lie within `limit` bytes of the first's header, each at most
+    `gap` bytes after the one before, in one archive; `end` is where their bytes end."""
+    first = members[i]
+    end, j = _upper_end(first), i + 1
+    while j < len(members) and members[j].archive is first.archive \
+            and first.header_offset <= members[j].header_offset < end + gap \
+            and _upper_end(members[j]) - first.header_offset <= limit:
+        end, j = max(end, _upper_end(members[j])), j + 1
+    return j, end
 
 
 def _upper_end(member: Member) -> int:

@@ -68,6 +68,9 @@ MAX_DERIVED_PIECES = 10_000
 MAX_DERIVE_WINDOW = 64 * 2**20
 DERIVED_PROBES = 64
 INFLATE_CHUNK = 2**20
+# A remote archive's tail is fetched in one request: the end records and, for up to ~10k
+# members, the whole central directory (a larger one takes one more request).
+TAIL_READAHEAD = 2**20
 MISPLACED = "looks merged in the wrong order, or damaged"  # starts the note and reject detail
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
 
@@ -264,6 +267,7 @@ class EndRecord(NamedTuple):
 
 
 def _central_directory(archive: Archive, reader: ArchiveReader) -> MemberTable:
+    reader.prefetch(archive, TAIL_READAHEAD, max(0, archive.size - TAIL_READAHEAD))
     end = _end_record(archive, reader)
     this_disk, cd_disk = end.this_disk, end.cd_disk
     volume_starts = archive.volume_starts

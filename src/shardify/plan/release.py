@@ -48,7 +48,7 @@ class ReleaseUnit:
     @property
     def container(self) -> Path | None:
         """The tar a punched unit lies in."""
-        return None if self.whole else self.files[0].path
+        return None if self.whole else self.files[0].local
 
 
 @dataclass
@@ -142,14 +142,14 @@ def release_units(archives: list[Archive]) -> tuple[list[ReleaseUnit], dict[str,
             per_extent = [add(f"{archive.name} (volume set)", archive.extents, True)] \
                 * len(archive.extents)
         elif not in_tar and not pieces:  # a zip file, possibly read in slices
-            paths = sorted({e.path for e in archive.extents if e.path is not None})
+            paths = sorted({e.local for e in archive.extents if e.local is not None})
             of_path: dict[Path, frozenset[int]] = {}
             for path in paths:
                 name = archive.name if len(paths) == 1 else \
                     f"{archive.name}: {path_text(path.name)}"
-                of_path[path] = add(name, tuple(e for e in archive.extents if e.path == path),
+                of_path[path] = add(name, tuple(e for e in archive.extents if e.local == path),
                                     True)
-            per_extent = [of_path[e.path] if e.path is not None else frozenset()
+            per_extent = [of_path[e.local] if e.local is not None else frozenset()
                           for e in archive.extents]
         else:
             stem = archive.name.removesuffix(".zip") if volumes else archive.name
@@ -167,8 +167,8 @@ def release_units(archives: list[Archive]) -> tuple[list[ReleaseUnit], dict[str,
                                           f"{f'.part{start}' if pieces else ''}",
                                           (extent,), not in_tar))
         for extent, unit in zip(archive.extents, per_extent, strict=True):
-            if extent.path is not None and unit:
-                by_file[extent.path].append((extent.offset, extent.offset + extent.length,
+            if extent.local is not None and unit:
+                by_file[extent.local].append((extent.offset, extent.offset + extent.length,
                                              next(iter(unit))))
         placements[archive.name] = _Placement(starts, per_extent)
     for archive in archives:  # nested zips: inside their parent archive's bytes
@@ -184,7 +184,7 @@ def release_units(archives: list[Archive]) -> tuple[list[ReleaseUnit], dict[str,
             continue
         starts = np.cumsum([0, *(e.length for e in archive.extents)])[:-1]
         placements[archive.name] = _Placement(starts, [frozenset(
-            unit for offset, end, unit in (by_file.get(e.path, []) if e.path else [])
+            unit for offset, end, unit in (by_file.get(e.local, []) if e.local else [])
             if offset < e.offset + e.length and e.offset < end) for e in archive.extents])
     return units, placements
 

@@ -171,24 +171,27 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
     fd = sink.create_staged_shard(job.name)
     try:
         offset = flushed = 0
-        for i, key in enumerate(job.keys):
-            sample = _prepared(job, i, images[i], labels[i], reader)
-            if isinstance(sample, list):
-                rejects.append([i, *sample])
-                continue
-            chunks = sample_chunks(key, sample.ext, sample.image, sample.label, job.classes[i])
-            if job.limit is not None and written and \
-                    offset + sum(map(len, chunks)) + TAR_END_SIZE > job.limit:
-                rest = i
-                break
-            size = write_all(fd, chunks)
-            written.append([key, offset, size, len(sample.image), sample.image_crc,
-                            len(sample.label), deflate.crc32(sample.label), *sample.placement])
-            labels_type = merge(labels_type, label_type(sample.label))
-            offset += size
-            if offset - flushed >= WRITEBACK_STEP:
-                _start_writeback(fd, flushed, offset - flushed)
-                flushed = offset
+        with reader.reading_ahead(_remote_members(job, images, labels)):
+            for i, key in enumerate(job.keys):
+                sample = _prepared(job, i, images[i], labels[i], reader)
+                if isinstance(sample, list):
+                    rejects.append([i, *sample])
+                    continue
+                chunks = sample_chunks(key, sample.ext, sample.image, sample.label,
+                                       job.classes[i])
+                if job.limit is not None and written and \
+                        offset + sum(map(len, chunks)) + TAR_END_SIZE > job.limit:
+                    rest = i
+                    break
+                size = write_all(fd, chunks)
+                written.append([key, offset, size, len(sample.image), sample.image_crc,
+                                len(sample.label), deflate.crc32(sample.label),
+                                *sample.placement])
+                labels_type = merge(labels_type, label_type(sample.label))
+                offset += size
+                if offset - flushed >= WRITEBACK_STEP:
+                    _start_writeback(fd, flushed, offset - flushed)
+                    flushed = offset
         write_all(fd, [bytes(TAR_END_SIZE)])
         size = offset + TAR_END_SIZE
         tail = os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES))  # from the page cache
@@ -209,7 +212,8 @@ def probe_shard(job: ShardJob, reader: ArchiveReader) -> list[Made]:
     measured on (`probe_sizes`), kept so that the writer does not transform them again."""
     assert job.transform is not None
     images, labels = job.images.tolist(), job.labels.tolist()
-    return [_prepared(job, i, images[i], labels[i], reader) for i in range(len(job.keys))]
+    with reader.reading_ahead(_remote_members(job, images, labels)):
+        return [_prepared(job, i, images[i], labels[i], reader) for i in range(len(job.keys))]
 
 
 def probe_sizes(made: Made) -> tuple[int, int, int, int] | None:
@@ -274,6 +278,18 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, ctypes.c_int64(offset), ctypes.c_int64(length),
                          SYNC_FILE_RANGE_WRITE)
+
+
+def _remote_members(job: ShardJob, images: list[tuple], labels: list[tuple]) -> list[Member]:
+    """The members the job will read, if its archives are remote: they are then fetched in
+    windows of neighbours (`ArchiveReader.reading_ahead`), not one request each. Local reads
+    need no plan."""
+    if not any(archive.remote for archive in job.archives):
+        return []
+    made = job.made or {}
+    return [_member(job, location, None) for i in range(len(job.keys)) if i not in made
+            for role, location in enumerate((images[i], labels[i]))
+            if (i, role) not in job.problems]
 
 
 def _member(job: ShardJob, location: tuple, problem: tuple[Reason, str] | None) -> Member:
