@@ -8,25 +8,22 @@ Requests are counted by an HTTP proxy in front of the server, so the workers' ar
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import json
 import random
 import shutil
 import subprocess
 import tarfile
-import threading
 import urllib.request
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from conftest import S3Server
 from helpers import manifest_rows, output_files, read_shards, split_in_place, summary_of
+from s3proxy import CountingProxy, counting_proxy
 
 from shardify.archives.discovery import find_archives
 from shardify.archives.reader import ArchiveReader
@@ -42,64 +39,10 @@ PIECE = 16 * 2**10
 # --- a proxy that counts what reaches the server --------------------------------------------------
 
 
-@dataclass
-class CountingProxy:
-    """Forwards HTTP requests to the S3 server and records (method, path, Range) of each."""
-
-    upstream: tuple[str, int]
-    seen: list[tuple[str, str, str | None]] = field(default_factory=list)
-    endpoint: str = ""
-
-    def object_gets(self) -> list[tuple[str, str, str | None]]:
-        """GETs of object bytes (a key after the bucket), not listings (`?list-type=2`)."""
-        return [r for r in self.seen if r[0] == "GET" and "?" not in r[1]
-                and urlsplit(r[1]).path.strip("/").count("/") >= 1]
-
-
-def _handler(proxy: CountingProxy) -> type[http.server.BaseHTTPRequestHandler]:
-    class Forward(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def forward(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else None
-            proxy.seen.append((self.command, self.path, self.headers.get("Range")))
-            upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)
-            try:
-                upstream.request(self.command, self.path, body, dict(self.headers))
-                reply = upstream.getresponse()
-                data = reply.read()
-            finally:
-                upstream.close()
-            self.send_response_only(reply.status, reply.reason)
-            for name, value in reply.getheaders():
-                if name.lower() not in ("transfer-encoding", "connection", "content-length"):
-                    self.send_header(name, value)
-            size = reply.getheader("Content-Length") if self.command == "HEAD" else len(data)
-            self.send_header("Content-Length", str(size or 0))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-
-        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    return Forward
-
-
 @pytest.fixture(scope="module")
 def proxy(s3_server: S3Server) -> Iterator[CountingProxy]:
-    parts = urlsplit(s3_server.endpoint)
-    counting = CountingProxy((parts.hostname or "", parts.port or 80))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(counting))
-    counting.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield counting
-    server.shutdown()
-    server.server_close()
+    with counting_proxy(s3_server.endpoint) as counting:
+        yield counting
 
 
 def storage_args(options: dict[str, object]) -> list[str]:
