@@ -48,7 +48,7 @@ lint: $(STAMP)
 
 # Generates ~2.3 GB of inputs into .bench/ once (about a minute), then ~5 minutes of runs.
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/pip install --quiet -e '.[bench,s3,ray]' 'moto[server]>=5.0' $(S3_PINS)
 	$(BIN)/python benchmarks/bench.py --cache .bench
 
 # make shards SRC=/data/103.배터리... OUT=/big/shards [NAME=aihub-71687] [SHARD_SIZE=1GiB]
