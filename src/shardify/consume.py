@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from .archives.zipdir import Index
 from .errors import UsageError
-from .output.store import OutputStore, fsync_folder
+from .output.store import OutputStore, Store, fsync_folder
 from .pathnames import path_text
 from .plan.pairing import Pairing
 from .plan.release import ReleasePlan, ReleaseTracker, ReleaseUnit, release_plan
@@ -285,6 +285,6 @@ def tar_is_consumed(tar: Path, plan: ReleasePlan, released: set[int]) -> bool:
         return False
 
 
-def released_archives(store: OutputStore) -> set[str]:
+def released_archives(store: Store) -> set[str]:
     """The archives (by manifest name) whose bytes a consuming run released, wholly or in part."""
     return {name for entry in store.releases() for name in entry.get("archives", [])}

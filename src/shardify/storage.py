@@ -9,6 +9,7 @@ worker process or a Ray task opens its own filesystem from it); `file://` URLs a
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ class RemotePath:
     def fs(self) -> AbstractFileSystem:
         """The filesystem this path lives in (one instance per protocol and options, per
         process)."""
-        return _filesystem(self.protocol, self.options)
+        return _filesystem(self.protocol, self.options, os.getpid())
 
 
 Location = Path | RemotePath
@@ -102,7 +103,9 @@ def parse_storage_options(items: Iterable[str]) -> dict[str, object]:
 
 
 @functools.lru_cache(maxsize=16)
-def _filesystem(protocol: str, options: str) -> AbstractFileSystem:
+def _filesystem(protocol: str, options: str, pid: int) -> AbstractFileSystem:
+    """`pid`: a forked process (a DataLoader worker) opens its own; the parent's instance would
+    wait forever on an event loop whose thread is not in the child."""
     try:
         import fsspec
     except ImportError:
