@@ -63,7 +63,7 @@ LEASE_FILE = f"{STATE_DIR}/lease.json"
 LEASE_RENEWAL = 30.0  # seconds between renewals of a held lease
 LEASE_TIMEOUT = 180.0  # a lease not renewed for this long is a dead run's
 READ_BLOCK = 8 * 2**20  # read-ahead of a streamed file (a tar read from start to end)
-CONDITIONAL_PUTS = {"s3", "s3a"}  # backends that take If-Match / If-None-Match on a PUT
+CONDITIONAL_PUTS = {"s3", "s3a"}  # s3fs: PUTs take If-Match / If-None-Match; S3's own API
 BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
@@ -179,13 +179,14 @@ class RemoteOutputStore:
     def _abort_uploads(self) -> None:
         """Abort the multipart uploads of shardify's names under OUT that a killed run left
         (S3 keeps their parts, billed and invisible, until then)."""
-        if not hasattr(self.fs, "list_multipart_uploads"):
+        if self.root.protocol not in CONDITIONAL_PUTS:  # s3fs: S3's API at hand
             return
         bucket, _, prefix = self.base.partition("/")
         start = f"{prefix}/" if prefix else ""
-        for upload in self.fs.list_multipart_uploads(bucket):
+        listed = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=start)
+        for upload in listed.get("Uploads", []):
             name = upload["Key"].removeprefix(start)
-            if upload["Key"].startswith(start) and (is_shard_name(name) or name in INDEX_FILES):
+            if is_shard_name(name) or name in INDEX_FILES:
                 self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
                                 UploadId=upload["UploadId"])
 
@@ -254,7 +255,7 @@ class RemoteOutputStore:
         """One listing, the entries read concurrently, then one ranged read of each listed
         shard's last MiB (a resume over 500 GB of shards reads 1 MiB of each)."""
         files = self.files()
-        names = [name for name in files if name.startswith(f"{JOURNAL_DIR}/")]  # one listing
+        names = [name for name in files if name.startswith(f"{JOURNAL_DIR}/")]
         if not names:
             return
         found = self.fs.cat([self.key(name) for name in names], on_error="omit")
@@ -286,8 +287,8 @@ class RemoteOutputStore:
         """A run whose lease another run took over (it stalled for LEASE_TIMEOUT) stops."""
         if self._lease is not None and self._lease.lost:
             raise RunFailed(f"another shardify convert took over the lease on {self.shown} "
-                            f"(this run did not renew it for {LEASE_TIMEOUT:.0f} s); this run "
-                            "stopped without writing more")
+                            f"(this run could not renew it for {LEASE_TIMEOUT:.0f} s); this "
+                            "run stopped without writing more")
 
     def read_plan(self) -> bytes | None:
         """None: a remote OUT never holds a consuming run's plan (--consume-sources needs a
@@ -329,7 +330,7 @@ class Lease:
         try:
             self._create_or_take_over()
         except PermissionError as error:
-            raise UsageError(f"cannot write to {self.shown}: {error}") from None
+            raise UsageError(f"cannot hold the lease on {self.shown}: {error}") from None
         self._renewer.start()
 
     def _create_or_take_over(self) -> None:
@@ -388,11 +389,11 @@ class Lease:
             except OSError as error:
                 if error.errno != errno.EINVAL:  # not "the precondition failed"
                     raise
-        held, _ = self._read()
+        held, etag = self._read()  # the precondition failed, or there is no ETag to match
         if held is None or held.get("token") != self.token:
             self.lost = True
-        elif not self.conditional:
-            self._put()
+        else:  # still this run's (a renewal whose answer was lost changed the ETag)
+            self._put(**({"IfMatch": etag} if self.conditional and etag else {}))
 
     def release(self) -> None:
         """Stop renewing; remove the lease if it is still this run's."""
