@@ -104,8 +104,8 @@ def parse_storage_options(items: Iterable[str]) -> dict[str, object]:
 
 @functools.lru_cache(maxsize=16)
 def _filesystem(protocol: str, options: str, pid: int) -> AbstractFileSystem:
-    """`pid`: a forked process (a DataLoader worker) opens its own; the parent's instance would
-    wait forever on an event loop whose thread is not in the child."""
+    """`pid`: a forked process (a DataLoader worker) opens its own; fsspec refuses the parent's
+    instance there ("This class is not fork-safe": its event loop thread is not in the child)."""
     try:
         import fsspec
     except ImportError:
