@@ -262,16 +262,12 @@ def _add_storage_option(command: argparse.ArgumentParser) -> None:
                          "environment and ~/.aws as usual")
 
 
-def _out_location(args: argparse.Namespace) -> Location:
-    """The OUT argument as a path or a URL (with the --storage-option options)."""
-    return location(args.out, parse_storage_options(args.storage_option))
-
-
 def _readable_out(args: argparse.Namespace) -> Location:
-    """OUT for a reader: a URL's bucket and credentials checked now, said in one line."""
+    """OUT for a reader, a path or a URL (with the --storage-option options); a URL's bucket
+    and credentials checked now, said in one line."""
     from .output.remote import RemoteOutputStore
 
-    out = _out_location(args)
+    out = location(args.out, parse_storage_options(args.storage_option))
     if isinstance(out, RemotePath):
         RemoteOutputStore(out).check_access()
     return out
@@ -385,8 +381,9 @@ def _convert(args: argparse.Namespace) -> int:
     if args.consume_sources and not args.yes and not sys.stdin.isatty():
         raise UsageError("--consume-sources deletes the sources as they are converted: without "
                          "a terminal to ask on, give --yes to agree")
+    storage = parse_storage_options(args.storage_option)
     options = ConvertOptions(
-        sources=args.sources, out=_out_location(args), shard_size=args.shard_size,
+        sources=args.sources, out=location(args.out, storage), shard_size=args.shard_size,
         split=args.split.text,
         ratios=args.split.ratios, seed=args.seed, manifest=args.manifest, strict=args.strict,
         quiet=args.quiet, overwrite=args.overwrite, space_check=args.space_check,
@@ -395,7 +392,7 @@ def _convert(args: argparse.Namespace) -> int:
                                    args.quality),
         consume_sources=args.consume_sources,
         confirm=functools.partial(_confirm, asked=not args.yes),
-        storage_options=parse_storage_options(args.storage_option),
+        storage_options=storage,
     )
     try:
         report = convert(options)
