@@ -23,7 +23,7 @@ from .output.store import CONSUMED, REJECTS
 from .pathnames import path_text
 from .profiles import get_profile
 from .progress import human_bytes
-from .storage import parse_storage_options
+from .storage import Location, RemotePath, is_url, location, parse_storage_options
 from .transform.options import CROPS, DEFAULT_MARGIN, DEFAULT_QUALITY, FORMATS
 
 if TYPE_CHECKING:
@@ -160,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a folder (searched recursively) or files: zips, .zip.partN "
                       "pieces, .z01 volumes, download.tar; or such a prefix or file in "
                       "object storage as a URL (s3://bucket/prefix), read in place")
-    conv.add_argument("--out", required=True, type=Path, metavar="OUT",
-                      help="output folder: new, empty, or an earlier shardify output of the "
-                      "same command (resumed: complete shards are kept)")
+    conv.add_argument("--out", required=True, metavar="OUT",
+                      help="output folder or fsspec URL (s3://bucket/prefix): new, empty, or "
+                      "an earlier shardify output of the same command (resumed: complete "
+                      "shards are kept)")
     conv.add_argument("--shard-size", type=parse_size, default=parse_size("1GiB"),
                       metavar="SIZE", help="largest shard size, e.g. 1GiB (default), 512MiB")
     conv.add_argument("--split", type=parse_split, default="70/10/20", metavar="TRAIN/VAL/TEST",
@@ -231,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and summary.json: USTAR members, adjacency, offsets, sizes, CRCs, .cls vs JSON vs "
         "manifest label, no battery in two splits, counts. Exit 0 if clean, 1 if not.",
     )
-    check.add_argument("out", type=Path, metavar="OUT", help="the output folder to check")
+    check.add_argument("out", metavar="OUT", help="the output folder (or URL) to check")
     check.add_argument("--sources", nargs="+", metavar="SOURCE",
                        help="also compare every sample with its source members (size and "
                        "CRC-32); give the SOURCE arguments that convert was given")
@@ -245,10 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(case-folded); swelling; image sizes; samples per battery; the rejects by reason and "
         "the first rows. From OUT's manifest.parquet, rejects.parquet and summary.json.",
     )
-    show.add_argument("out", type=Path, metavar="OUT", help="a shardify output folder")
+    show.add_argument("out", metavar="OUT", help="a shardify output folder (or URL)")
     show.add_argument("--html", type=Path, metavar="PATH",
                       help="also write one self-contained HTML page with tables, plots and a "
                       "gallery of thumbnails from the shards with their labels' polygons drawn")
+    _add_storage_option(show)
 
     synth = _subcommand(
         commands, "synth",
@@ -266,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _readable_out(args: argparse.Namespace) -> Location:
+    """OUT for a reader, a path or a URL (with the --storage-option options); a URL's bucket
+    and credentials checked now, said in one line."""
+    from .output.remote import RemoteOutputStore
+
+    out = location(args.out, parse_storage_options(args.storage_options))
+    if isinstance(out, RemotePath):
+        RemoteOutputStore(out).check_access()
+    return out
+
+
+def _local_out(text: str) -> Path:
+    if is_url(text):
+        raise argparse.ArgumentTypeError(f"{text}: export reads a local OUT only (copy it "
+                                         "first, e.g. aws s3 sync)")
+    return Path(text)
+
+
 def _add_export(commands: argparse._SubParsersAction) -> None:
     from .export import LAYOUTS
 
@@ -280,7 +300,8 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         "DIR/1_defect/. DIR/export.json records what was exported. DIR appears complete or "
         "not at all.",
     )
-    files.add_argument("out", type=Path, metavar="OUT", help="a shardify output folder")
+    files.add_argument("out", type=_local_out, metavar="OUT",
+                       help="a shardify output folder (local)")
     files.add_argument("dest", type=Path, metavar="DIR",
                        help="folder to write: new or empty (or an earlier export, with "
                        "--overwrite)")
@@ -366,8 +387,10 @@ def _convert(args: argparse.Namespace) -> int:
     if args.consume_sources and not args.yes and not sys.stdin.isatty():
         raise UsageError("--consume-sources deletes the sources as they are converted: without "
                          "a terminal to ask on, give --yes to agree")
+    storage = parse_storage_options(args.storage_options)
     options = ConvertOptions(
-        sources=args.sources, out=args.out, shard_size=args.shard_size, split=args.split.text,
+        sources=args.sources, out=location(args.out, storage), shard_size=args.shard_size,
+        split=args.split.text,
         ratios=args.split.ratios, seed=args.seed, manifest=args.manifest, strict=args.strict,
         quiet=args.quiet, overwrite=args.overwrite, space_check=args.space_check,
         workers=args.workers,
@@ -375,7 +398,7 @@ def _convert(args: argparse.Namespace) -> int:
                                    args.quality),
         consume_sources=args.consume_sources,
         confirm=functools.partial(_confirm, asked=not args.yes),
-        storage_options=parse_storage_options(args.storage_options),
+        storage_options=storage,
     )
     try:
         report = convert(options)
@@ -404,7 +427,7 @@ def _confirm(plan: str, *, asked: bool) -> bool:
 def format_report(report: ConvertReport) -> str:
     """The end-of-run summary: per split, rejects by reason, bytes in and out, time."""
     summary = report.summary
-    lines = [f"shardify: wrote {summary['samples']} samples to {path_text(report.out)} "
+    lines = [f"shardify: wrote {summary['samples']} samples to {path_text(str(report.out))} "
              f"in {report.seconds:.1f} s"]
     if report.resumed_shards:
         lines.append(f"  resumed: {report.resumed_shards} complete shards from an earlier run "
@@ -419,7 +442,7 @@ def format_report(report: ConvertReport) -> str:
     if rejects:
         by_reason = ", ".join(f"{reason} {count}" for reason, count in rejects.items())
         lines.append(f"  rejects: {sum(rejects.values())} ({by_reason}) "
-                     f"-> {path_text(report.out / REJECTS)}")
+                     f"-> {path_text(str(report.out / REJECTS))}")
     else:
         lines.append("  rejects: none")
     skipped = [f"{summary['ignored_members']} junk members (folders, __MACOSX, Thumbs.db, ...)"]
@@ -449,7 +472,7 @@ def format_report(report: ConvertReport) -> str:
         lines.append(f"  sources released: {len(consumed['released'])} "
                      f"({human_bytes(consumed['bytes_freed'])} freed; "
                      f"{consumed['released_now']} by this run) -> "
-                     f"{path_text(report.out / CONSUMED)}")
+                     f"{path_text(str(report.out / CONSUMED))}")
         lines += [f"  kept: {name}: {why}" for name, why in consumed["kept"].items()]
     return "\n".join(lines)
 
@@ -469,15 +492,16 @@ def _scan(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import format_text, load_manifest, report_data, write_html
 
+    out = _readable_out(args)
     try:
-        manifest, profile = load_manifest(args.out)
+        manifest, profile = load_manifest(out)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
-    data = report_data(manifest, profile, args.out)
+    data = report_data(manifest, profile, out)
     print(format_text(data, profile))
     if args.html is not None:
         write_html(data, manifest, args.html, f"shardify report: {path_text(args.out)}",
-                   profile, args.out)
+                   profile, out)
         print(f"\nHTML report written to {path_text(args.html)}")
     return EXIT_OK
 
@@ -488,7 +512,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     try:
         checked, problems, released = verify_output(
-            args.out, args.sources, parse_storage_options(args.storage_options))
+            _readable_out(args), args.sources, parse_storage_options(args.storage_options))
     except (OutputMissing, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
     if released:

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from .archives.zipdir import Index
 from .errors import UsageError
-from .output.store import OutputStore, fsync_folder
+from .output.store import OutputStore, Store, fsync_folder
 from .pathnames import path_text
 from .plan.pairing import Pairing
 from .plan.release import ReleasePlan, ReleaseTracker, ReleaseUnit, release_plan
@@ -79,7 +79,7 @@ def load_plan(data: bytes) -> SavedPlan | None:
     return plan if found == PLAN_FORMAT and isinstance(plan, SavedPlan) else None
 
 
-def releases_begun(store: OutputStore) -> int:
+def releases_begun(store: Store) -> int:
     """How many sources a consuming run into OUT began to release (recorded or not done)."""
     return len({entry["unit"] for entry in store.releases()})
 
@@ -437,7 +437,7 @@ def tar_is_consumed(tar: Path, plan: ReleasePlan, released: set[int]) -> bool:
         return False
 
 
-def released_archives(store: OutputStore) -> set[str]:
+def released_archives(store: Store) -> set[str]:
     """The archives (by manifest name) whose bytes a consuming run released (or began to),
     wholly or in part."""
     return {name for entry in store.releases() for name in entry.get("archives", [])}

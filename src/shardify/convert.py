@@ -34,6 +34,7 @@ from .consume import (
     start_consuming,
 )
 from .errors import DISK_FULL, NotEnoughSpace, RunFailed, UsageError
+from .output.remote import RemoteOutputStore
 from .output.store import (
     CARD,
     CONSUMED,
@@ -42,11 +43,13 @@ from .output.store import (
     SUMMARY,
     OutputStore,
     RunRecord,
+    Store,
     continuation_name,
     is_shardify_manifest,
     is_shardify_summary,
     json_bytes,
     nearest_existing,
+    output_store,
     shard_name,
     summary_beside,
     write_atomically,
@@ -62,7 +65,7 @@ from .profiles import DatasetProfile, get_profile
 from .progress import Progress, human_bytes
 from .rejects import Reject
 from .scan import archive_table, survey
-from .storage import is_url, location
+from .storage import Location, is_url, location
 from .transform.estimate import PROBES_PER_JOB, Ratios, probe_samples, size_ratios
 from .transform.options import TransformOptions
 from .write.executor import UNPUBLISHED_PER_WORKER, Executor, Inline, local_executor, write_shards
@@ -89,7 +92,7 @@ class ConvertOptions:
     """Everything `shardify convert` was asked to do (`split` is the ratios as typed)."""
 
     sources: list[str]
-    out: Path
+    out: Location  # a folder, or an fsspec URL (output.remote)
     shard_size: int
     split: str
     ratios: tuple[float, float, float]
@@ -104,7 +107,7 @@ class ConvertOptions:
     transform: TransformOptions = field(default_factory=TransformOptions)
     consume_sources: bool = False
     confirm: Callable[[str], bool] | None = None  # asked before consuming; None: agreed
-    storage_options: dict[str, object] = field(default_factory=dict)  # for URLs (fsspec)
+    storage_options: dict[str, object] = field(default_factory=dict)  # --storage-option
 
     def shaping(self) -> dict:
         """The options that decide the shards' bytes; a resumed run must use the same."""
@@ -117,7 +120,7 @@ class ConvertOptions:
 class ConvertReport:
     """What a run did: enough for the console summary and the exit code."""
 
-    out: Path
+    out: Location
     summary: dict
     group_unit: str  # the summary's key for the groups' count ("batteries")
     rejects: list[Reject] = field(default_factory=list)
@@ -130,7 +133,10 @@ def convert(options: ConvertOptions) -> ConvertReport:
     """Plan, then write the shards not already finished by an earlier run of the same plan."""
     started = time.monotonic()
     out, profile = options.out, options.profile
-    store = OutputStore(out)
+    store = output_store(out, options.storage_options)
+    if options.consume_sources and not isinstance(store, OutputStore):
+        raise UsageError(f"--consume-sources needs a local --out (it deletes each source once "
+                         f"its shards are durable on the same drive), not {store.shown}")
     for source in options.sources:  # a bad URL is said now, and its storage backend imported
         location(source, options.storage_options)  # once, before the workers fork: not in each
     _check_output_folder(store, options.sources)
@@ -143,7 +149,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
     if options.consume_sources and remote is not None:
         raise UsageError(f"--consume-sources deletes local source files only; {remote} is in "
                          "remote storage, whose objects shardify never deletes")
-    lock = None
+    release: Callable[[], None] | None = None
     consumption: Consumption | None = None
     try:
         with local_executor(options.workers) as pool, ArchiveReader() as reader:
@@ -158,21 +164,22 @@ def convert(options: ConvertOptions) -> ConvertReport:
             finished, continuations = _reusable_shards(store, run, shards, options.overwrite)
             shards = _with_continuations(shards, continuations)
             todo = [shard for shard in shards if shard.name not in finished]
-            if options.consume_sources or saved is not None:
+            if isinstance(store, OutputStore) and (options.consume_sources or saved is not None):
                 consumption = start_consuming(store, index, pairing, shards, finished,
                                               options.consume_sources,
                                               saved.identities if saved else None)
             if options.consume_sources and consumption is not None:
                 todo = release_order(consumption.plan, todo, set(finished))
-                _agree_to_consume(options, store, consumption, todo, len(pairing.samples),
+                _agree_to_consume(options, consumption.store, consumption, todo,
+                                  len(pairing.samples),
                                   sum(result.bytes_out for result in finished.values()))
                 reader.close_files()  # the survey's descriptors: a deleted source frees now
-            elif options.space_check:
+            elif options.space_check and isinstance(store, OutputStore):  # object storage: none
                 _check_space(store, todo, len(pairing.samples))
-            lock = _claim(store)
+            release = store.claim()
             store.start_run(run, keep_journal=bool(finished) or saved is not None)
             if options.consume_sources and saved is None and consumption is not None:
-                store.save_plan(functools.partial(dump_plan, SavedPlan(
+                consumption.store.save_plan(functools.partial(dump_plan, SavedPlan(
                     __version__, resolved_sources(options.sources), options.shaping(), index,
                     pairing, shards, consumption.identities)))
             store.prepare(keep=set(finished))
@@ -182,9 +189,9 @@ def convert(options: ConvertOptions) -> ConvertReport:
                                     probed, todo if options.consume_sources else None,
                                     consumption.published if consumption else None)
     finally:
-        if lock is not None:
+        if release is not None:
             store.remove_staged_shards()  # after the workers are gone: none can be writing
-            os.close(lock)
+            release()
 
     rejects += [reject for result in results for reject in result.rejects]
     summary = _summary(options, index, pairing, results, rejects)
@@ -194,7 +201,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
         _write_index_files(options, store, results, rejects, summary, consumed)
     except OSError as error:
         if error.errno in DISK_FULL:
-            raise NotEnoughSpace(f"disk full on {path_text(out)} while writing the manifest: "
+            raise NotEnoughSpace(f"disk full on {store.disk} while writing the manifest: "
                                  "all shards are complete; free some space and re-run the same "
                                  "command") from None
         raise
@@ -225,14 +232,14 @@ def _plan(options: ConvertOptions, reader: ArchiveReader, executor: Executor, *,
     return index, pairing, shards, probed
 
 
-def _saved_plan(store: OutputStore, options: ConvertOptions) -> SavedPlan | None:
+def _saved_plan(store: Store, options: ConvertOptions) -> SavedPlan | None:
     """The plan a consuming run saved in OUT, when this run must continue it: that run began
     to release sources, so re-planning would need files it deleted. Any other command into
     such an OUT is refused: the output holds the only copy of what was released."""
     begun = releases_begun(store) if store.is_output() else 0
     if not begun:
         return None  # nothing released: plan afresh (new inputs are seen), resume by journal
-    shown = path_text(store.root)
+    shown = store.shown
     if options.overwrite:
         raise UsageError(f"{shown} holds the only copy of {begun} source files released by "
                          "--consume-sources; --overwrite would discard them: choose another "
@@ -279,7 +286,7 @@ def _agree_to_consume(options: ConvertOptions, store: OutputStore, consumption: 
         raise UsageError("not confirmed: nothing was deleted or written")
 
 
-def _write_index_files(options: ConvertOptions, store: OutputStore, results: list[ShardResult],
+def _write_index_files(options: ConvertOptions, store: Store, results: list[ShardResult],
                        rejects: list[Reject], summary: dict, consumed: dict | None) -> None:
     """Manifest, rejects, wids indexes and the dataset card, each atomically; summary.json
     last, as the sign of done."""
@@ -324,7 +331,7 @@ def _measure_transform(samples: list[Sample], options: ConvertOptions, executor:
 
 
 def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
-                  options: ConvertOptions, store: OutputStore, executor: Executor,
+                  options: ConvertOptions, store: Store, executor: Executor,
                   probed: dict[str, Made], write_order: list[PlannedShard] | None = None,
                   published: Callable[[ShardResult], None] | None = None) -> list[ShardResult]:
     """Write the unfinished shards, journaling each; results in plan order. `probed`: samples
@@ -395,7 +402,7 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
             raise
         needed = sum(size for name, size in expected.items() if name not in results)
         raise NotEnoughSpace(
-            f"disk full on {path_text(options.out)}: {len(results)} of {len(order)} shards are "
+            f"disk full on {store.disk}: {len(results)} of {len(order)} shards are "
             f"complete and kept; about {human_bytes(needed)} more is needed "
             f"({human_bytes(store.free_bytes())} free). Free some space and re-run the "
             "same command to resume") from None
@@ -414,7 +421,7 @@ def _with_continuations(shards: list[PlannedShard],
     return ordered
 
 
-def _reusable_shards(store: OutputStore, run: RunRecord, shards: list[PlannedShard],
+def _reusable_shards(store: Store, run: RunRecord, shards: list[PlannedShard],
                      overwrite: bool
                      ) -> tuple[dict[str, ShardResult], list[tuple[str, PlannedShard]]]:
     """Finished shards of an earlier run of the same plan (journaled, their files intact), and
@@ -423,7 +430,7 @@ def _reusable_shards(store: OutputStore, run: RunRecord, shards: list[PlannedSha
     if previous is None or overwrite:
         return {}, []
     if previous.fingerprint != run.fingerprint:
-        raise UsageError(f"{path_text(store.root)} holds shards of another conversion "
+        raise UsageError(f"{store.shown} holds shards of another conversion "
                          f"({_what_changed(previous, run)}); re-run with --overwrite to "
                          "discard them, or choose another --out")
     planned = {shard.name: shard for shard in shards}
@@ -471,8 +478,11 @@ def _check_space(store: OutputStore, todo: list[PlannedShard], samples: int) -> 
                              "(--no-space-check to try anyway)")
 
 
-def _check_output_folder(store: OutputStore, sources: list[str]) -> None:
+def _check_output_folder(store: OutputStore | RemoteOutputStore, sources: list[str]) -> None:
     """Refuse an OUT inside a source folder, or a non-empty one that shardify did not write."""
+    if isinstance(store, RemoteOutputStore):
+        _check_remote_output(store, sources)
+        return
     out = store.root
     resolved = out.resolve()
     for source, source_path in _local_sources(sources):
@@ -487,7 +497,19 @@ def _check_output_folder(store: OutputStore, sources: list[str]) -> None:
     _check_writable(out, "--out")
 
 
-def _check_manifest_path(manifest: Path | None, sources: list[str], out: Path) -> None:
+def _check_remote_output(store: RemoteOutputStore, sources: list[str]) -> None:
+    """As `_check_output_folder` for a URL; a missing bucket or bad credentials said now."""
+    out = store.root.url
+    for source in sources:
+        if is_url(source) and f"{out}/".startswith(f"{source.rstrip('/')}/"):
+            raise UsageError(f"--out {out} is inside the source {source}; sources are only "
+                             "ever read")
+    if store.check_access() and not store.is_output():
+        raise UsageError(f"--out {out} is not empty and is not a shardify output; choose a "
+                         "new or empty prefix")
+
+
+def _check_manifest_path(manifest: Path | None, sources: list[str], out: Location) -> None:
     """Refuse, before any work, a --manifest PATH (or its summary beside it) that would replace
     a source, land in a SOURCE folder or in OUT (whose files the run writes), or replace anything
     but a file shardify wrote there."""
@@ -501,7 +523,8 @@ def _check_manifest_path(manifest: Path | None, sources: list[str], out: Path) -
                              (summary_beside(manifest), is_shardify_summary, "a summary")):
         shown = path_text(path)
         _check_outside_sources(path, sources, f"{option}: {shown}")
-        if Path(os.path.realpath(path.parent)).is_relative_to(os.path.realpath(out)):
+        if isinstance(out, Path) and \
+                Path(os.path.realpath(path.parent)).is_relative_to(os.path.realpath(out)):
             raise UsageError(f"{option}: {shown} is inside --out {path_text(out)}, whose files "
                              "the run writes; OUT/manifest.parquet is written anyway")
         try:
@@ -544,15 +567,6 @@ def _check_writable(path: Path, option: str) -> None:
     existing = nearest_existing(path)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path_text(path)}: {path_text(existing)} is not writable")
-
-
-def _claim(store: OutputStore) -> int:
-    store.root.mkdir(parents=True, exist_ok=True)
-    try:
-        return store.lock()
-    except BlockingIOError:
-        raise UsageError(f"another shardify convert is writing to {path_text(store.root)}; "
-                         "wait for it, or choose another --out") from None
 
 
 def _summary(options: ConvertOptions, index: Index, pairing: Pairing,

@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, SupportsIndex
 
 import pyarrow as pa
 from torch.utils.data import Dataset
 
+from .output.store import Store
 from .rows import Decode, Sample, read_members, sample_tuple
 
 
 class IndexedDataset(Dataset[Sample]):
-    """`dataset[i]`: (image, label, meta) of row i of `rows` (manifest rows of shards in OUT)."""
+    """`dataset[i]`: (image, label, meta) of row i of `rows` (manifest rows of shards in OUT,
+    read through its store: a pread of a local file, or one ranged read of an object)."""
 
-    def __init__(self, out: Path, rows: pa.Table, decode: Decode,
+    def __init__(self, store: Store, rows: pa.Table, decode: Decode,
                  transform: Callable[[Any], Any] | None) -> None:
-        self.out = out
+        self.store = store
         self.rows = rows
         # Whole columns: a row from their scalars takes 25 us, a table slice's to_pylist 140 us.
         self.columns = [(name, rows.column(name).combine_chunks()) for name in rows.column_names]
@@ -42,6 +43,5 @@ class IndexedDataset(Dataset[Sample]):
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         row = {name: column[i].as_py() for name, column in self.columns}
-        image, label, meta = sample_tuple(read_members(self.out / row["shard"], row), row,
-                                          self.decode)
+        image, label, meta = sample_tuple(read_members(self.store, row), row, self.decode)
         return (image if self.transform is None else self.transform(image)), label, meta

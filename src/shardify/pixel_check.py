@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -19,6 +18,7 @@ from PIL import Image
 from .archives.model import Member
 from .archives.reader import ArchiveReader
 from .errors import MemberError
+from .output.store import Store
 from .profiles import DatasetProfile, strip_bom
 from .rows import image_and_label
 from .transform.options import TransformOptions, library_version
@@ -29,7 +29,7 @@ OTHER_LIBRARY_MEAN_DIFFERENCE = 1.5  # grey levels, when another Pillow wrote th
 
 
 def check_pixels(rows: list[dict], members: dict[tuple[str, str], Member],
-                 reader: ArchiveReader, out: Path, recorded: dict, profile: DatasetProfile
+                 reader: ArchiveReader, out: Store, recorded: dict, profile: DatasetProfile
                  ) -> list[tuple[str, str]]:
     """(where, what) for each sampled image whose written pixels or label do not match."""
     options = TransformOptions(recorded["crop"], recorded["crop_margin"], recorded["resize"],

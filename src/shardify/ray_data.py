@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
 
+from .output.store import OutputStore
 from .rows import Select, check_decode, decode_image, selected_rows, shard_spans
 from .write.tar import LABEL_EXT, read_sample
 
@@ -44,7 +45,7 @@ def ray_dataset(out: Path | str, split: str = "train", *, select: Select = None,
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(f"ray_dataset needs Ray Data ({error}); "
                                   "pip install 'shardify[ray]'") from error
-    rows = selected_rows(out, split, select)
+    rows = selected_rows(OutputStore(Path(out)), split, select)
     blocks = [rows.slice(first, end - first) for first, end in shard_spans(rows).values()]
     return ray.data.from_arrow(blocks).map_batches(
         ReadBatch(Path(out), decode), batch_format="pyarrow", batch_size=batch_size,

@@ -5,7 +5,7 @@ samples per group (battery), the rejects, plus the dataset profile's own section
 battery set: by data_type and form, defect types, swelling); as text for the terminal, or as one
 self-contained HTML page with plots (matplotlib, embedded) and a gallery: thumbnails read from
 the shards with the written label's polygons drawn over them, so that a wrong crop or coordinate
-mapping shows at a glance.
+mapping shows at a glance. OUT may be a URL (read through fsspec); the HTML page is local.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .output.manifest import profile_of, read_parquet
-from .output.store import MANIFEST, REJECTS, SUMMARY
-from .pathnames import path_text
+from .output.store import MANIFEST, REJECTS, SUMMARY, Store, output_store
 from .plan.split import SPLITS
 from .profiles import DatasetProfile, Geometry
+from .storage import Location
 from .transform.geometry import flat_points, locations
 
 if TYPE_CHECKING:
@@ -47,34 +47,36 @@ GALLERY_COLUMNS = ["key", "group", "shard", "offset", "sample_bytes", "image_ext
                    "label_bytes"]
 
 
-def load_manifest(out: Path) -> tuple[pa.Table, DatasetProfile]:
+def load_manifest(out: Location | str) -> tuple[pa.Table, DatasetProfile]:
     """The manifest and the profile that wrote it; FileNotFoundError (said for the user) if it
     is missing, unreadable or names no profile shardify knows."""
-    path = out / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path_text(path)} not found: is {path_text(out)} a shardify "
-                                "output?")
+    store = output_store(out)
+    shown = f"{store.shown}/{MANIFEST}"
+    if not store.exists(MANIFEST):
+        raise FileNotFoundError(f"{shown} not found: is {store.shown} a shardify output?")
     try:
-        table = read_parquet(path)
+        with store.open(MANIFEST) as handle:
+            table = read_parquet(handle)
     except pa.ArrowException as error:
-        raise FileNotFoundError(f"{path_text(path)} is damaged ({error}); re-run the convert "
+        raise FileNotFoundError(f"{shown} is damaged ({error}); re-run the convert "
                                 "command to rewrite it") from None
     profile = profile_of(table.schema)
     if profile is None:
-        raise FileNotFoundError(f"{path_text(path)} names no dataset profile shardify knows "
+        raise FileNotFoundError(f"{shown} names no dataset profile shardify knows "
                                 "(written by another version?); re-run the convert command")
     return table, profile
 
 
-def report_data(manifest: pa.Table, profile: DatasetProfile, out: Path) -> dict:
+def report_data(manifest: pa.Table, profile: DatasetProfile, out: Location | str) -> dict:
     """Every number the report shows, computed from the manifest with pyarrow: per split the
     samples, groups and class counts, the achieved split ratios, image sizes and samples per
     group; the profile's own sections; and from OUT's other files the requested ratios and the
     rejects."""
+    store = output_store(out)
     by_split = {split: manifest.filter(pc.equal(manifest["split"], split)) for split in SPLITS}
     data: dict = {"splits": {}, "image_sizes": {}, "samples_per_group": {},
                   "sections": profile.report_sections(manifest, by_split),
-                  "rejects": _rejects(out)}
+                  "rejects": _rejects(store)}
     for split, rows in by_split.items():
         labels = Counter(rows["label"].to_pylist())
         data["splits"][split] = {
@@ -85,15 +87,15 @@ def report_data(manifest: pa.Table, profile: DatasetProfile, out: Path) -> dict:
         sizes = Counter(zip(rows["width"].to_pylist(), rows["height"].to_pylist(), strict=True))
         data["image_sizes"][split] = sizes.most_common()  # [((width, height), count)]
         data["samples_per_group"][split] = sorted(Counter(rows["group"].to_pylist()).values())
-    data["ratios"] = _ratios(out, data["splits"])
+    data["ratios"] = _ratios(store, data["splits"])
     return data
 
 
-def _ratios(out: Path, splits: dict[str, dict]) -> dict[str, list[float] | None]:
+def _ratios(store: Store, splits: dict[str, dict]) -> dict[str, list[float] | None]:
     """Per split, in percent: the ratio convert was asked for (summary.json; None when it does
     not say) and the shares of groups and of samples the split got."""
     try:
-        asked = orjson.loads((out / SUMMARY).read_bytes())["options"]["ratios"]
+        asked = orjson.loads(store.read_bytes(SUMMARY))["options"]["ratios"]
         requested = [100 * float(r) for r in asked] if len(asked) == len(SPLITS) else None
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         requested = None
@@ -104,13 +106,13 @@ def _ratios(out: Path, splits: dict[str, dict]) -> dict[str, list[float] | None]
     return {"requested": requested, **achieved}
 
 
-def _rejects(out: Path) -> dict[str, Any]:
+def _rejects(store: Store) -> dict[str, Any]:
     """rejects.parquet at a glance: how many, per reason, and the first rows; or why not."""
-    path = out / REJECTS
-    if not path.is_file():
+    if not store.exists(REJECTS):
         return {"problem": f"{REJECTS} not found"}
     try:
-        table = read_parquet(path, columns=REJECT_HEADER)
+        with store.open(REJECTS) as handle:
+            table = read_parquet(handle, columns=REJECT_HEADER)
     except (pa.ArrowException, OSError) as error:
         return {"problem": f"{REJECTS} cannot be read ({error})"}
     return {"total": table.num_rows,
@@ -194,7 +196,7 @@ def _columns(values: list, widths: list[int]) -> str:
 
 
 def write_html(data: dict, manifest: pa.Table, path: Path, title: str,
-               profile: DatasetProfile, out: Path) -> None:
+               profile: DatasetProfile, out: Location | str) -> None:
     """One self-contained page: the report's tables, its plots and the gallery as embedded
     PNGs."""
     sections = [f"<h1>{html.escape(title)}</h1>", _table(*_split_table(data, profile)),
@@ -376,11 +378,13 @@ class Thumbnail:
     problem: str = ""
 
 
-def gallery(out: Path, manifest: pa.Table, profile: DatasetProfile) -> Iterator[Thumbnail]:
+def gallery(out: Location | str, manifest: pa.Table, profile: DatasetProfile
+            ) -> Iterator[Thumbnail]:
     """Up to GALLERY_PER_CLASS thumbnails per split and class, spread evenly over the rows (so
     over the groups), read from the shards at the manifest's offsets."""
     from .rows import image_and_label
 
+    store = output_store(out)
     for split in SPLITS:
         rows = manifest.filter(pc.equal(manifest["split"], split))
         for number, name in enumerate(profile.class_names):
@@ -389,7 +393,7 @@ def gallery(out: Path, manifest: pa.Table, profile: DatasetProfile) -> Iterator[
             picks = pa.array(range(0, mine.num_rows, step)[:GALLERY_PER_CLASS], pa.int64())
             for row in mine.take(picks).to_pylist():
                 try:
-                    png = thumbnail(*image_and_label(out, row), profile.geometry)
+                    png = thumbnail(*image_and_label(store, row), profile.geometry)
                 except (OSError, ValueError) as error:  # PIL's errors, bad JSON: shown, not raised
                     yield Thumbnail(split, name, row["key"], row["group"], None, str(error))
                 else:
@@ -433,7 +437,7 @@ def label_polygons(label: Any, geometry: Geometry) -> list[tuple[list[float], Co
     return drawn
 
 
-def _gallery_html(out: Path, manifest: pa.Table, profile: DatasetProfile) -> str:
+def _gallery_html(out: Location | str, manifest: pa.Table, profile: DatasetProfile) -> str:
     """The gallery's heading, a legend of the colours, and per split and class a row of
     figures (each with its key and group, and the split and class as data attributes)."""
     geometry = profile.geometry

@@ -2,6 +2,7 @@
 
 Every loader (`loader.py`'s webdataset pipeline, `indexed.py`'s torch Dataset, `ray_data.py`)
 shares these. Ray's workers import only this module: `import webdataset` imports torch (2 s).
+OUT is read through its store: a local folder, or a URL (a sample is one ranged read there).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from .output.manifest import read_parquet, read_schema
-from .output.store import MANIFEST, shard_order
+from .output.store import MANIFEST, Store, output_store, shard_order
 from .plan.split import SPLITS
-from .write.tar import LABEL_EXT, read_sample
+from .storage import RemotePath
+from .write.tar import LABEL_EXT, sample_members
 
 Decode = Literal["pil", "numpy", "raw"]
 Select: TypeAlias = pc.Expression | Mapping[str, Any] | None
@@ -52,25 +54,32 @@ def select_expression(split: str, select: Select, columns: list[str]) -> pc.Expr
     return expression
 
 
-def manifest_rows(out: Path | str, split: str = "train", select: Select = None) -> pa.Table:
+def manifest_rows(out: Path | str | RemotePath, split: str = "train", select: Select = None, *,
+                  storage_options: dict[str, object] | None = None) -> pa.Table:
     """The split's manifest rows that match `select`, in shard then offset order.
 
-    That is the order of the samples on disk, hence of `open_indexed`'s sample numbers.
+    That is the order of the samples on disk, hence of `open_indexed`'s sample numbers. `out`
+    is a folder or a URL (`s3://bucket/prefix`, opened with `storage_options`).
     """
-    path = Path(out) / MANIFEST
-    filters = select_expression(split, select, read_schema(path).names)
-    table = read_parquet(path, filters=filters)
+    return store_rows(output_store(out, storage_options), split, select)
+
+
+def store_rows(store: Store, split: str, select: Select) -> pa.Table:
+    """`manifest_rows` of an output store."""
+    with store.open(MANIFEST) as handle:
+        filters = select_expression(split, select, read_schema(handle).names)
+        table = read_parquet(handle, filters=filters)
     shards = sorted(pc.unique(table.column("shard")).to_pylist(), key=shard_order)
     rank = pc.index_in(table.column("shard"), value_set=pa.array(shards, pa.string()))
     return table.append_column("_shard_rank", rank).sort_by(
         [("_shard_rank", "ascending"), ("offset", "ascending")]).drop_columns(["_shard_rank"])
 
 
-def selected_rows(out: Path | str, split: str, select: Select) -> pa.Table:
+def selected_rows(store: Store, split: str, select: Select) -> pa.Table:
     """`manifest_rows`, refusing an empty selection: a loader of nothing is a mistake."""
-    rows = manifest_rows(out, split, select)
+    rows = store_rows(store, split, select)
     if rows.num_rows == 0:
-        raise ValueError(f"no {split} samples in {out} match select={select!r}")
+        raise ValueError(f"no {split} samples in {store.shown} match select={select!r}")
     return rows
 
 
@@ -101,17 +110,17 @@ def sample_tuple(members: Mapping[str, bytes], row: dict[str, Any], decode: Deco
     return decode_image(members[row["image_ext"]], decode), int(members["cls"]), meta
 
 
-def read_members(path: Path | str, row: Mapping[str, Any]) -> dict[str, bytes]:
-    """The members (extension -> bytes) of the sample `row` describes, from its shard at `path`
-    (`write.tar.read_sample`: one read, no scan, nothing written: a read-only OUT works)."""
-    with open(path, "rb") as handle:
-        return read_sample(handle.fileno(), row)
+def read_members(store: Store, row: Mapping[str, Any]) -> dict[str, bytes]:
+    """The members (extension -> bytes) of the sample `row` describes, from its shard in OUT
+    (`write.tar.sample_members`: one read, no scan, nothing written: a read-only OUT works)."""
+    return sample_members(store.read_range(row["shard"], row["offset"], row["sample_bytes"]),
+                          row)
 
 
-def image_and_label(out: Path | str, row: Mapping[str, Any]) -> tuple[bytes, bytes]:
+def image_and_label(store: Store, row: Mapping[str, Any]) -> tuple[bytes, bytes]:
     """The written image and label of the sample `row` describes (verify's and the report's
     view of a sample)."""
-    members = read_members(Path(out) / row["shard"], row)
+    members = read_members(store, row)
     return members[row["image_ext"]], members[LABEL_EXT]
 
 

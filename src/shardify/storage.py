@@ -104,6 +104,8 @@ def parse_storage_options(items: Iterable[str]) -> dict[str, object]:
 
 @functools.lru_cache(maxsize=16)
 def _filesystem(protocol: str, options: str) -> AbstractFileSystem:
+    """One instance per protocol and options in this process (a forked one opens its own:
+    see `register_at_fork` below)."""
     try:
         import fsspec
     except ImportError:
@@ -122,8 +124,9 @@ def _filesystem(protocol: str, options: str) -> AbstractFileSystem:
         raise UsageError(f"--storage-option for {protocol}://: {error}") from None
 
 
-# A forked worker opens its own filesystems: an s3fs instance (its event loop, its connections)
-# must not be used across fork, and fsspec refuses to. fsspec resets its own caches after fork.
+# A forked process (a shard writer, a DataLoader worker) opens its own filesystems: an s3fs
+# instance (its event loop thread, its connections) must not be used across fork, and fsspec
+# refuses to ("This class is not fork-safe"). fsspec resets its own caches after fork.
 os.register_at_fork(after_in_child=_filesystem.cache_clear)
 
 

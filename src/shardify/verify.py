@@ -2,7 +2,8 @@
 
 It uses `tarfile` (an independent reader, not the writer's code) and streams every shard once:
 structure, sample adjacency, padding and end blocks, manifest offsets, sizes and CRCs (image and
-label), class labels, battery leakage and the counts in summary.json.
+label), class labels, battery leakage and the counts in summary.json. OUT may be a URL: its
+files are then read through fsspec (each shard streamed once, in large ranged reads).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 import deflate
@@ -26,12 +26,11 @@ from .archives.zipdir import index_archives
 from .consume import released_archives
 from .errors import BadLabel, OutputMissing, UnusableIndex
 from .output.manifest import manifest_schema, profile_of, read_parquet
-from .output.store import MANIFEST, SUMMARY, OutputStore
-from .pathnames import path_text
+from .output.store import MANIFEST, SUMMARY, Store, output_store
 from .plan.pairing import SAFE_KEY
 from .plan.split import SPLITS
 from .profiles import BOM, DatasetProfile
-from .storage import is_url
+from .storage import Location, is_url
 from .transform.options import EXT_OF_FORMAT
 from .write.tar import BLOCK, TAR_END_SIZE, class_bytes, padded
 
@@ -52,7 +51,7 @@ class Problem:
         return f"{self.where}: {self.what}"
 
 
-def verify_output(out: Path, sources: list[str] | None = None,
+def verify_output(out: Location | str, sources: list[str] | None = None,
                   storage_options: dict[str, object] | None = None
                   ) -> tuple[int, list[Problem], int]:
     """(samples checked, problems found, samples not compared with their sources because
@@ -65,8 +64,9 @@ def verify_output(out: Path, sources: list[str] | None = None,
     `storage_options`), every sample is also compared with its source members: image and label
     size and CRC-32 from the zips' central directories.
     """
+    store = output_store(out, storage_options)
     try:
-        rows, summary, profile = _read_index_files(out)
+        rows, summary, profile = _read_index_files(store)
     except UnusableIndex as error:
         return 0, [Problem(error.where, error.what)], 0
     expected: dict[str, dict[str, dict]] = {row["shard"]: {} for row in rows}
@@ -75,17 +75,18 @@ def verify_output(out: Path, sources: list[str] | None = None,
     problems = [Problem(f"manifest: {key}", f"key appears {count} times (keys are unique)")
                 for key, count in sorted(Counter(row["key"] for row in rows).items())
                 if count > 1]
-    problems += _check_shard_files(out, summary, expected)
+    present = set(store.shard_files())
+    problems += _check_shard_files(present, summary, expected)
     label_crcs: dict[tuple[str, str], tuple[int, int]] = {}
     for shard in sorted(expected):
-        if (out / shard).is_file():
-            problems += _check_shard(out / shard, shard, expected[shard], label_crcs, profile)
+        if shard in present or store.exists(shard):
+            problems += _check_shard(store, shard, expected[shard], label_crcs, profile)
     problems += _check_leakage(rows, profile)
     problems += _check_counts(rows, summary)
     released = 0
     if sources is not None:
         transform = summary["options"].get("transform")
-        gone = released_archives(OutputStore(out))
+        gone = released_archives(store)
         kept = [row for row in rows
                 if row["source_archive"] not in gone and row["label_archive"] not in gone]
         released = len(rows) - len(kept)
@@ -93,24 +94,25 @@ def verify_output(out: Path, sources: list[str] | None = None,
             sources = [source for source in sources
                        if is_url(source) or os.path.lexists(source)]
         if kept:
-            problems += _check_sources(kept, sources, label_crcs, out,
+            problems += _check_sources(kept, sources, label_crcs, store,
                                        None if transform is None else (transform, profile),
                                        storage_options)
     return len(rows), problems, released
 
 
-def _read_index_files(out: Path) -> tuple[list[dict], dict, DatasetProfile]:
+def _read_index_files(store: Store) -> tuple[list[dict], dict, DatasetProfile]:
     """The manifest's rows, the summary and the profile that made them; Unusable if either file
     is missing, unreadable, lacks a column or holds nulls where verify needs values."""
-    manifest_path, summary_path = out / MANIFEST, out / SUMMARY
-    if not manifest_path.exists() and not summary_path.exists():
-        raise OutputMissing(f"{path_text(out)} has no {MANIFEST} or {SUMMARY}: is it a shardify "
+    present = {name: store.exists(name) for name in (MANIFEST, SUMMARY)}
+    if not any(present.values()):
+        raise OutputMissing(f"{store.shown} has no {MANIFEST} or {SUMMARY}: is it a shardify "
                             "output?")
-    for path in (manifest_path, summary_path):
-        if not path.is_file():
-            raise UnusableIndex(path.name, "missing; re-run the convert command to rewrite it")
+    for name, found in present.items():
+        if not found:
+            raise UnusableIndex(name, "missing; re-run the convert command to rewrite it")
     try:
-        table = read_parquet(manifest_path)
+        with store.open(MANIFEST) as handle:
+            table = read_parquet(handle)
     except (pa.ArrowException, OSError) as error:
         raise UnusableIndex(MANIFEST, f"unreadable: {error}") from None
     profile = profile_of(table.schema)
@@ -128,7 +130,7 @@ def _read_index_files(out: Path) -> tuple[list[dict], dict, DatasetProfile]:
         if name in VALUES_NEEDED and table.column(name).null_count:
             raise UnusableIndex(MANIFEST, f"column {name} has empty values")
     try:
-        summary = orjson.loads(summary_path.read_bytes())
+        summary = orjson.loads(store.read_bytes(SUMMARY))
         if not all(isinstance(summary["splits"][split]["shards"], list)
                    and isinstance(summary["splits"][split]["samples"], int) for split in SPLITS):
             raise KeyError("splits")
@@ -139,7 +141,7 @@ def _read_index_files(out: Path) -> tuple[list[dict], dict, DatasetProfile]:
 
 
 def _check_sources(rows: list[dict], sources: list[str],
-                   label_crcs: dict[tuple[str, str], tuple[int, int]], out: Path,
+                   label_crcs: dict[tuple[str, str], tuple[int, int]], out: Store,
                    transform: tuple[dict, DatasetProfile] | None,
                    storage_options: dict[str, object] | None) -> list[Problem]:
     """Each sample's image and label against the source members' size and CRC-32; for a
@@ -183,9 +185,9 @@ def _compare_sources(rows: list[dict], members: dict[tuple[str, str], Member],
     return problems
 
 
-def _check_shard_files(out: Path, summary: dict, expected: dict) -> list[Problem]:
+def _check_shard_files(present: set[str], summary: dict, expected: dict) -> list[Problem]:
     names = [name for split in SPLITS for name in summary["splits"][split]["shards"]]
-    listed, present = set(names), set(OutputStore(out).shard_files())
+    listed = set(names)
     problems = [Problem(name, "listed more than once in summary.json")
                 for name, count in sorted(Counter(names).items()) if count > 1]
     problems += [Problem(name, "shard file is missing") for name in sorted(listed - present)]
@@ -196,14 +198,15 @@ def _check_shard_files(out: Path, summary: dict, expected: dict) -> list[Problem
     return problems
 
 
-def _check_shard(path: Path, shard: str, rows: dict[str, dict],
+def _check_shard(store: Store, shard: str, rows: dict[str, dict],
                  label_crcs: dict[tuple[str, str], tuple[int, int]],
                  profile: DatasetProfile) -> list[Problem]:
     """Stream one shard: structure, adjacency, padding, the end, and each sample against its
     manifest row.
 
-    tarfile parses the headers; each member's data and padding are read with one pread at the
-    offset tarfile found. Records each label's CRC-32, without and with a BOM, for the
+    tarfile parses the headers; each member's data and padding are read with one read at the
+    offset tarfile found (in order: a remote shard is streamed, not fetched member by member).
+    Records each label's CRC-32, without and with a BOM, for the
     comparison with the sources.
     """
     problems: list[Problem] = []
@@ -212,15 +215,14 @@ def _check_shard(path: Path, shard: str, rows: dict[str, dict],
     members: dict[str, bytes] = {}
     first_offset = end = end_of_sample = 0
     try:
-        with open(path, "rb") as handle:
-            fd = handle.fileno()
+        with store.open(shard) as handle:
             for info in _members(handle):
                 key, _, ext = info.name.partition(".")
                 end = info.offset_data + padded(info.size)
                 if not info.isfile() or info.pax_headers or "/" in info.name:
                     problems.append(Problem(f"{shard}:{key}", f"unexpected member {info.name!r}"))
                     continue
-                data = os.pread(fd, padded(info.size), info.offset_data)
+                data = _pread(handle, padded(info.size), info.offset_data)
                 if key != current_key:
                     if current_key is not None:
                         problems += _check_sample(shard, current_key, first_offset,
@@ -244,7 +246,7 @@ def _check_shard(path: Path, shard: str, rows: dict[str, dict],
             if current_key is not None:
                 problems += _check_sample(shard, current_key, first_offset, end_of_sample,
                                           members, rows.get(current_key), profile)
-            problems += _check_end(fd, shard, end, rows, seen)
+            problems += _check_end(handle, shard, end, rows, seen)
     except (tarfile.TarError, OSError, EOFError) as error:
         problems.append(Problem(shard, f"not a readable tar: {error}"))
     problems += [Problem(f"{shard}:{key}", "in the manifest but not in the shard")
@@ -262,7 +264,12 @@ def _members(handle: BinaryIO) -> Iterator[tarfile.TarInfo]:
         return
 
 
-def _check_end(fd: int, shard: str, end: int, rows: dict[str, dict],
+def _pread(handle: BinaryIO, size: int, offset: int) -> bytes:
+    handle.seek(offset)
+    return handle.read(size)
+
+
+def _check_end(handle: BinaryIO, shard: str, end: int, rows: dict[str, dict],
                seen: set[str]) -> list[Problem]:
     """What follows the last member tarfile read (at `end`): two zero blocks and nothing but
     zeros after them.
@@ -270,11 +277,11 @@ def _check_end(fd: int, shard: str, end: int, rows: dict[str, dict],
     tarfile stops quietly at a header whose checksum is wrong: that is named once, and the
     manifest's samples from there on are added to `seen`, so they are not listed one by one.
     """
-    size = os.fstat(fd).st_size
+    size = handle.seek(0, os.SEEK_END)
     if end >= size:
         return [] if end > size else [Problem(shard, "the two zero blocks that end a tar are "
                                               "missing")]
-    block = os.pread(fd, BLOCK, end)
+    block = _pread(handle, BLOCK, end)
     if block.count(0) != len(block):
         if len(block) < BLOCK:
             return [Problem(shard, f"cut off inside a tar header at offset {end}")]
@@ -286,7 +293,7 @@ def _check_end(fd: int, shard: str, end: int, rows: dict[str, dict],
         return [Problem(shard, f"the tar's end is cut: {size - end} of the {TAR_END_SIZE} zero "
                         "bytes that end a tar")]
     for start in range(end + TAR_END_SIZE, size, TAIL_CHUNK):
-        chunk = os.pread(fd, TAIL_CHUNK, start)
+        chunk = _pread(handle, TAIL_CHUNK, start)
         if chunk.count(0) != len(chunk):
             return [Problem(shard, f"{size - end - TAR_END_SIZE} bytes after the end of the tar "
                             f"(offset {end + TAR_END_SIZE}) are not all zeros")]

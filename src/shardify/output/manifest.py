@@ -6,9 +6,10 @@ writes them. Nothing time- or host-dependent goes in, so the same inputs give id
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import pyarrow as pa
@@ -252,15 +253,21 @@ def wids_indexes(results: list[ShardResult]) -> dict[str, dict | None]:
     return indexes
 
 
-def read_parquet(path: Path, **options: Any) -> pa.Table:
-    """A Parquet file read through a Python file, whatever bytes its path holds."""
-    with open(path, "rb") as handle:
+def read_parquet(source: Path | BinaryIO, **options: Any) -> pa.Table:
+    """A Parquet file read through a Python file, whatever bytes its path holds (or a file
+    opened already: a store's, see `output.store.Store.open`)."""
+    with _opened(source) as handle:
         # No read-ahead or decoding threads: left running on a Python file, they abort the
         # process at exit (`terminate called without an active exception`, ~1 run in 5).
         return pq.read_table(handle, pre_buffer=False, use_threads=False, **options)
 
 
-def read_schema(path: Path) -> pa.Schema:
+def read_schema(source: Path | BinaryIO) -> pa.Schema:
     """A Parquet file's schema (with its metadata), read through a Python file."""
-    with open(path, "rb") as handle:
+    with _opened(source) as handle:
         return pq.read_schema(handle)
+
+
+def _opened(source: Path | BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
+    """A path opened (and closed after), or an open file left to its owner."""
+    return open(source, "rb") if isinstance(source, Path) else contextlib.nullcontext(source)

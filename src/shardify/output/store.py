@@ -4,27 +4,34 @@ One owner, so that the guarantees hold everywhere: a file is written under a sta
 flushed, renamed into place and its folder synced (after a power cut it is there whole or not
 at all); shardify removes only the files it writes; one run at a time holds the lock; the
 journal records each shard once it is in place. Readers (verify, report, loader) take the names
-from here. Local POSIX filesystems today.
+from here. `OutputStore` is OUT on a local POSIX filesystem; `output.remote.RemoteOutputStore`
+is OUT at an fsspec URL (object storage); `output_store` picks one.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import deflate
 import orjson
 
+from ..errors import UsageError
+from ..pathnames import path_text
 from ..plan.split import SPLITS
+from ..storage import Location, RemotePath, location
 from ..write.shard import TAIL_BYTES
 
 if TYPE_CHECKING:  # pyarrow is imported when a table is written, after the workers are forked
     import pyarrow as pa
+
+    from .remote import RemoteOutputStore
 
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
@@ -189,6 +196,123 @@ class RunRecord:
         return orjson.dumps({"fingerprint": self.fingerprint, "options": self.options},
                             option=orjson.OPT_INDENT_2)
 
+    @classmethod
+    def parse(cls, data: bytes) -> RunRecord | None:
+        """The record in a run file's bytes, or None (unreadable: the run starts afresh)."""
+        try:
+            document = orjson.loads(data)
+            return cls(document["fingerprint"], document["options"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+
+
+def journal_entry(data: bytes) -> dict | None:
+    """A journal entry's JSON, or None for a torn or foreign one (that shard is redone)."""
+    try:
+        entry = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("shard"), str) else None
+
+
+class Store(Protocol):
+    """OUT as convert, the shard writers and the readers use it: `OutputStore` (a local folder)
+    or `output.remote.RemoteOutputStore` (an fsspec URL), made by `output_store`."""
+
+    shown: str  # OUT as messages show it
+    disk: str  # the local disk shards are written on before they are published, as shown
+
+    def is_output(self) -> bool:
+        """Whether OUT holds shardify's state (an earlier run, finished or not)."""
+        ...
+
+    def free_bytes(self) -> int:
+        """Free bytes on `disk`."""
+        ...
+
+    def create_staged_shard(self, name: str) -> int:
+        ...
+
+    def discard_staged_shard(self, name: str) -> None:
+        ...
+
+    def publish_shard(self, name: str) -> None:
+        """Put a written shard in place under its name, whole and durable."""
+        ...
+
+    def remove_staged_shards(self) -> None:
+        ...
+
+    def shard_files(self) -> list[str]:
+        ...
+
+    def prepare(self, keep: set[str]) -> None:
+        """Remove what shardify wrote in OUT that this run will not keep."""
+        ...
+
+    def write_json(self, name: str, document: dict) -> None:
+        ...
+
+    def write_text(self, name: str, text: str) -> None:
+        ...
+
+    def write_parquet(self, name: str, table: pa.Table) -> None:
+        ...
+
+    def remove(self, name: str) -> None:
+        ...
+
+    def read_run(self) -> RunRecord | None:
+        ...
+
+    def start_run(self, record: RunRecord, *, keep_journal: bool) -> None:
+        ...
+
+    def append_journal(self, entry: dict) -> None:
+        ...
+
+    def journal(self) -> Iterator[dict]:
+        """Journal entries whose shard is in OUT with the recorded size and tail CRC; a
+        continuation's after the shard it continues."""
+        ...
+
+    def claim(self) -> Callable[[], None]:
+        """Hold OUT for this run (UsageError if another run holds it); returns the release."""
+        ...
+
+    def read_plan(self) -> bytes | None:
+        ...
+
+    def releases(self) -> list[dict]:
+        ...
+
+    def exists(self, name: str) -> bool:
+        """Whether the file `name` (relative to OUT) is there."""
+        ...
+
+    def read_bytes(self, name: str) -> bytes:
+        ...
+
+    def open(self, name: str) -> BinaryIO:
+        """The file `name`, open for reading (seekable)."""
+        ...
+
+    def read_range(self, name: str, offset: int, size: int) -> bytes:
+        """`size` bytes of the file `name` from `offset` (fewer at its end)."""
+        ...
+
+
+def output_store(out: Location | str, options: dict[str, object] | None = None
+                 ) -> OutputStore | RemoteOutputStore:
+    """The store of OUT: a local folder, or an fsspec URL opened with `options` (a RemotePath
+    keeps its own)."""
+    where = out if isinstance(out, RemotePath) else location(out, options)
+    if isinstance(where, RemotePath):
+        from .remote import RemoteOutputStore  # fsspec only for a URL
+
+        return RemoteOutputStore(where)
+    return OutputStore(where)
+
 
 class OutputStore:
     """OUT on a local filesystem. Picklable (a path): workers write staged shards through it."""
@@ -196,6 +320,7 @@ class OutputStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.state = root / STATE_DIR
+        self.shown = self.disk = path_text(root)
 
     # -- names -------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -268,17 +393,28 @@ class OutputStore:
     def remove(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
 
+    # -- reading -----------------------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.path(name).read_bytes()
+
+    def open(self, name: str) -> BinaryIO:
+        return open(self.path(name), "rb")
+
+    def read_range(self, name: str, offset: int, size: int) -> bytes:
+        fd = os.open(self.path(name), os.O_RDONLY)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
     # -- run record, journal, lock -----------------------------------------------------------
     def read_run(self) -> RunRecord | None:
         """The record of the run that owns OUT, or None (none yet, or unreadable: start afresh)."""
         path = self.state / RUN_FILE
-        if not path.is_file():
-            return None
-        try:
-            document = orjson.loads(path.read_bytes())
-            return RunRecord(document["fingerprint"], document["options"])
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return None
+        return RunRecord.parse(path.read_bytes()) if path.is_file() else None
 
     def start_run(self, record: RunRecord, *, keep_journal: bool) -> None:
         """Record the run that owns OUT, durably; the journal is kept only for the same run."""
@@ -345,11 +481,8 @@ class OutputStore:
         if not path.is_file():
             return
         for line in path.read_bytes().splitlines():
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(entry, dict) or not isinstance(entry.get("shard"), str):
+            entry = journal_entry(line)
+            if entry is None:
                 continue
             shard = self.path(entry["shard"])
             if shard.is_file() and shard.stat().st_size == entry.get("bytes") \
@@ -367,6 +500,14 @@ class OutputStore:
             os.close(fd)
             raise
         return fd
+
+    def claim(self) -> Callable[[], None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            return functools.partial(os.close, self.lock())
+        except BlockingIOError:
+            raise UsageError(f"another shardify convert is writing to {self.shown}; wait for "
+                             "it, or choose another --out") from None
 
 
 def nearest_existing(path: Path) -> Path:

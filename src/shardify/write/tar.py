@@ -114,7 +114,11 @@ def read_sample(fd: int, row: Mapping[str, Any]) -> dict[str, bytes]:
     Raises ValueError when the bytes there are not that sample's members (names or sizes
     differ): readers trusting the manifest's offsets never hand out another sample's bytes.
     """
-    data = os.pread(fd, row["sample_bytes"], row["offset"])
+    return sample_members(os.pread(fd, row["sample_bytes"], row["offset"]), row)
+
+
+def sample_members(data: bytes, row: Mapping[str, Any]) -> dict[str, bytes]:
+    """`read_sample` of bytes read already (a ranged read from object storage)."""
     prefix = f"{row['key']}.".encode()
     members: dict[str, bytes] = {}
     position = 0
