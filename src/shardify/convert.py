@@ -175,7 +175,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
                 todo = release_order(consumption.plan, todo, set(finished))
                 _agree_to_consume(options, consumption.store, consumption, todo,
                                   len(pairing.samples),
-                                  sum(result.bytes_out for result in finished.values()))
+                                  sum(result.bytes_out for result in finished.values()),
+                                  pool.workers if pool else 1)
                 reader.close_files()  # the survey's descriptors: a deleted source frees now
             elif options.space_check and isinstance(store, OutputStore):  # object storage: none
                 _check_space(store, todo, len(pairing.samples))
@@ -278,17 +279,19 @@ def _saved_plan(store: Store, options: ConvertOptions) -> SavedPlan | None:
 
 
 def _agree_to_consume(options: ConvertOptions, store: OutputStore, consumption: Consumption,
-                      todo: list[PlannedShard], samples: int, written: int) -> None:
+                      todo: list[PlannedShard], samples: int, written: int,
+                      writers: int) -> None:
     """Say what will be deleted and the disk use expected; check the space for the worst point
-    of the plan; ask (`options.confirm`) before anything is deleted. `written`: the bytes of
-    the shards earlier runs finished."""
+    of the plan (`writers` writing at once: a Ray cluster's CPUs, not --workers); ask
+    (`options.confirm`) before anything is deleted. `written`: the bytes of the shards earlier
+    runs finished."""
     tracker, units = consumption.tracker, consumption.plan.units
     drive = on_drive(units, nearest_existing(store.root))
     waiting = {u: names for u, names in tracker.waiting.items() if u in drive}
     now = written + sum(units[u].size for u in drive
                         if u not in tracker.released and all(
                             e.local is not None and e.local.exists() for e in units[u].files))
-    peak = peak_growth(consumption.plan, waiting, todo, UNPUBLISHED_PER_WORKER * options.workers)
+    peak = peak_growth(consumption.plan, waiting, todo, UNPUBLISHED_PER_WORKER * writers)
     needed = peak + samples * (MANIFEST_ROW_BYTES + STATE_ROW_BYTES)
     free = store.free_bytes()
     if options.space_check and needed > free:
