@@ -46,7 +46,7 @@ class Cluster:
 def cluster() -> Iterator[Cluster]:
     """A 2-CPU Ray head on this machine, token-authenticated (its GCS listens on every
     interface), with shardify's source on its workers' path; the environment points Ray's
-    clients at its token."""
+    clients at its token (RAY_AUTH_MODE too: Ray, perhaps imported by now, reads it once)."""
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are
     token = temp / "auth_token"  # limited to ~100 characters
     token.write_text(secrets.token_hex(32))
@@ -105,9 +105,11 @@ def assert_same_output(out: Path, expected: Path) -> None:
 
 
 def run_child(args: list[str]) -> subprocess.Popen:
-    """`shardify ARGS` in a process of its own (its own session: signals reach it alone)."""
+    """`shardify ARGS` in a process of its own (its own session: signals reach it alone),
+    without RAY_AUTH_MODE: with a token at hand, shardify connects with it by itself."""
+    env = {name: value for name, value in os.environ.items() if name != "RAY_AUTH_MODE"}
     return subprocess.Popen([sys.executable, "-m", "shardify", *args],
-                            env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE,
+                            env={**env, "PYTHONPATH": SRC}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
 
 

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import BrokenExecutor, Future
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from .. import __version__
@@ -85,6 +86,8 @@ def ray_executor(workers: int, address: str | None) -> Iterator[RayExecutor]:
     """A RayExecutor on a local Ray started with `workers` CPUs (stopped at the end), or on the
     cluster at `address` (with its CPUs; disconnected at the end). However the block ends,
     the tasks still running are cancelled first."""
+    if address is not None:
+        _token_auth_if_at_hand()
     ray = _import_ray()
     _connect(ray, workers, address)
     try:
@@ -98,6 +101,17 @@ def ray_executor(workers: int, address: str | None) -> Iterator[RayExecutor]:
             executor.cancel()
     finally:
         ray.shutdown()
+
+
+def _token_auth_if_at_hand() -> None:
+    """Connect with Ray's token when one is at hand and RAY_AUTH_MODE is unset, as `ray start`
+    does for itself: a cluster started so (on this machine, or with the token copied here)
+    needs it, and one without authentication accepts it. Set before Ray is imported, which is
+    when Ray reads it."""
+    if "RAY_AUTH_MODE" not in os.environ and (
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _import_ray() -> Any:
@@ -189,7 +203,7 @@ def _reason(error: BaseException) -> str:
             break
         error = error.__cause__
     if any("InvalidAuthToken" in message for message in messages):
-        return ("the cluster asks for Ray's authentication token: set RAY_AUTH_MODE=token and "
-                "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH), as for any Ray client")
+        return ("it asks for its Ray authentication token: give it in RAY_AUTH_TOKEN, or in "
+                "a file named by RAY_AUTH_TOKEN_PATH or at ~/.ray/auth_token")
     lines = messages[-1].strip().splitlines()
     return lines[-1].strip() if lines else type(error).__name__
