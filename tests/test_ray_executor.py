@@ -46,11 +46,12 @@ class Cluster:
 def cluster() -> Iterator[Cluster]:
     """A 2-CPU Ray head on this machine, token-authenticated (its GCS listens on every
     interface), with shardify's source on its workers' path; the environment points Ray's
-    clients at its token (RAY_AUTH_MODE too: Ray, perhaps imported by now, reads it once)."""
+    clients at its token. Every run on it is a `shardify` process of its own, as a user's is
+    (Ray, imported by this one, would keep the token it read first)."""
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are
     token = temp / "auth_token"  # limited to ~100 characters
     token.write_text(secrets.token_hex(32))
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    token_path = {"RAY_AUTH_TOKEN_PATH": str(token)}
     port = free_port()
     log = temp / "ray-start.log"
     with open(log, "wb") as output:
@@ -59,7 +60,8 @@ def cluster() -> Iterator[Cluster]:
              "--num-cpus", "2", "--port", str(port), "--include-dashboard=false",
              "--disable-usage-stats", "--temp-dir", str(temp),
              "--object-store-memory", str(100 * 2**20)],
-            env={**os.environ, **auth, "PYTHONPATH": SRC}, stdout=output,
+            env={**os.environ, **token_path, "RAY_AUTH_MODE": "token", "PYTHONPATH": SRC},
+            stdout=output,
             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -67,8 +69,7 @@ def cluster() -> Iterator[Cluster]:
             assert head.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         with pytest.MonkeyPatch.context() as env:
-            for name, value in auth.items():
-                env.setenv(name, value)
+            env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
             yield Cluster(f"127.0.0.1:{port}", head.pid, temp)
     finally:
         head.terminate()  # `ray start --block` stops the processes it started, then exits
@@ -113,14 +114,22 @@ def run_child(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, start_new_session=True)
 
 
+def run(args: list[str]) -> tuple[int, str, str]:
+    """`shardify ARGS` run to its end: exit code, stdout, stderr."""
+    child = run_child(args)
+    out, err = child.communicate(timeout=300)
+    return child.returncode, out.decode(), err.decode()
+
+
 @pytest.mark.parametrize("extra", [(), TRANSFORM], ids=["as-is", "transformed"])
 def test_cluster_writes_the_local_output(dataset: SynthResult, cluster: Cluster, tmp_path: Path,
                                          extra: tuple[str, ...]) -> None:
     """Transformed, the size probes are Ray tasks too (the plan is cut on what they measure)."""
     expected, out = tmp_path / "local", tmp_path / "ray"
     assert main(convert_args(dataset, expected, *extra)) == 0
-    assert main(convert_args(dataset, out, *extra, "--executor", "ray",
-                             "--ray-address", cluster.address)) == 0
+    code, _, err = run(convert_args(dataset, out, *extra, "--executor", "ray",
+                                    "--ray-address", cluster.address))
+    assert code == 0, err
     assert_same_output(out, expected)
 
 
@@ -150,7 +159,7 @@ def kill_mid_shard(cluster: Cluster, out: Path) -> tuple[str, int] | None:
     """SIGKILL one of the cluster's workers running `_write_job` (Ray titles a worker
     `ray::FUNCTION` while it runs a task) that has a staged shard of `out` open; the staged
     file's path and the worker's pid, or None if no worker was caught so."""
-    for pid in cluster_pids(cluster):
+    for pid in session_pids(cluster.session):
         try:
             if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_write_job"):
                 continue
@@ -175,13 +184,13 @@ def worker_failures(cluster: Cluster) -> str:
                      if (event := json.loads(line))["label"] == "RAY_WORKER_FAILURE")
 
 
-def cluster_pids(cluster: Cluster) -> list[int]:
-    """The processes of the cluster: those of the session its `ray start` leads."""
+def session_pids(session: int) -> list[int]:
+    """The processes of a session (a cluster's: the one its `ray start` leads)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.getsid(int(entry)) == cluster.session:
+                if os.getsid(int(entry)) == session:
                     pids.append(int(entry))
             except ProcessLookupError:
                 continue
@@ -190,13 +199,12 @@ def cluster_pids(cluster: Cluster) -> list[int]:
 
 def test_a_local_ray_stops_on_ctrl_c_and_resumes(many: SynthResult, local_many: Path,
                                                  cluster: Cluster, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture) -> None:
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --ray-address a Ray of its own (--workers CPUs) is started, even with RAY_ADDRESS
     set. Ctrl-C in a terminal (SIGINT to every process, Ray's too) once shards are journaled:
-    the tasks are cancelled, what was written is kept. A second run (on the cluster: the
-    executor is no part of the plan) resumes, and the output, with the local Ray's shards, is
-    the local pool's."""
+    the tasks are cancelled, what was written is kept, no process of that Ray is left. A
+    second run (on the cluster: the executor is no part of the plan) resumes, and the output,
+    with the local Ray's shards, is the local pool's."""
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")  # nothing there
     out = tmp_path / "out"
     args = convert_args(many, out, "--executor", "ray")
@@ -214,12 +222,14 @@ def test_a_local_ray_stops_on_ctrl_c_and_resumes(many: SynthResult, local_many: 
     assert not list(out.rglob("*.partial"))
     done = len(list(out.rglob("shard-*.tar")))
     assert 0 < done < len(list(local_many.rglob("shard-*.tar")))
-    assert main([*args, "--ray-address", cluster.address]) == 0
-    assert f"resumed: {done} complete shards" in capsys.readouterr().out
+    deadline = time.monotonic() + 30
+    while session_pids(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not session_pids(child.pid)
+    code, kept, err = run([*args, "--ray-address", cluster.address])
+    assert code == 0, err
+    assert f"resumed: {done} complete shards" in kept
     assert_same_output(out, local_many)
-    import ray
-
-    assert not ray.is_initialized()  # and shut down
 
 
 def test_an_unreachable_address_is_one_line(dataset: SynthResult, tmp_path: Path,

@@ -87,6 +87,7 @@ def ray_executor(workers: int, address: str | None) -> Iterator[RayExecutor]:
     cluster at `address` (with its CPUs; disconnected at the end). However the block ends,
     the tasks still running are cancelled first."""
     if address is not None:
+        _check_reachable(address)
         _token_auth_if_at_hand()
     ray = _import_ray()
     _connect(ray, workers, address)
@@ -133,7 +134,6 @@ def _connect(ray: Any, workers: int, address: str | None) -> None:
             # "local": a new instance even if RAY_ADDRESS names a cluster
             ray.init(address="local", num_cpus=workers, **quiet)
         else:
-            _check_reachable(address)
             with _stderr_discarded():
                 ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as error:
