@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import S3Server
 from helpers import free_port, output_files, read_shards, summary_of
 
 import shardify
@@ -60,7 +61,9 @@ def cluster() -> Iterator[Cluster]:
              "--num-cpus", "2", "--port", str(port), "--include-dashboard=false",
              "--disable-usage-stats", "--temp-dir", str(temp),
              "--object-store-memory", str(100 * 2**20)],
-            env={**os.environ, **token_path, "RAY_AUTH_MODE": "token", "PYTHONPATH": SRC},
+            env={**{name: value for name, value in os.environ.items()
+                    if not name.startswith("AWS_")},  # S3 settings reach tasks with the jobs
+                 **token_path, "RAY_AUTH_MODE": "token", "PYTHONPATH": SRC},
             stdout=output,
             stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -129,6 +132,25 @@ def test_cluster_writes_the_local_output(dataset: SynthResult, cluster: Cluster,
     assert main(convert_args(dataset, expected, *extra)) == 0
     code, _, err = run(convert_args(dataset, out, *extra, "--executor", "ray",
                                     "--ray-address", cluster.address))
+    assert code == 0, err
+    assert_same_output(out, expected)
+
+
+def test_tasks_read_sources_in_object_storage(dataset: SynthResult, s3_server: S3Server,
+                                              cluster: Cluster, tmp_path: Path) -> None:
+    """s3:// SOURCEs: each task reads its members from the bucket itself (the storage options
+    travel with the job: the cluster's workers have no credentials of their own)."""
+    import s3fs
+
+    url = s3_server.make_bucket("rayexec")
+    s3fs.S3FileSystem(**s3_server.options).put(f"{dataset.root}/", "rayexec/data",
+                                               recursive=True)
+    source = ["convert", f"{url}/data", *s3_server.cli_options, "--shard-size", SHARD_SIZE,
+              "--workers", "2", "--quiet"]
+    expected, out = tmp_path / "local", tmp_path / "ray"
+    assert main([*source, "--out", str(expected)]) == 0
+    code, _, err = run([*source, "--out", str(out), "--executor", "ray",
+                        "--ray-address", cluster.address])
     assert code == 0, err
     assert_same_output(out, expected)
 

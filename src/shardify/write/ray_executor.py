@@ -28,7 +28,7 @@ from ..errors import UsageError
 from .executor import Probed, _probe_job, _write_job
 from .shard import ShardJob, ShardSink
 
-MAX_RETRIES = 3  # runs of a task whose worker died (killed, out of memory, its node lost)
+MAX_RETRIES = 3  # retries of a task whose worker died (killed, out of memory, its node lost)
 CONNECT_TIMEOUT_S = 5.0  # for the TCP check of --ray-address before Ray's own (minutes of) retries
 CANCEL_WAIT_S = 10.0  # for cancelled tasks to end before the driver removes the staged shards
 
@@ -174,8 +174,10 @@ def _check_reachable(address: str) -> None:
 
 
 def _check_cluster(ray: Any, address: str) -> None:
-    """The cluster's workers run this shardify (the same code writes the same bytes) and it has
-    CPUs to run the tasks on."""
+    """The cluster has CPUs to run the tasks on, and its workers run this shardify (the same
+    code writes the same bytes)."""
+    if not ray.cluster_resources().get("CPU"):
+        raise UsageError(f"--ray-address {address}: the cluster has no CPUs to run tasks on")
     try:
         theirs = ray.get(ray.remote(num_cpus=0, max_retries=0)(_version).remote())
     except ray.exceptions.RayError as error:
@@ -185,8 +187,6 @@ def _check_cluster(ray: Any, address: str) -> None:
     if theirs != __version__:
         raise UsageError(f"--ray-address {address}: the cluster's workers run shardify {theirs}, "
                          f"this is {__version__}; install the same version on every node")
-    if not ray.cluster_resources().get("CPU"):
-        raise UsageError(f"--ray-address {address}: the cluster has no CPUs to run tasks on")
 
 
 def _version() -> str:
