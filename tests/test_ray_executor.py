@@ -136,23 +136,39 @@ def test_cluster_writes_the_local_output(dataset: SynthResult, cluster: Cluster,
     assert_same_output(out, expected)
 
 
-def test_tasks_read_sources_in_object_storage(dataset: SynthResult, s3_server: S3Server,
-                                              cluster: Cluster, tmp_path: Path) -> None:
-    """s3:// SOURCEs: each task reads its members from the bucket itself (the storage options
-    travel with the job: the cluster's workers have no credentials of their own)."""
+@pytest.fixture(scope="module")
+def bucket(dataset: SynthResult, s3_server: S3Server) -> str:
+    """The sample dataset uploaded to s3://rayexec/data; returns s3://rayexec."""
     import s3fs
 
     url = s3_server.make_bucket("rayexec")
     s3fs.S3FileSystem(**s3_server.options).put(f"{dataset.root}/", "rayexec/data",
                                                recursive=True)
-    source = ["convert", f"{url}/data", *s3_server.cli_options, "--shard-size", SHARD_SIZE,
+    return url
+
+
+@pytest.mark.parametrize("out_in_bucket", [False, True], ids=["to-local", "to-s3"])
+def test_tasks_read_sources_in_object_storage(bucket: str, s3_server: S3Server,
+                                              cluster: Cluster, tmp_path: Path,
+                                              out_in_bucket: bool) -> None:
+    """s3:// SOURCEs: each task reads its members from the bucket itself (the storage options
+    travel with the job: the cluster's workers have no credentials of their own); an s3:// OUT
+    is staged by the tasks and uploaded by the driver (one machine: the same staging folder)."""
+    import s3fs
+
+    source = ["convert", f"{bucket}/data", *s3_server.cli_options, "--shard-size", SHARD_SIZE,
               "--workers", "2", "--quiet"]
-    expected, out = tmp_path / "local", tmp_path / "ray"
-    assert main([*source, "--out", str(expected)]) == 0
-    code, _, err = run([*source, "--out", str(out), "--executor", "ray",
+    outs = {name: f"{bucket}/{tmp_path.name}-{name}" if out_in_bucket else str(tmp_path / name)
+            for name in ("local", "ray")}
+    assert main([*source, "--out", outs["local"]]) == 0
+    code, _, err = run([*source, "--out", outs["ray"], "--executor", "ray",
                         "--ray-address", cluster.address])
     assert code == 0, err
-    assert_same_output(out, expected)
+    if out_in_bucket:  # read back through a local copy
+        fs = s3fs.S3FileSystem(**s3_server.options)
+        for name, url in outs.items():
+            fs.get(f"{url}/", str(tmp_path / name), recursive=True)
+    assert_same_output(tmp_path / "ray", tmp_path / "local")
 
 
 def test_a_task_killed_mid_shard_is_retried(many: SynthResult, local_many: Path,
