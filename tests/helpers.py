@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import tarfile
 import zipfile
 from pathlib import Path
@@ -91,3 +92,10 @@ def output_files(out: Path, *index_files: str) -> dict[str, bytes]:
 def source_ext(sample: Sample) -> str:
     """The planner's image format of a sample converted without transforms: its source's."""
     return sample.image_ext
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server a test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

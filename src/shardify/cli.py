@@ -178,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--workers", type=_positive_int, default=CORES,
                       metavar="N", help=f"processes writing shards (default: all cores this "
                       f"process may use, {CORES} here)")
+    conv.add_argument("--executor", choices=("local", "ray"), default="local",
+                      help="who writes the shards: local (default: --workers processes on "
+                      "this machine) or ray (one Ray task per shard: a local Ray with --workers "
+                      "CPUs, or the cluster at --ray-address)")
+    conv.add_argument("--ray-address", metavar="ADDR",
+                      help="with --executor ray: the Ray cluster to run on (its head's "
+                      "HOST:PORT, or auto) instead of a local Ray; local SOURCE and OUT paths "
+                      "must be the same on every node")
     conv.add_argument("--overwrite", action="store_true",
                       help="discard an earlier, different conversion in OUT and start over")
     conv.add_argument("--no-space-check", dest="space_check", action="store_false",
@@ -393,7 +401,7 @@ def _convert(args: argparse.Namespace) -> int:
         split=args.split.text,
         ratios=args.split.ratios, seed=args.seed, manifest=args.manifest, strict=args.strict,
         quiet=args.quiet, overwrite=args.overwrite, space_check=args.space_check,
-        workers=args.workers,
+        workers=args.workers, executor=args.executor, ray_address=args.ray_address,
         transform=TransformOptions(args.crop, args.crop_margin, args.resize, args.format,
                                    args.quality),
         consume_sources=args.consume_sources,

@@ -15,7 +15,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import BrokenExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,8 @@ class ConvertOptions:
     consume_sources: bool = False
     confirm: Callable[[str], bool] | None = None  # asked before consuming; None: agreed
     storage_options: dict[str, object] = field(default_factory=dict)  # --storage-option
+    executor: str = "local"  # "local": forked worker processes; "ray": one Ray task per shard
+    ray_address: str | None = None  # the Ray cluster to run on; None: a local Ray is started
 
     def shaping(self) -> dict:
         """The options that decide the shards' bytes; a resumed run must use the same."""
@@ -152,7 +155,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
     release: Callable[[], None] | None = None
     consumption: Consumption | None = None
     try:
-        with local_executor(options.workers) as pool, ArchiveReader() as reader:
+        with _executor(options) as pool, ArchiveReader() as reader:
             saved = _saved_plan(store, options)
             if saved is None:
                 index, pairing, shards, probed = _plan(
@@ -172,7 +175,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
                 todo = release_order(consumption.plan, todo, set(finished))
                 _agree_to_consume(options, consumption.store, consumption, todo,
                                   len(pairing.samples),
-                                  sum(result.bytes_out for result in finished.values()))
+                                  sum(result.bytes_out for result in finished.values()),
+                                  pool.workers if pool else 1)
                 reader.close_files()  # the survey's descriptors: a deleted source frees now
             elif options.space_check and isinstance(store, OutputStore):  # object storage: none
                 _check_space(store, todo, len(pairing.samples))
@@ -207,6 +211,18 @@ def convert(options: ConvertOptions) -> ConvertReport:
         raise
     return ConvertReport(out, summary, profile.group_unit, rejects, time.monotonic() - started,
                          len(finished), consumed)
+
+
+def _executor(options: ConvertOptions) -> AbstractContextManager[Executor | None]:
+    """Who writes the shards: the local pool (None: inline), or Ray tasks (Ray imported only
+    then)."""
+    if options.executor == "ray":
+        from .write.ray_executor import ray_executor
+
+        return ray_executor(options.workers, options.ray_address)
+    if options.ray_address is not None:
+        raise UsageError("--ray-address needs --executor ray")
+    return local_executor(options.workers)
 
 
 def _plan(options: ConvertOptions, reader: ArchiveReader, executor: Executor, *,
@@ -263,17 +279,19 @@ def _saved_plan(store: Store, options: ConvertOptions) -> SavedPlan | None:
 
 
 def _agree_to_consume(options: ConvertOptions, store: OutputStore, consumption: Consumption,
-                      todo: list[PlannedShard], samples: int, written: int) -> None:
+                      todo: list[PlannedShard], samples: int, written: int,
+                      writers: int) -> None:
     """Say what will be deleted and the disk use expected; check the space for the worst point
-    of the plan; ask (`options.confirm`) before anything is deleted. `written`: the bytes of
-    the shards earlier runs finished."""
+    of the plan (`writers` writing at once: a Ray cluster's CPUs, not --workers); ask
+    (`options.confirm`) before anything is deleted. `written`: the bytes of the shards earlier
+    runs finished."""
     tracker, units = consumption.tracker, consumption.plan.units
     drive = on_drive(units, nearest_existing(store.root))
     waiting = {u: names for u, names in tracker.waiting.items() if u in drive}
     now = written + sum(units[u].size for u in drive
                         if u not in tracker.released and all(
                             e.local is not None and e.local.exists() for e in units[u].files))
-    peak = peak_growth(consumption.plan, waiting, todo, UNPUBLISHED_PER_WORKER * options.workers)
+    peak = peak_growth(consumption.plan, waiting, todo, UNPUBLISHED_PER_WORKER * writers)
     needed = peak + samples * (MANIFEST_ROW_BYTES + STATE_ROW_BYTES)
     free = store.free_bytes()
     if options.space_check and needed > free:
@@ -325,7 +343,7 @@ def _measure_transform(samples: list[Sample], options: ConvertOptions, executor:
         made = [sample for future in futures for sample in future.result()]
         return (size_ratios(probed, list(map(probe_sizes, made))),
                 {sample.key: done for sample, done in zip(probed, made, strict=True)})
-    except BrokenProcessPool:
+    except BrokenExecutor:
         raise RunFailed("a worker process died while measuring the transform's output sizes "
                         "(killed, or out of memory?); nothing was written") from None
 
@@ -393,7 +411,7 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
         raise RunFailed(f"source {path_text(str(error.filename))} disappeared while the shards "
                         f"were written; {len(results)} of {len(order)} shards are complete and "
                         "kept: put it back and re-run the same command") from None
-    except BrokenProcessPool:
+    except BrokenExecutor:
         raise RunFailed(f"a worker process died (killed, or out of memory?); {len(results)} of "
                         f"{len(order)} shards are complete and kept: re-run the same command "
                         "to resume") from None
