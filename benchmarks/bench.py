@@ -15,10 +15,8 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -202,66 +200,17 @@ def consuming(cache: Path, workers: str) -> dict[str, dict]:
 BUCKET = "bench"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextlib.contextmanager
-def s3_server() -> Iterator[str]:
-    """moto's S3 server on a loopback port (the tests' server), with the environment's AWS
-    settings pointed at it; yields its endpoint."""
-    import urllib.request
-
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(endpoint, timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def ray_cluster(cpus: str) -> Iterator[str]:
-    """A local Ray cluster started as a team would run one (`ray start --head`), stopped after;
-    yields its address. Its start is not part of the measured conversions."""
-    port = str(_free_port())
-    temp = Path(tempfile.mkdtemp(prefix="shardify-ray-"))
-    ray = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "start", "--head", "--num-cpus", cpus, "--port", port,
-                    "--include-dashboard=false", "--disable-usage-stats",
-                    f"--temp-dir={temp}"], check=True, capture_output=True)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 def beyond_one_machine(cache: Path, workers: str, local: dict) -> dict[str, dict]:
     """The 2 GB set from local files with the local pool (`local`, measured before), from an S3
-    server with the local pool, and from the S3 server with Ray tasks on a 2-CPU cluster: wall
-    time; then, through the counting proxy, ranged requests per member and bytes fetched per
-    byte written."""
+    server with the local pool, and from the S3 server with Ray tasks on a 2-CPU cluster
+    started before (as a team's is): wall time; then, through the counting proxy, ranged
+    requests per member and bytes fetched per byte written."""
     import zipfile
 
     sys.path.insert(0, str(HERE.parent / "tests"))
     import s3fs
-    from s3proxy import counting_proxy
+    from raycluster import ray_head
+    from s3server import counting_proxy, moto_server
 
     results: dict[str, dict] = {}
     out, big = cache / "out", cache / "big"
@@ -269,7 +218,7 @@ def beyond_one_machine(cache: Path, workers: str, local: dict) -> dict[str, dict
     members = sum(len(zipfile.ZipFile(path).namelist()) for path in big.rglob("*.zip"))
     print(f"\nbeyond one machine: the 2 GB set ({members} members) in an S3 server on "
           f"loopback (moto), {workers} workers", flush=True)
-    with s3_server() as endpoint:
+    with moto_server() as endpoint:
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
         fs.mkdir(BUCKET)
         started = time.perf_counter()
@@ -280,8 +229,9 @@ def beyond_one_machine(cache: Path, workers: str, local: dict) -> dict[str, dict
         # One run each: moto serves ~20 MB/s here, so a run takes minutes, not seconds.
         results["s3_pool"] = measure([*convert, *source, "--out", str(fresh(out))])
         print(row("convert s3:// -> local, local pool", results["s3_pool"]), flush=True)
-        with ray_cluster(workers) as address:
-            ray = ["--executor", "ray", "--ray-address", address]
+        with ray_head(int(workers), str(HERE.parent / "src")) as cluster:
+            os.environ["RAY_AUTH_TOKEN_PATH"] = str(cluster.token)
+            ray = ["--executor", "ray", "--ray-address", cluster.address]
             results["s3_ray"] = measure([*convert, *source, "--out", str(fresh(out)), *ray])
             print(row("convert s3:// -> local, Ray tasks", results["s3_ray"]), flush=True)
         with counting_proxy(endpoint) as proxy:

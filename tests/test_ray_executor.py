@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import S3Server
 from helpers import free_port, output_files, read_shards, summary_of
+from raycluster import Cluster, ray_head
 
 import shardify
 from shardify.cli import main
@@ -36,48 +33,14 @@ TRANSFORM = ("--crop", "outline", "--resize", "48", "--format", "webp")
 SRC = str(Path(shardify.__file__).resolve().parents[1])  # the shardify under test (workers too)
 
 
-@dataclass(frozen=True)
-class Cluster:
-    address: str
-    session: int  # the session id of every process of the cluster (its `ray start` pid)
-    temp: Path  # its --temp-dir (logs under session_latest/logs)
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """A 2-CPU Ray head on this machine, token-authenticated (its GCS listens on every
-    interface), with shardify's source on its workers' path; the environment points Ray's
-    clients at its token. Every run on it is a `shardify` process of its own, as a user's is
-    (Ray, imported by this one, would keep the token it read first)."""
-    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are
-    token = temp / "auth_token"  # limited to ~100 characters
-    token.write_text(secrets.token_hex(32))
-    token_path = {"RAY_AUTH_TOKEN_PATH": str(token)}
-    port = free_port()
-    log = temp / "ray-start.log"
-    with open(log, "wb") as output:
-        head = subprocess.Popen(
-            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-             "--num-cpus", "2", "--port", str(port), "--include-dashboard=false",
-             "--disable-usage-stats", "--temp-dir", str(temp),
-             "--object-store-memory", str(100 * 2**20)],
-            env={**{name: value for name, value in os.environ.items()
-                    if not name.startswith("AWS_")},  # S3 settings reach tasks with the jobs
-                 **token_path, "RAY_AUTH_MODE": "token", "PYTHONPATH": SRC},
-            stdout=output,
-            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while b"Ray runtime started" not in log.read_bytes():
-            assert head.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-            yield Cluster(f"127.0.0.1:{port}", head.pid, temp)
-    finally:
-        head.terminate()  # `ray start --block` stops the processes it started, then exits
-        head.wait(timeout=60)
-        shutil.rmtree(temp, ignore_errors=True)
+    """A 2-CPU Ray head on this machine, with shardify's source on its workers' path; the
+    environment points Ray's clients at its token. Every run on it is a `shardify` process of
+    its own, as a user's is (Ray, imported by this one, would keep the token it read first)."""
+    with ray_head(2, SRC) as head, pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_TOKEN_PATH", str(head.token))
+        yield head
 
 
 @pytest.fixture(scope="module")

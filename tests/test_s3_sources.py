@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import S3Server
 from helpers import manifest_rows, output_files, read_shards, split_in_place, summary_of
-from s3proxy import CountingProxy, counting_proxy
+from s3server import CountingProxy, counting_proxy
 
 from shardify.archives.discovery import find_archives
 from shardify.archives.reader import ArchiveReader

@@ -1,15 +1,58 @@
-"""An HTTP proxy in front of the S3 server that counts what reaches it: the tests' and the
-bench's measure of requests per member and bytes fetched (workers' requests included)."""
+"""A real S3-compatible server for the tests and the bench (moto's server mode, on a loopback
+port), and an HTTP proxy in front of it that counts what reaches it: requests per member and
+bytes fetched (workers' requests included)."""
 
 from __future__ import annotations
 
 import http.client
 import http.server
+import os
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+from helpers import free_port
+
+AWS_SETTINGS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                "AWS_DEFAULT_REGION")
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with the environment's AWS settings pointed at
+    it (restored after), so nothing reaches beyond this machine; yields its endpoint."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {name: os.environ.get(name) for name in AWS_SETTINGS}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto's S3 server did not start") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclass
