@@ -224,7 +224,9 @@ def beyond_one_machine(cache: Path, workers: str, local: dict) -> dict[str, dict
         started = time.perf_counter()
         fs.put(f"{big}/", f"{BUCKET}/big", recursive=True)
         print(f"  uploaded in {time.perf_counter() - started:.1f} s", flush=True)
-        source = [f"s3://{BUCKET}/big", "--storage-option", f"endpoint_url={endpoint}"]
+        # Credentials as options: a cluster's workers do not share the driver's environment.
+        access = ["--storage-option", "key=testing", "--storage-option", "secret=testing"]
+        source = [f"s3://{BUCKET}/big", "--storage-option", f"endpoint_url={endpoint}", *access]
         convert = [*SHARDIFY, "convert", "--workers", workers, "--quiet", *shard_size]
         # One run each: moto serves ~20 MB/s here, so a run takes minutes, not seconds.
         results["s3_pool"] = measure([*convert, *source, "--out", str(fresh(out))])
@@ -235,7 +237,8 @@ def beyond_one_machine(cache: Path, workers: str, local: dict) -> dict[str, dict
             results["s3_ray"] = measure([*convert, *source, "--out", str(fresh(out)), *ray])
             print(row("convert s3:// -> local, Ray tasks", results["s3_ray"]), flush=True)
         with counting_proxy(endpoint) as proxy:
-            via = [f"s3://{BUCKET}/big", "--storage-option", f"endpoint_url={proxy.endpoint}"]
+            via = [f"s3://{BUCKET}/big", "--storage-option", f"endpoint_url={proxy.endpoint}",
+                   *access]
             measure([*convert, *via, "--out", str(fresh(out))])
             written = orjson.loads((out / "summary.json").read_bytes())["bytes_out"]
             results["s3_requests"] = {

@@ -134,6 +134,22 @@ def test_tasks_read_sources_in_object_storage(bucket: str, s3_server: S3Server,
     assert_same_output(tmp_path / "ray", tmp_path / "local")
 
 
+def test_tasks_refused_by_storage_stop_the_run_instead_of_rejecting(
+        bucket: str, s3_server: S3Server, cluster: Cluster, tmp_path: Path) -> None:
+    """The driver plans with the environment's credentials, but the cluster's workers have none
+    and none were given as options: every task's read is refused. That is no flaw of the
+    members: the run stops (exit 1, one line), it does not turn every sample into a reject."""
+    code, out, err = run(["convert", f"{bucket}/data", "--storage-option",
+                          f"endpoint_url={s3_server.endpoint}", "--shard-size", SHARD_SIZE,
+                          "--quiet", "--out", str(tmp_path / "out"), "--executor", "ray",
+                          "--ray-address", cluster.address])
+    assert code == 1, (out, err)
+    error = [line for line in err.splitlines() if line.startswith("shardify:")]
+    assert len(error) == 1 and "cannot read s3://rayexec/data/" in error[0], err
+    assert "fix the access" in error[0]
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
 def test_a_task_killed_mid_shard_is_retried(many: SynthResult, local_many: Path,
                                             cluster: Cluster, tmp_path: Path) -> None:
     """A worker caught with a staged shard open (stopped first, so that it cannot finish

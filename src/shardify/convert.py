@@ -34,7 +34,7 @@ from .consume import (
     resolved_sources,
     start_consuming,
 )
-from .errors import DISK_FULL, NotEnoughSpace, RunFailed, UsageError
+from .errors import DISK_FULL, NotEnoughSpace, RunFailed, SourceUnreadable, UsageError
 from .output.remote import RemoteOutputStore
 from .output.store import (
     CARD,
@@ -411,6 +411,10 @@ def _write_shards(shards: list[PlannedShard], finished: dict[str, ShardResult],
         raise RunFailed(f"source {path_text(str(error.filename))} disappeared while the shards "
                         f"were written; {len(results)} of {len(order)} shards are complete and "
                         "kept: put it back and re-run the same command") from None
+    except SourceUnreadable as error:
+        raise RunFailed(f"{error}; {len(results)} of {len(order)} shards are complete and "
+                        "kept: fix the access (credentials, network) and re-run the same "
+                        "command") from None
     except BrokenExecutor:
         raise RunFailed(f"a worker process died (killed, or out of memory?); {len(results)} of "
                         f"{len(order)} shards are complete and kept: re-run the same command "

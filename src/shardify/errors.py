@@ -32,6 +32,11 @@ class MemberError(Exception):
         self.reason = reason
 
 
+class SourceUnreadable(OSError):
+    """Storage refused or could not serve a source at all (credentials, network, permission):
+    not a flaw of a member, so no reject; the run stops, complete shards kept (exit 1)."""
+
+
 class BadLabel(ValueError):
     """A label that cannot be used; the message is the `bad-label` reject's detail."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import deflate
 
-from ..errors import MemberError
+from ..errors import MemberError, SourceUnreadable
 from ..rejects import Reason
 from ..storage import RemotePath, storage_errors
 from .model import (
@@ -215,8 +215,8 @@ class ArchiveReader:
                 # bytes are not copied again; the few bytes already read are read twice.
                 raw = self.pread(member.archive, member.compressed_size,
                                  member.header_offset + start)
-        except FileNotFoundError:
-            raise  # the source itself is gone (deleted while in use): no reject, an error
+        except (FileNotFoundError, SourceUnreadable):
+            raise  # the source itself is gone or refused (not this member): an error
         except OSError as error:
             raise MemberError(Reason.BAD_CRC, f"read error: {error}") from None
         if len(raw) != member.compressed_size:
@@ -275,8 +275,10 @@ class ArchiveReader:
         self.requests += 1
         try:
             data = path.fs().cat_file(path.path, start=offset, end=offset + size)
+        except FileNotFoundError:
+            raise
         except storage_errors() as error:
-            raise OSError(f"{path}: {error}") from None
+            raise SourceUnreadable(f"cannot read {path}: {error}") from None
         self.bytes_fetched += len(data)
         return bytes(data)
 
