@@ -65,6 +65,7 @@ LEASE_TIMEOUT = 180.0  # a lease not renewed for this long is a dead run's
 READ_BLOCK = 8 * 2**20  # read-ahead of a streamed file (a tar read from start to end)
 CONDITIONAL_PUTS = {"s3", "s3a"}  # s3fs: PUTs take If-Match / If-None-Match; S3's own API
 BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+PROCESS_LOCAL = {"memory"}  # filesystems a worker process does not share with the driver
 
 
 def journal_name(shard: str) -> str:
@@ -152,10 +153,23 @@ class RemoteOutputStore:
     def discard_staged_shard(self, name: str) -> None:
         self.staged(name).unlink(missing_ok=True)
 
+    def finish_staged_shard(self, name: str) -> None:
+        """Upload a written shard from the machine that wrote it (a worker, a Ray task on any
+        node), then free its staging file. s3fs makes one PUT, or a multipart upload completed
+        at its end: the object appears whole. It counts as done only once the driver journals
+        it (`publish_shard`); a resume redoes an object without a journal entry. A `memory://`
+        filesystem lives in one process: its shards are uploaded by the driver instead."""
+        if self.root.protocol not in PROCESS_LOCAL:
+            self._upload(name)
+
     def publish_shard(self, name: str) -> None:
-        """Upload a written shard (s3fs: one PUT, or a multipart upload completed at the end:
-        the object appears whole), then free its staging file."""
+        """Check that this run still holds the lease before the shard's journal entry is
+        written; upload the shard if its writer did not (`memory://`)."""
         self._check_lease()
+        if self.staged(name).exists():
+            self._upload(name)
+
+    def _upload(self, name: str) -> None:
         self.fs.put_file(str(self.staged(name)), self.key(name))
         self.discard_staged_shard(name)
 

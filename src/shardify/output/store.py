@@ -236,6 +236,9 @@ class Store(Protocol):
     def discard_staged_shard(self, name: str) -> None:
         ...
 
+    def finish_staged_shard(self, name: str) -> None:
+        ...
+
     def publish_shard(self, name: str) -> None:
         """Put a written shard in place under its name, whole and durable."""
         ...
@@ -343,6 +346,9 @@ class OutputStore:
 
     def discard_staged_shard(self, name: str) -> None:
         staging_path(self.path(name)).unlink(missing_ok=True)
+
+    def finish_staged_shard(self, name: str) -> None:
+        """Nothing to do where it was written: `publish_shard` makes it durable, in place."""
 
     def publish_shard(self, name: str) -> None:
         """Move a written shard into place, durably."""

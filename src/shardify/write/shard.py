@@ -54,6 +54,11 @@ class ShardSink(Protocol):
     def discard_staged_shard(self, name: str) -> None:
         ...
 
+    def finish_staged_shard(self, name: str) -> None:
+        """The writer is done with shard `name` (on the machine that wrote it: an object store
+        uploads it from there, so a cluster's tasks need no shared disk with the driver)."""
+        ...
+
 
 @dataclass
 class ShardResult:
@@ -200,6 +205,8 @@ def write_shard(job: ShardJob, sink: ShardSink, reader: ArchiveReader) -> dict:
         sink.discard_staged_shard(job.name)
         raise
     os.close(fd)
+    if written:  # a shard with no sample is not kept (see convert's publish)
+        sink.finish_staged_shard(job.name)
     entry = {"shard": job.name, "bytes": size, "tail_crc32": deflate.crc32(tail),
              "samples": written, "rejects": rejects, "label_type": labels_type}
     if rest is not None:
