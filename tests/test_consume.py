@@ -89,6 +89,16 @@ def clean_download(data: Path, zips: int = 4, per_zip: int = 18, side: int = 40
     return found
 
 
+def one_zip_each(data: Path, count: int, tag: str, *, side: int, batteries: int) -> None:
+    """TS.zip (stored noise PNGs) and TL.zip, members in name order as AI Hub's zips have
+    them: a battery's images are neighbours."""
+    data.mkdir(parents=True)
+    pairs = sorted(make_pairs(count, tag, ext="png", side=side, batteries=batteries),
+                   key=lambda pair: pair.stem)
+    write_zip(data / "TS.zip", image_entries(pairs, method=ZIP_STORED))
+    write_zip(data / "TL.zip", label_entries(pairs))
+
+
 def convert(cwd: Path, *extra: str, sources: tuple[str, ...] = ("data",)) -> int:
     """`shardify convert` run in `cwd` (relative SOURCE and OUT: the summaries match)."""
     previous = Path.cwd()
@@ -261,12 +271,7 @@ def test_pieces_are_released_one_by_one_and_never_before_their_members(
     spans: dict[str, tuple[int, int]] = {}
 
     def build(data: Path) -> None:
-        data.mkdir(parents=True)
-        # in name order, as AI Hub's zips are: a battery's images are neighbours
-        pairs = sorted(make_pairs(60, "p", ext="png", side=40, batteries=10),
-                       key=lambda pair: pair.stem)
-        write_zip(data / "TS.zip", image_entries(pairs, method=ZIP_STORED))
-        write_zip(data / "TL.zip", label_entries(pairs))
+        one_zip_each(data, 60, "p", side=40, batteries=10)
         spans.update(member_spans(data / "TS.zip"))
         write_pieces((data / "TS.zip").read_bytes(), data, "TS.zip", piece)
         (data / "TS.zip").unlink()

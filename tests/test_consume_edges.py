@@ -23,9 +23,11 @@ from helpers import manifest_rows, output_files
 from test_consume import (
     KILL_RUNNER,
     SHARD_SIZE,
+    build_tar,
     clean_download,
     convert,
     files_under,
+    one_zip_each,
     release_lines,
     written,
 )
@@ -64,11 +66,7 @@ def released_units(out: Path) -> list[dict]:
 def test_a_wrong_order_merge_is_not_deleted_before_all_its_members_are_written(
         tmp_path: Path) -> None:
     def build(data: Path) -> None:
-        data.mkdir(parents=True)
-        pairs = sorted(make_pairs(40, "w", ext="png", side=24, batteries=8),
-                       key=lambda pair: pair.stem)
-        write_zip(data / "TS.zip", image_entries(pairs, method=ZIP_STORED))
-        write_zip(data / "TL.zip", label_entries(pairs))
+        one_zip_each(data, 40, "w", side=24, batteries=8)
         raw = (data / "TS.zip").read_bytes()
         piece = 4096
         (data / "TS.zip").write_bytes(b"".join(raw[o : o + piece]
@@ -187,17 +185,9 @@ def test_a_saved_plan_with_nothing_released_does_not_hide_new_inputs(tmp_path: P
 
 
 def test_an_emptied_tar_is_deleted_on_resume(tmp_path: Path) -> None:
-    import io
-    import tarfile
-
     data = tmp_path / "data"
     clean_download(data, zips=2)
-    with tarfile.open(data / "download.tar", "w", format=tarfile.GNU_FORMAT) as tar:
-        for path in sorted(data.glob("*.zip")):
-            info = tarfile.TarInfo(path.name)
-            info.size = path.stat().st_size
-            tar.addfile(info, io.BytesIO(path.read_bytes()))
-            path.unlink()
+    build_tar(data, data / "download.tar")
     killed_run(tmp_path, "release", 4)  # the tar's 4 zips punched, the tar not yet deleted
     assert files_under(data) == ["download.tar"]
     assert convert(tmp_path, "--consume-sources", "--yes") == 0
@@ -332,17 +322,9 @@ def _chattr(flag: str, path: Path) -> None:
 
 
 def test_a_tar_that_cannot_be_deleted_is_refused_first_or_kept(tmp_path: Path) -> None:
-    import io
-    import tarfile
-
     data = tmp_path / "data"
     clean_download(data, zips=2)
-    with tarfile.open(data / "download.tar", "w", format=tarfile.GNU_FORMAT) as tar:
-        for path in sorted(data.glob("*.zip")):
-            info = tarfile.TarInfo(path.name)
-            info.size = path.stat().st_size
-            tar.addfile(info, io.BytesIO(path.read_bytes()))
-            path.unlink()
+    build_tar(data, data / "download.tar")
     _chattr("+a", data)  # files in it can be written, not removed
     try:
         code = convert(tmp_path, "--consume-sources", "--yes")
