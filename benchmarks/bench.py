@@ -380,7 +380,8 @@ def main() -> None:
                   "flat ~1.0" if name.startswith("peak") else
                   "lower is better" if name.startswith("consume disk") else
                   "~1.0" if name.startswith("consume time") else
-                  "no target" if "page cache" in name else "higher is better")
+                  "no target" if "page cache" in name or name.startswith("s3 pool") else
+                  "higher is better")
         verdict = "" if name not in targets else ("  ok" if value <= targets[name] else "  MISSED")
         print(f"  {name:<30} {value:6.2f}  ({target}){verdict}")
     limits = [("convert peak RSS (MB)", results["convert"]["peak_rss_mb"], 160),

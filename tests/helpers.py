@@ -11,9 +11,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
+import pytest
 
 if TYPE_CHECKING:
     from shardify.plan.pairing import Sample
+
+
+def converted_copy(source: Path, factory: pytest.TempPathFactory, name: str,
+                   *options: str) -> Path:
+    """`source` converted with `options` (and --quiet) into a fresh OUT: a module's fixture."""
+    from shardify.cli import main
+
+    out = factory.mktemp(name) / "out"
+    assert main(["convert", str(source), "--out", str(out), "--quiet", *options]) == 0
+    return out
 
 
 def read_shards(out: Path) -> dict[str, dict[str, bytes]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import manifest_rows, read_shards
+from helpers import converted_copy, manifest_rows, read_shards
 from matplotlib.path import Path as Polygon
 from PIL import Image
 
@@ -25,10 +25,7 @@ from shardify.profiles.battery.sample import SynthResult
 
 @pytest.fixture(scope="module")
 def out(dataset: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "out"
-    assert main(["convert", str(dataset.root), "--out", str(out), "--quiet",
-                 "--resize", "192"]) == 0
-    return out
+    return converted_copy(dataset.root, tmp_path_factory, "export", "--resize", "192")
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,10 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 import ray
-from helpers import read_shards, summary_of
+from helpers import converted_copy, read_shards, summary_of
 from PIL import Image
 
 import shardify
-from shardify.cli import main
 from shardify.loader import manifest_rows
 from shardify.profiles.battery.sample import SynthResult
 
@@ -33,10 +32,7 @@ SCALARS = ("split", "shard", "offset", "sample_bytes", "group", "battery_id", "d
 @pytest.fixture(scope="module")
 def out(dataset: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample dataset in 32 KiB shards: several per split, CT and photo shards side by side."""
-    target = tmp_path_factory.mktemp("ray") / "out"
-    assert main(["convert", str(dataset.root), "--out", str(target), "--shard-size", "32KiB",
-                 "--quiet"]) == 0
-    return target
+    return converted_copy(dataset.root, tmp_path_factory, "ray", "--shard-size", "32KiB")
 
 
 @pytest.fixture(scope="module", autouse=True)

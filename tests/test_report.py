@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from helpers import manifest_rows, read_shards, reject_rows
+from helpers import converted_copy, manifest_rows, read_shards, reject_rows
 from matplotlib.colors import to_rgba
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -42,10 +42,7 @@ THUMBNAIL = re.compile(r'<figure class="thumb" data-split="(\w+)" data-class="(\
 @pytest.fixture(scope="module")
 def plain(dataset: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample data converted as it is (its 384x384 CT JPEGs are decoded at half size)."""
-    out = tmp_path_factory.mktemp("plain") / "out"
-    assert main(["convert", str(dataset.root), "--out", str(out), "--quiet",
-                 "--split", "60/20/20"]) == 0
-    return out
+    return converted_copy(dataset.root, tmp_path_factory, "plain", "--split", "60/20/20")
 
 
 @pytest.fixture(scope="module")

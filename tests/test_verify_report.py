@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import manifest_rows
+from helpers import converted_copy, manifest_rows
 
 from shardify.cli import main
 from shardify.profiles.battery.sample import SynthResult, synthesize
@@ -22,10 +22,7 @@ from shardify.profiles.battery.sample import SynthResult, synthesize
 
 @pytest.fixture(scope="module")
 def converted(dataset: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "out"
-    assert main(["convert", str(dataset.root), "--out", str(out), "--shard-size", "64KiB",
-                 "--quiet"]) == 0
-    return out
+    return converted_copy(dataset.root, tmp_path_factory, "run", "--shard-size", "64KiB")
 
 
 def damaged_copy(converted: Path, tmp_path: Path) -> Path:

@@ -173,7 +173,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
                                               saved.identities if saved else None)
             if options.consume_sources and consumption is not None:
                 todo = release_order(consumption.plan, todo, set(finished))
-                _agree_to_consume(options, consumption.store, consumption, todo,
+                _agree_to_consume(options, consumption, todo,
                                   len(pairing.samples),
                                   sum(result.bytes_out for result in finished.values()),
                                   pool.workers if pool else 1)
@@ -278,14 +278,14 @@ def _saved_plan(store: Store, options: ConvertOptions) -> SavedPlan | None:
                      "shardify version) to finish it")
 
 
-def _agree_to_consume(options: ConvertOptions, store: OutputStore, consumption: Consumption,
+def _agree_to_consume(options: ConvertOptions, consumption: Consumption,
                       todo: list[PlannedShard], samples: int, written: int,
                       writers: int) -> None:
     """Say what will be deleted and the disk use expected; check the space for the worst point
     of the plan (`writers` writing at once: a Ray cluster's CPUs, not --workers); ask
     (`options.confirm`) before anything is deleted. `written`: the bytes of the shards earlier
     runs finished."""
-    tracker, units = consumption.tracker, consumption.plan.units
+    store, tracker, units = consumption.store, consumption.tracker, consumption.plan.units
     drive = on_drive(units, nearest_existing(store.root))
     waiting = {u: names for u, names in tracker.waiting.items() if u in drive}
     now = written + sum(units[u].size for u in drive
