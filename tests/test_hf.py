@@ -190,7 +190,10 @@ def test_parquet_metadata_describes_the_files(out: Path) -> None:
         written = json.loads(meta["options"])
         assert written["split"] == summary["options"]["ratios"]
         assert {k: written[k] for k in options} == options
-        assert written["profile"] == "battery 1"
+        assert written["profile"] == "battery 2" and written["profile_spec"] == "battery"
+        assert written["profile_options"] == {"group": "data_type+battery",
+                                              "classes": "normal-defect",
+                                              "normal_without_defects": "false"}
         assert json.loads(meta["class_names"]) == ["normal", "defect"]
         columns = json.loads(meta["columns"])
         assert list(columns) == schema.names == list(rows[0])

@@ -117,7 +117,8 @@ ARCHIVE = Archive("images.zip", "zip")
 
 def sample(battery: int, index: int, image_size: int, data_type: str = "ct",
            ext: str = "jpg") -> Sample:
-    fields = BatteryFields(data_type, battery, True, "cell", "pouch", False, (), 8, 8)
+    fields = BatteryFields(data_type, battery, True, "cell", "pouch", False, (), 8, 8, 0,
+                           f"{data_type}-{battery}")
     key = f"{data_type.upper()}_cell_pouch_{battery:03d}_x_{index:03d}"
     image = Member(ARCHIVE, f"{key}.{ext}", 0, image_size, image_size, 0, 0, 0, len(key) + 4)
     label = Member(ARCHIVE, f"{key}.json", 0, 100, 100, 0, 0, 0, len(key) + 5)

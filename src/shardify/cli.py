@@ -21,7 +21,7 @@ from . import __version__
 from .errors import Terminated, UsageError
 from .output.store import CONSUMED, REJECTS
 from .pathnames import path_text
-from .profiles import get_profile
+from .profiles import BUILT_IN, DatasetProfile, get_profile, parse_profile_options
 from .progress import human_bytes
 from .storage import Location, RemotePath, is_url, location, parse_storage_options
 from .transform.options import CROPS, DEFAULT_MARGIN, DEFAULT_QUALITY, FORMATS
@@ -127,6 +127,30 @@ def _add_storage_option(parser: argparse.ArgumentParser) -> None:
                         "~/.aws")
 
 
+def _add_profile(parser: argparse.ArgumentParser) -> None:
+    """`--profile NAME|FILE.py` and `-P key=value`: which dataset's rules, with which options."""
+    parser.add_argument("--profile", default="battery", metavar="NAME|FILE.py",
+                        help="the dataset profile: a built-in one (battery, the default; "
+                        "bees-71667; thermal-514: `shardify profiles` lists them) or the path "
+                        "of a .py file defining PROFILE (see the README's \"Writing a "
+                        "profile\")")
+    parser.add_argument("-P", dest="profile_options", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="set one of the profile's options (repeatable), e.g. "
+                        "-P group=battery; `shardify profiles` lists each profile's options")
+
+
+def _profile(args: argparse.Namespace) -> tuple[DatasetProfile, str]:
+    """The profile the command line names, and how to name it again later (built-in name or
+    absolute file path, as the manifest records it)."""
+    try:
+        values = parse_profile_options(args.profile_options)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    spec = args.profile if args.profile in BUILT_IN else str(Path(args.profile).absolute())
+    return get_profile(args.profile, values), spec
+
+
 def _subcommand(commands: argparse._SubParsersAction, name: str, *, help: str,
                 description: str) -> argparse.ArgumentParser:
     """A subcommand; its --help points to `shardify --help` for the exit codes (listed once)."""
@@ -175,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--manifest", type=Path, metavar="PATH",
                       help="also write the manifest here (and PATH's .summary.json beside it), "
                       "e.g. manifests/aihub-71687.parquet")
+    _add_profile(conv)
     conv.add_argument("--workers", type=_positive_int, default=CORES,
                       metavar="N", help=f"processes writing shards (default: all cores this "
                       f"process may use, {CORES} here)")
@@ -231,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folders, zips, .zip.partN pieces, .z01 volumes or download.tar; "
                         "local or URLs (s3://bucket/prefix)")
     survey.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_profile(survey)
     _add_storage_option(survey)
 
     check = _subcommand(
@@ -272,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seed of the generated images and labels (default 0)")
     synth.add_argument("--scale", type=_positive_int, default=1,
                        help="multiply batteries and images (default 1)")
+    _add_profile(synth)
+    listing = _subcommand(
+        commands, "profiles",
+        help="list the built-in dataset profiles and their -P options",
+        description="List the built-in dataset profiles (--profile NAME) with their version, "
+        "classes, group and each -P option's values and default. --profile FILE.py also "
+        "lists a profile file's.",
+    )
+    listing.add_argument("--profile", metavar="FILE.py", action="append", default=[],
+                         help="also list this profile file (repeatable)")
     _add_export(commands)
     return parser
 
@@ -384,6 +420,8 @@ def _run(args: argparse.Namespace) -> int:
         return _report(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "profiles":
+        return _profiles(args)
     return _synth(args)
 
 
@@ -396,6 +434,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise UsageError("--consume-sources deletes the sources as they are converted: without "
                          "a terminal to ask on, give --yes to agree")
     storage = parse_storage_options(args.storage_options)
+    profile, spec = _profile(args)
     options = ConvertOptions(
         sources=args.sources, out=location(args.out, storage), shard_size=args.shard_size,
         split=args.split.text,
@@ -406,6 +445,7 @@ def _convert(args: argparse.Namespace) -> int:
                                    args.quality),
         consume_sources=args.consume_sources,
         confirm=functools.partial(_confirm, asked=not args.yes),
+        profile=profile, profile_spec=spec,
         storage_options=storage,
     )
     try:
@@ -434,6 +474,8 @@ def _confirm(plan: str, *, asked: bool) -> bool:
 
 def format_report(report: ConvertReport) -> str:
     """The end-of-run summary: per split, rejects by reason, bytes in and out, time."""
+    from .scan import dataset_lines
+
     summary = report.summary
     lines = [f"shardify: wrote {summary['samples']} samples to {path_text(str(report.out))} "
              f"in {report.seconds:.1f} s"]
@@ -460,6 +502,7 @@ def format_report(report: ConvertReport) -> str:
         skipped.append("other files: " + ", ".join(
             f"{ext} {count}" for ext, count in summary["other_files"].items()))
     lines.append("  skipped: " + "; ".join(skipped))
+    lines += [f"  {line}" for line in dataset_lines(summary["dataset"])]
     lines += [f"  note: {archive['name']}: {note}"
               for archive in summary["archives"] for note in archive["notes"]]
     done = summary.get("transformed")
@@ -489,7 +532,7 @@ def _scan(args: argparse.Namespace) -> int:
     """Print the scan report as text or JSON; scanning never fails on bad inputs (exit 0)."""
     from .scan import format_scan, scan  # each subcommand imports only what it needs
 
-    report = scan(args.sources, get_profile(), parse_storage_options(args.storage_options))
+    report = scan(args.sources, _profile(args)[0], parse_storage_options(args.storage_options))
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:
@@ -540,8 +583,24 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_REJECTS
 
 
+def _profiles(args: argparse.Namespace) -> int:
+    """Each profile: name, version, classes, group; each option with its values and default."""
+    lines: list[str] = []
+    for spec in (*BUILT_IN, *args.profile):
+        profile = get_profile(spec)
+        where = "" if spec in BUILT_IN else f" ({path_text(spec)})"
+        lines += [f"{profile.name} (version {profile.version}){where}: {profile.card.title}",
+                  f"  group: {profile.group_noun}; classes: {', '.join(profile.class_names)}"]
+        for key, option in profile.options.items():
+            values = "|".join(option.choices) if option.choices else "TEXT"
+            lines.append(f"  -P {key}={values} (default {option.default}): {option.help}")
+        lines.append("")
+    print("\n".join(lines).rstrip())
+    return EXIT_OK
+
+
 def _synth(args: argparse.Namespace) -> int:
-    result = get_profile().synthesize(args.dest, seed=args.seed, scale=args.scale)
+    result = _profile(args)[0].synthesize(args.dest, seed=args.seed, scale=args.scale)
     print(f"shardify: sample dataset written to {path_text(result.root)}: {result.samples} "
           f"image/label pairs, planted rejects {result.rejects}")
     return EXIT_OK

@@ -105,6 +105,7 @@ class ConvertOptions:
     space_check: bool = True
     workers: int = 1
     profile: DatasetProfile = field(default_factory=get_profile)
+    profile_spec: str = "battery"  # how --profile named it: a built-in name or a file's path
     transform: TransformOptions = field(default_factory=TransformOptions)
     consume_sources: bool = False
     confirm: Callable[[str], bool] | None = None  # asked before consuming; None: agreed
@@ -116,6 +117,7 @@ class ConvertOptions:
         """The options that decide the shards' bytes; a resumed run must use the same."""
         return {"shard_size": self.shard_size, "split": list(self.ratios), "seed": self.seed,
                 "profile": f"{self.profile.name} {self.profile.version}",
+                "profile_options": dict(self.profile.option_values),
                 "shard_kinds": SHARD_KINDS, **self.transform.shaping()}
 
 
@@ -312,8 +314,9 @@ def _write_index_files(options: ConvertOptions, store: Store, results: list[Shar
     from .output.manifest import manifest_table, rejects_table, wids_indexes
 
     profile, shaping = options.profile, options.shaping()
-    manifest = manifest_table(results, profile, options.transform, shaping)
-    store.write_parquet(REJECTS, rejects_table(rejects, profile, shaping))
+    described = {**shaping, "profile_spec": options.profile_spec}  # how readers get the profile
+    manifest = manifest_table(results, profile, options.transform, described)
+    store.write_parquet(REJECTS, rejects_table(rejects, profile, described))
     store.write_parquet(MANIFEST, manifest)
     image_exts = manifest.column("image_ext").unique().to_pylist()
     labels = functools.reduce(merge, (result.label_type for result in results), NULL)
@@ -615,9 +618,12 @@ def _summary(options: ConvertOptions, index: Index, pairing: Pairing,
             "ratios": list(options.ratios),
             "seed": options.seed,
             "strict": options.strict,
+            "profile": f"{profile.name} {profile.version}",
+            "profile_options": dict(profile.option_values),
             **options.transform.shaping(),
         },
         "splits": splits,
+        "dataset": profile.scan_counts(s.fields for r in results for s in r.samples),
         "samples": sum(s["samples"] for s in splits.values()),
         "rejects": dict(sorted(Counter(str(r.reason) for r in rejects).items())),
         "ignored_members": pairing.ignored,

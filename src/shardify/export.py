@@ -197,10 +197,10 @@ def export(options: ExportOptions) -> ExportReport:
         schema = read_schema(manifest)
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise UsageError(f"cannot read {path_text(manifest)}: {error}") from None
-    profile = profile_of(schema)
-    if profile is None:
-        raise UsageError(f"{path_text(manifest)} was written with a dataset profile this "
-                         "shardify does not know")
+    try:
+        profile = profile_of(schema)
+    except UsageError as error:
+        raise UsageError(f"{path_text(manifest)}: {error}") from None
     if options.layout not in LAYOUTS:
         raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}")
     missing = [name for name in ROW_COLUMNS if name not in schema.names]

@@ -23,12 +23,13 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .errors import UsageError
 from .output.manifest import profile_of, read_parquet
 from .output.store import MANIFEST, REJECTS, SUMMARY, Store, output_store
 from .plan.split import SPLITS
 from .profiles import DatasetProfile, Geometry
 from .storage import Location
-from .transform.geometry import flat_points, locations
+from .transform.geometry import flat_points, locations, xywh_corners
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -60,10 +61,10 @@ def load_manifest(out: Location | str) -> tuple[pa.Table, DatasetProfile]:
     except pa.ArrowException as error:
         raise FileNotFoundError(f"{shown} is damaged ({error}); re-run the convert "
                                 "command to rewrite it") from None
-    profile = profile_of(table.schema)
-    if profile is None:
-        raise FileNotFoundError(f"{shown} names no dataset profile shardify knows "
-                                "(written by another version?); re-run the convert command")
+    try:
+        profile = profile_of(table.schema)
+    except UsageError as error:
+        raise FileNotFoundError(f"{shown}: {error}") from None
     return table, profile
 
 
@@ -434,6 +435,14 @@ def label_polygons(label: Any, geometry: Geometry) -> list[tuple[list[float], Co
             points = flat_points(parent[key])
             if points is not None and len(points) >= 4:
                 drawn.append((points, colour))
+    boxes = [flat_points(parent[key]) for path in geometry.corner_boxes
+             for parent, key in locations(label, path)]
+    boxes += [xywh_corners(parent[key]) for path in geometry.xywh_boxes
+              for parent, key in locations(label, path)]
+    for corners in boxes:
+        if corners is not None and len(corners) == 4:
+            x1, y1, x2, y2 = corners
+            drawn.append(([x1, y1, x2, y1, x2, y2, x1, y2], POLYGON_COLOUR))
     return drawn
 
 
@@ -441,9 +450,11 @@ def _gallery_html(out: Location | str, manifest: pa.Table, profile: DatasetProfi
     """The gallery's heading, a legend of the colours, and per split and class a row of
     figures (each with its key and group, and the split and class as data attributes)."""
     geometry = profile.geometry
-    others = [p for p in geometry.point_lists if p not in geometry.outline]
+    others = [p for p in (*geometry.point_lists, *geometry.corner_boxes, *geometry.xywh_boxes)
+              if p not in geometry.outline]
     legend = (f"outline ({', '.join('.'.join(p) for p in geometry.outline) or 'none'}) in "
-              f"green, the other point lists ({', '.join('.'.join(p) for p in others) or 'none'})"
+              "green, the other point lists and boxes "
+              f"({', '.join('.'.join(p) for p in others) or 'none'})"
               " in magenta, as written in each sample's label JSON")
     parts = ["<h2>Gallery</h2>", f"<p>Read from the shards: {html.escape(legend)}.</p>"]
     heading = None

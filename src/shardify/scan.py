@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from operator import itemgetter
+from typing import Any
 
 import numpy as np
 
@@ -115,6 +116,16 @@ def scan(sources: list[str], profile: DatasetProfile,
     }
 
 
+def dataset_lines(counts: dict[str, Any]) -> list[str]:
+    """A profile's `scan_counts` as lines: `name: value` or `name: key n, key n`."""
+    lines = []
+    for name, value in counts.items():
+        shown = (", ".join(f"{k} {n}" for k, n in value.items()) or "none"
+                 if isinstance(value, dict) else value)
+        lines.append(f"{name.replace('_', ' ')}: {shown}")
+    return lines
+
+
 def format_scan(report: dict) -> str:
     """The scan report for a terminal."""
     lines = [f"shardify scan: {len(report['archives'])} archives, {report['members']} members"]
@@ -128,10 +139,7 @@ def format_scan(report: dict) -> str:
     lines.append(f"images {report['images']}, labels {report['labels']}, pairs {report['pairs']}, "
                  f"orphan images {report['orphan_images']}, "
                  f"orphan labels {report['orphan_labels']}")
-    for name, value in report["dataset"].items():
-        shown = (", ".join(f"{k} {n}" for k, n in value.items()) or "none"
-                 if isinstance(value, dict) else value)
-        lines.append(f"{name.replace('_', ' ')}: {shown}")
+    lines += dataset_lines(report["dataset"])
     lines.append(f"identical duplicate copies: {report['identical_duplicates']}; "
                  f"junk members ignored: {report['ignored_members']}")
     if report["problems"]:

@@ -24,7 +24,7 @@ from .archives.model import Member
 from .archives.reader import ArchiveReader
 from .archives.zipdir import index_archives
 from .consume import released_archives
-from .errors import BadLabel, OutputMissing, UnusableIndex
+from .errors import BadLabel, OutputMissing, UnusableIndex, UsageError
 from .output.manifest import manifest_schema, profile_of, read_parquet
 from .output.store import MANIFEST, SUMMARY, Store, output_store
 from .plan.pairing import SAFE_KEY
@@ -115,10 +115,10 @@ def _read_index_files(store: Store) -> tuple[list[dict], dict, DatasetProfile]:
             table = read_parquet(handle)
     except (pa.ArrowException, OSError) as error:
         raise UnusableIndex(MANIFEST, f"unreadable: {error}") from None
-    profile = profile_of(table.schema)
-    if profile is None:
-        raise UnusableIndex(MANIFEST, "names no dataset profile shardify knows (written by "
-                            "another version?); re-run the convert command to rewrite it")
+    try:
+        profile = profile_of(table.schema)
+    except UsageError as error:
+        raise UnusableIndex(MANIFEST, str(error)) from None
     schema = manifest_schema(profile)
     missing = [name for name in schema.names if name not in table.column_names]
     if missing:

@@ -114,16 +114,29 @@ def index_metadata(profile: DatasetProfile, options: Mapping[str, Any],
             b"columns": orjson.dumps(columns)}
 
 
-def profile_of(schema: pa.Schema) -> DatasetProfile | None:
-    """The profile a manifest names in its metadata, or None if it names none shardify knows.
+def profile_of(schema: pa.Schema) -> DatasetProfile:
+    """The profile, with its `-P` options, that wrote a manifest (its metadata names them);
+    UsageError saying why when shardify cannot have that profile now.
 
     A manifest that names none was written before profiles existed: by the battery rules.
     """
-    name = (schema.metadata or {}).get(b"profile", b"battery").decode(errors="replace")
+    metadata = schema.metadata or {}
+    name = metadata.get(b"profile", b"battery").decode(errors="replace")
     try:
-        return get_profile(name)
-    except UsageError:
-        return None
+        options = orjson.loads(metadata.get(b"options", b"{}"))
+    except orjson.JSONDecodeError:
+        options = None
+    if not isinstance(options, dict):
+        options = {}
+    spec, values = options.get("profile_spec", name), options.get("profile_options", {})
+    if not isinstance(spec, str) or not isinstance(values, dict):
+        raise UsageError(f"its metadata names profile {name} unreadably")
+    profile = get_profile(spec, {str(k): str(v) for k, v in values.items()})
+    written = options.get("profile", f"{profile.name} {profile.version}")
+    if written != f"{profile.name} {profile.version}":
+        raise UsageError(f"it was written by profile {written}, but {spec} is now "
+                         f"{profile.name} {profile.version}: re-run the convert command")
+    return profile
 
 
 MANIFEST_BATCH = 65536

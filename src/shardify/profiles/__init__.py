@@ -7,9 +7,14 @@ battery set is its one implementation (`profiles/battery`). A second AI Hub data
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:  # pyarrow is imported where tables are built, not by every command
@@ -58,12 +63,17 @@ class Geometry:
     (width, height) pair that describes the image; `outline` are the point lists (of those)
     that outline the object `--crop outline` crops to, the first one present counting;
     `defects` are the point lists (of those) that outline a defect: the masks `export` draws.
+    Boxes are axis-aligned: `corner_boxes` are [x1, y1, x2, y2] lists, `xywh_boxes` are
+    {"x", "y", "width", "height"} objects; a transform keeps them in their form, corners
+    ordered (x1 <= x2, y1 <= y2) however the image was turned.
     """
 
     point_lists: tuple[tuple[str, ...], ...]
     size: tuple[tuple[str, ...], tuple[str, ...]]
     outline: tuple[tuple[str, ...], ...] = ()
     defects: tuple[tuple[str, ...], ...] = ()
+    corner_boxes: tuple[tuple[str, ...], ...] = ()
+    xywh_boxes: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,21 @@ class DatasetProfile(Protocol):
     def geometry(self) -> Geometry:
         ...
 
+    @property
+    def options(self) -> Mapping[str, ProfileOption]:
+        """The `-P key=value` options it takes (none: an empty mapping)."""
+        ...
+
+    @property
+    def option_values(self) -> Mapping[str, str]:
+        """Every option's value in this profile (manifest metadata, run fingerprint)."""
+        ...
+
+    def with_options(self, values: Mapping[str, str]) -> DatasetProfile:
+        """This profile with every option set to `values` (all of them, already checked
+        against `options`' choices); ValueError for a value it still refuses."""
+        ...
+
     def parse_label(self, raw: bytes | bytearray) -> Fields:
         """The label's fields; raise BadLabel (its message is the reject detail)."""
         ...
@@ -190,12 +215,121 @@ class DatasetProfile(Protocol):
         ...
 
 
-def get_profile(name: str = "battery") -> DatasetProfile:
-    """The built-in profile called `name`; UsageError for an unknown one."""
+@dataclass(frozen=True)
+class ProfileOption:
+    """One `-P key=value` a profile takes: its default, the values it allows (None: any text)
+    and what it does (`shardify profiles` prints it)."""
+
+    default: str
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+BUILT_IN = {"battery": "shardify.profiles.battery", "bees-71667": "shardify.profiles.bees",
+            "thermal-514": "shardify.profiles.thermal"}
+"""Built-in profile name -> the module whose `PROFILE` it is."""
+
+REQUIRED = ("name", "version", "image_extensions", "label_extension", "class_names",
+            "group_noun", "group_unit", "columns", "column_descriptions", "card", "geometry",
+            "options", "option_values", "with_options", "parse_label", "sample_order",
+            "shard_family", "stratum", "column_values", "scan_counts", "report_sections",
+            "synthesize")
+"""What a profile module's `PROFILE` must have (the `DatasetProfile` members)."""
+
+NEEDED_COLUMNS = ("group", "label", "width", "height")
+
+
+def get_profile(spec: str = "battery", values: Mapping[str, str] | None = None
+                ) -> DatasetProfile:
+    """The profile `spec` names (a built-in name, or a path to a `.py` file defining
+    `PROFILE`) with the `-P` option `values` set; UsageError (one line) when it cannot be had."""
     from ..errors import UsageError
 
-    if name == "battery":
-        from .battery import PROFILE
+    if spec in BUILT_IN:
+        profile = _module_profile(importlib.import_module(BUILT_IN[spec]), spec)
+    elif spec.endswith(".py"):
+        profile = _file_profile(Path(spec))
+    else:
+        raise UsageError(f"unknown dataset profile {spec!r} (built in: {', '.join(BUILT_IN)}; "
+                         "or the path of a .py file)")
+    return configure(profile, values or {}, spec)
 
-        return PROFILE
-    raise UsageError(f"unknown dataset profile {name!r} (built in: battery)")
+
+def configure(profile: DatasetProfile, values: Mapping[str, str], spec: str) -> DatasetProfile:
+    """`profile` with `values` set: UsageError for an option it lacks or a value it refuses."""
+    from ..errors import UsageError
+
+    options = profile.options
+    for key, value in values.items():
+        if key not in options:
+            known = ", ".join(options) or "none"
+            raise UsageError(f"profile {spec} has no option {key!r} (its options: {known})")
+        allowed = options[key].choices
+        if allowed is not None and value not in allowed:
+            raise UsageError(f"profile {spec}: {key} must be one of {', '.join(allowed)}, "
+                             f"not {value!r}")
+    if not values:
+        return profile
+    try:
+        return profile.with_options({**profile.option_values, **values})
+    except ValueError as error:
+        raise UsageError(f"profile {spec}: {error}") from None
+
+
+def parse_profile_options(pairs: Sequence[str]) -> dict[str, str]:
+    """`-P key=value` arguments as a dict; ValueError for one without `=`."""
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"-P takes key=value, not {pair!r}")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def _file_profile(path: Path) -> DatasetProfile:
+    """Load a user's profile module from its file. It is registered in `sys.modules` under a
+    name made from its absolute path, so what it defines pickles (the saved plan, workers)."""
+    from ..errors import UsageError
+
+    if not path.is_file():
+        raise UsageError(f"profile file {path} does not exist")
+    resolved = path.resolve()
+    name = "shardify_user_profile_" + hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
+    if name in sys.modules:
+        return _module_profile(sys.modules[name], str(path))
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:  # whatever a user's module raises is said in one line
+        del sys.modules[name]
+        where = ""
+        if isinstance(error, SyntaxError):
+            where = f" (line {error.lineno})"
+        raise UsageError(f"profile file {path} cannot be loaded{where}: "
+                         f"{type(error).__name__}: {error}") from None
+    return _module_profile(module, str(path))
+
+
+def _module_profile(module: ModuleType, spec: str) -> DatasetProfile:
+    """The module's `PROFILE`, checked for every member the interface has."""
+    from ..errors import UsageError
+
+    profile = getattr(module, "PROFILE", None)
+    if profile is None:
+        raise UsageError(f"profile {spec} defines no PROFILE (the DatasetProfile object)")
+    missing = [name for name in REQUIRED if not hasattr(profile, name)]
+    if missing:
+        raise UsageError(f"profile {spec}: PROFILE lacks {', '.join(missing)} (see the "
+                         "README's \"Writing a profile\")")
+    try:
+        names = profile.columns.names
+    except Exception as error:
+        raise UsageError(f"profile {spec}: its columns cannot be built: {error}") from None
+    lacking = [name for name in NEEDED_COLUMNS if name not in names]
+    if lacking:
+        raise UsageError(f"profile {spec}: its columns lack {', '.join(lacking)}")
+    return profile

@@ -131,21 +131,64 @@ def map_label(document: Any, geometry: Geometry, orientation: int, stored: tuple
     set its size fields to the output size; return how many point lists were left unmapped."""
     width, height = stored
     unmapped = 0
-    for parent, key in list(_point_list_locations(document, geometry)):
-        points = flat_points(parent[key])
-        if points is None:
-            unmapped += isinstance(parent[key], list)
-            continue
+
+    def move(points: list[float]) -> list[float]:
         mapped: list[float] = []
         for x, y in zip(points[0::2], points[1::2], strict=True):
             ux, uy = orient_point(x, y, orientation, width, height)
             mapped += _place(ux, placement.box.x0, placement.sx), \
                 _place(uy, placement.box.y0, placement.sy)
-        parent[key] = mapped
+        return mapped
+
+    for parent, key in list(_point_list_locations(document, geometry)):
+        points = flat_points(parent[key])
+        if points is None:
+            unmapped += isinstance(parent[key], list)
+            continue
+        parent[key] = move(points)
+    for path in geometry.corner_boxes:
+        for parent, key in list(locations(document, path)):
+            corners = flat_points(parent[key])
+            if corners is None or len(corners) != 4:
+                unmapped += 1
+                continue
+            parent[key] = _ordered(move(corners))
+    for path in geometry.xywh_boxes:
+        for parent, key in list(locations(document, path)):
+            corners = xywh_corners(parent[key])
+            if corners is None:
+                unmapped += 1
+                continue
+            x1, y1, x2, y2 = _ordered(move(corners))
+            parent[key] = {**parent[key], "x": x1, "y": y1, "width": _size(x2, x1),
+                           "height": _size(y2, y1)}
     for path, value in zip(geometry.size, (placement.width, placement.height), strict=True):
         for parent, key in list(locations(document, path)):
             parent[key] = value
     return unmapped
+
+
+def xywh_corners(value: Any) -> list[float] | None:
+    """An {"x", "y", "width", "height"} box as [x1, y1, x2, y2], or None if it is not one."""
+    if not isinstance(value, dict):
+        return None
+    numbers = flat_points([value.get(name) for name in ("x", "y", "width", "height")])
+    if numbers is None:
+        return None
+    x, y, w, h = numbers
+    return [x, y, x + w, y + h]
+
+
+def _ordered(corners: list[float]) -> list[float]:
+    """Two mapped corners as [left, top, right, bottom] (a flip swaps them)."""
+    x1, y1, x2, y2 = corners
+    return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
+
+
+def _size(end: float, start: float) -> float:
+    """A box side from its mapped edges; rounded like the edges so no float noise is added."""
+    side = end - start
+    return side if isinstance(side, int) else round(side, 2)
 
 
 def _place(value: float, origin: int, scale: float) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pyarrow as pa
 
-from .. import CardText, Fields, Geometry, ReportSection, Stratum
-from .labels import BatteryFields, parse_label
+from .. import CardText, Fields, Geometry, ProfileOption, ReportSection, Stratum
+from .labels import DEFAULT_RULES, DEFECT_TYPE_CLASSES, BatteryFields, Rules, parse_label
 
 
 @cache
@@ -38,6 +38,7 @@ def battery_columns() -> pa.Schema:
         ("label", pa.int8()),
         ("is_normal", pa.bool_()),
         ("swelling", pa.bool_()),
+        ("without_defects", pa.bool_()),
         ("defect_types", pa.list_(pa.string())),
         ("width", pa.int32()),
         ("height", pa.int32()),
@@ -50,6 +51,7 @@ COLUMN_DESCRIPTIONS = MappingProxyType({
     "type": "data_info.type (cell or module)",
     "form": "data_info.form (pouch or cylindrical)",
     "label": "the class in .cls: 0 normal, 1 defect (image_info.is_normal false)",
+    "without_defects": "image_info.is_normal false, yet no defects listed and no swelling",
     "is_normal": "image_info.is_normal",
     "swelling": "swelling.swelling; null when absent or not true/false",
     "defect_types": "the distinct defects[].name values, in order of appearance",
@@ -82,20 +84,55 @@ GEOMETRY = Geometry(
     defects=(("defects", "*", "points"),))
 
 
+OPTIONS = MappingProxyType({
+    "group": ProfileOption("data_type+battery", "what a split never divides: a battery of one "
+                           "data type (ct-101), or battery: the battery_ids across data types "
+                           "(101: CT and RGB of battery 101 in one split, for fusion models)",
+                           ("data_type+battery", "battery")),
+    "classes": ProfileOption("normal-defect", "the classes in .cls: normal-defect (0 normal, "
+                             "1 defect), or defect-type: CT " + ", ".join(DEFECT_TYPE_CLASSES[:5])
+                             + " (0-4) and RGB " + ", ".join(DEFECT_TYPE_CLASSES[5:])
+                             + " (5-8)", ("normal-defect", "defect-type")),
+    "normal_without_defects": ProfileOption(
+        "false", "true: a label with is_normal false but no defects and no swelling counts as "
+        "normal", ("false", "true")),
+})
+
+
 @dataclass(frozen=True)
 class BatteryProfile:
     """The battery set's `DatasetProfile`."""
 
     name: str = "battery"
-    version: int = 1
+    version: int = 2
     image_extensions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(
         {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}))
     label_extension: str = ".json"
-    class_names: tuple[str, ...] = ("normal", "defect")
     group_noun: str = "battery"
     group_unit: str = "batteries"
     geometry: Geometry = GEOMETRY
     card: CardText = CARD
+    rules: Rules = DEFAULT_RULES
+
+    @property
+    def options(self) -> Mapping[str, ProfileOption]:
+        return OPTIONS
+
+    @property
+    def option_values(self) -> Mapping[str, str]:
+        rules = self.rules
+        return {"group": "battery" if rules.by_battery else "data_type+battery",
+                "classes": "defect-type" if rules.defect_type else "normal-defect",
+                "normal_without_defects": str(rules.normal_without_defects).lower()}
+
+    def with_options(self, values: Mapping[str, str]) -> BatteryProfile:
+        return replace(self, rules=Rules(values["group"] == "battery",
+                                         values["classes"] == "defect-type",
+                                         values["normal_without_defects"] == "true"))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return DEFECT_TYPE_CLASSES if self.rules.defect_type else ("normal", "defect")
 
     @property
     def columns(self) -> pa.Schema:
@@ -103,10 +140,19 @@ class BatteryProfile:
 
     @property
     def column_descriptions(self) -> Mapping[str, str]:
-        return COLUMN_DESCRIPTIONS
+        described = dict(COLUMN_DESCRIPTIONS)
+        if self.rules.by_battery:
+            described["group"] = ("the battery, data_info.battery_ids (101): CT and RGB images "
+                                  "of one id share it; a split never divides one")
+        if self.rules.defect_type:
+            described["label"] = ("the class in .cls, a position in the class names: CT by "
+                                  "type and defect, RGB by defect (both: mixed)")
+        if self.rules.normal_without_defects:
+            described["label"] += "; without_defects labels count as normal"
+        return described
 
     def parse_label(self, raw: bytes | bytearray) -> BatteryFields:
-        return parse_label(raw)
+        return parse_label(raw, self.rules)
 
     def sample_order(self, fields: Fields, key: str) -> tuple[str, int, str]:
         """By data_type, battery, key: a battery's slices are contiguous, in name order."""
@@ -119,44 +165,47 @@ class BatteryProfile:
         return fields.data_type
 
     def stratum(self, fields: Sequence[Fields]) -> Stratum:
-        """Batteries are balanced per data_type; those with a defect image are spread first."""
-        first = fields[0]
-        assert isinstance(first, BatteryFields)
-        return Stratum(first.data_type, int(any(f.label == 1 for f in fields)))
+        """Batteries are balanced per data_type (per combination of them when grouped by
+        battery_ids). Normal/defect: those with a defect image are spread first. Defect-type:
+        each combination of classes a battery has is spread, rarest classes first."""
+        battery = [f for f in fields if isinstance(f, BatteryFields)]
+        balance = "+".join(sorted({f.data_type for f in battery}))
+        labels = {f.label for f in battery}
+        if self.rules.defect_type:
+            return Stratum(balance, sum(1 << label for label in labels))
+        return Stratum(balance, int(1 in labels))
 
     def column_values(self, fields: Sequence[Fields]) -> dict[str, list[Any]]:
         battery = [f for f in fields if isinstance(f, BatteryFields)]
         assert len(battery) == len(fields)
-        return {
-            "group": [f.group for f in battery],
-            "battery_id": [f.battery_id for f in battery],
-            "data_type": [f.data_type for f in battery],
-            "type": [f.type for f in battery],
-            "form": [f.form for f in battery],
-            "label": [f.label for f in battery],
-            "is_normal": [f.is_normal for f in battery],
-            "swelling": [f.swelling for f in battery],
-            "defect_types": [list(f.defect_types) for f in battery],
-            "width": [f.width for f in battery],
-            "height": [f.height for f in battery],
-        }
+        return {name: [list(v) if isinstance(v, tuple) else v
+                       for v in (getattr(f, name) for f in battery)]
+                for name in battery_columns().names}
 
     def scan_counts(self, fields: Iterable[Fields]) -> dict[str, Any]:
-        """Batteries per data_type, and how many images show a defect."""
+        """Batteries per data_type and how many ids every data type has; images per class;
+        labels that say not normal yet list no defect and no swelling (`without_defects`)."""
         batteries: dict[str, set[int]] = defaultdict(set)
-        defects = 0
+        classes: Counter[int] = Counter()
+        without_defects = 0
         for f in fields:
             assert isinstance(f, BatteryFields)
             batteries[f.data_type].add(f.battery_id)
-            defects += f.label
+            classes[f.label] += 1
+            without_defects += f.without_defects
+        both = set.intersection(*batteries.values()) if len(batteries) > 1 else set()
+        names = self.class_names
         return {"batteries": {dt: len(ids) for dt, ids in sorted(batteries.items())},
-                "defect_images": defects}
+                "battery_ids_in_every_data_type": len(both),
+                "images_per_class": {names[n]: classes[n] for n in range(len(names))},
+                "not_normal_without_defects": without_defects}
 
     def report_sections(self, manifest: pa.Table, by_split: Mapping[str, pa.Table]
                         ) -> list[ReportSection]:
-        """By data_type and form; defect types (case-folded); swelling."""
-        return [_by_kind(manifest, list(by_split)), _defect_types(by_split),
-                _swelling(by_split)]
+        """By data_type and form; battery ids in both data types; defect types (case-folded);
+        swelling."""
+        return [_by_kind(manifest, list(by_split), self.class_names), _shared_ids(manifest),
+                _defect_types(by_split), _swelling(by_split)]
 
     def synthesize(self, dest: Path, *, seed: int = 0, scale: int = 1) -> Any:
         from .sample import synthesize
@@ -164,21 +213,41 @@ class BatteryProfile:
         return synthesize(dest, seed=seed, scale=scale)
 
 
-def _by_kind(manifest: pa.Table, splits: Sequence[str]) -> ReportSection:
+def _by_kind(manifest: pa.Table, splits: Sequence[str], names: Sequence[str]) -> ReportSection:
+    """Images per class (those that occur) per split, data_type and form."""
     grouped = manifest.group_by(["split", "data_type", "form", "label"]).aggregate(
-        [("key", "count")])
-    kinds: dict[tuple[str, str, str], dict[str, int]] = {}
-    for row in grouped.to_pylist():
-        counts = kinds.setdefault((row["split"], row["data_type"], row["form"] or "-"),
-                                  {"normal": 0, "defect": 0})
-        counts["defect" if row["label"] else "normal"] += row["key_count"]
-    rows = [(split, data_type, form, counts["normal"], counts["defect"])
+        [("key", "count")]).to_pylist()
+    shown = [name for n, name in enumerate(names)
+             if len(names) == 2 or any(row["label"] == n for row in grouped)]
+    kinds: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
+    for row in grouped:
+        kinds[row["split"], row["data_type"], row["form"] or "-"][names[row["label"]]] += \
+            row["key_count"]
+    rows = [(split, data_type, form, *(counts[name] for name in shown))
             for (split, data_type, form), counts in sorted(
                 kinds.items(), key=lambda item: (splits.index(item[0][0]), item[0][1:]))]
-    lines = tuple(f"  {s:<6} {dt:<5} {form:<12} normal {n:>7}  defect {d:>7}"
-                  for s, dt, form, n, d in rows)
+    lines = tuple(f"  {s:<6} {dt:<5} {form:<12} " + "  ".join(
+        f"{name} {n:>7}" for name, n in zip(shown, counts, strict=True) if n or len(shown) == 2)
+        for s, dt, form, *counts in rows)
     return ReportSection("by data_type and form", lines,
-                         (("split", "data_type", "form", "normal", "defect"), tuple(rows)))
+                         (("split", "data_type", "form", *shown), tuple(rows)))
+
+
+def _shared_ids(manifest: pa.Table) -> ReportSection:
+    """Battery ids both data types have (users pair them for CT+RGB fusion models), and
+    whether each such id's images all landed in one split."""
+    splits_of: dict[int, set[str]] = defaultdict(set)
+    types_of: dict[int, set[str]] = defaultdict(set)
+    for row in manifest.select(["battery_id", "data_type", "split"]).to_pylist():
+        types_of[row["battery_id"]].add(row["data_type"])
+        splits_of[row["battery_id"]].add(row["split"])
+    every = set().union(*types_of.values()) if types_of else set()
+    shared = sorted(i for i, types in types_of.items() if len(every) > 1 and types == every)
+    together = sum(len(splits_of[i]) == 1 for i in shared)
+    lines = (f"  {len(shared)} of {len(types_of)} battery ids occur in every data type "
+             f"({', '.join(sorted(every))}); {together} of them have all their images in one "
+             "split (-P group=battery puts them there)",)
+    return ReportSection("battery ids in both data types", lines)
 
 
 def _defect_types(by_split: Mapping[str, pa.Table]) -> ReportSection:

@@ -18,6 +18,24 @@ from .. import strip_bom
 MAX_ID = 2**63  # the manifest's battery_id is int64
 
 
+CT_CLASSES = ("cell_normal", "cell_porosity", "module_normal", "module_porosity",
+              "module_resin_overflow")
+RGB_CLASSES = ("normal", "pollution", "damaged", "mixed")
+DEFECT_TYPE_CLASSES = CT_CLASSES + RGB_CLASSES
+"""`-P classes=defect-type`: `.cls` i names DEFECT_TYPE_CLASSES[i] (CT 0-4, RGB 5-8)."""
+
+
+class Rules(NamedTuple):
+    """The battery profile's `-P` options, as the parser uses them."""
+
+    by_battery: bool = False  # group=battery: one group per battery_ids across data types
+    defect_type: bool = False  # classes=defect-type instead of normal/defect
+    normal_without_defects: bool = False  # is_normal false, no defects, no swelling: normal
+
+
+DEFAULT_RULES = Rules()
+
+
 class BatteryFields(NamedTuple):
     """What a sample needs from its label: the class, the battery, and descriptive extras."""
 
@@ -30,19 +48,12 @@ class BatteryFields(NamedTuple):
     defect_types: tuple[str, ...]
     width: int | None
     height: int | None
-
-    @property
-    def label(self) -> int:
-        """The class written to `.cls`: 0 normal, 1 defect (swelling alone counts as defect)."""
-        return 0 if self.is_normal else 1
-
-    @property
-    def group(self) -> str:
-        """The battery: ids are numbered separately per modality, so the data_type is part of it."""
-        return f"{self.data_type}-{self.battery_id}"
+    label: int  # the class written to `.cls` (a position in the profile's class names)
+    group: str  # the battery: a split never divides one
+    without_defects: bool = False  # is_normal false, yet no defects listed and no swelling
 
 
-def parse_label(raw: bytes | bytearray) -> BatteryFields:
+def parse_label(raw: bytes | bytearray, rules: Rules = DEFAULT_RULES) -> BatteryFields:
     """Parse label bytes (BOM allowed); raise BadLabel saying what is missing or malformed."""
     try:
         document = orjson.loads(strip_bom(raw))
@@ -55,6 +66,7 @@ def parse_label(raw: bytes | bytearray) -> BatteryFields:
     data_type = data_info.get("data_type")
     if not isinstance(data_type, str) or not data_type.strip():
         raise BadLabel("missing data_info.data_type")
+    data_type = sys.intern(data_type.strip().lower())
     battery_id = _battery_id(data_info.get("battery_ids"))
     is_normal = image_info.get("is_normal")
     if is_normal in (0, 1) and not isinstance(is_normal, float):
@@ -64,17 +76,57 @@ def parse_label(raw: bytes | bytearray) -> BatteryFields:
                        else f"image_info.is_normal is not true/false: {_shown(is_normal)}")
     swelling = document.get("swelling")
     swelling = swelling.get("swelling") if isinstance(swelling, dict) else None
+    swelling = swelling if isinstance(swelling, bool) else None
+    defects = document.get("defects")
+    defect_types = _defect_types(defects)
+    without_defects = not is_normal and swelling is not True and not (
+        isinstance(defects, list) and any(isinstance(d, dict) for d in defects))
+    normal = is_normal or (rules.normal_without_defects and without_defects)
+    kind = _text(data_info.get("type"))
     return BatteryFields(
-        data_type=sys.intern(data_type.strip().lower()),
+        data_type=data_type,
         battery_id=battery_id,
         is_normal=is_normal,
-        type=_text(data_info.get("type")),
+        type=kind,
         form=_text(data_info.get("form")),
-        swelling=swelling if isinstance(swelling, bool) else None,
-        defect_types=_defect_types(document.get("defects")),
+        swelling=swelling,
+        defect_types=defect_types,
         width=_int(image_info.get("width")),
         height=_int(image_info.get("height")),
+        label=_defect_type_class(data_type, kind, defect_types, normal, is_normal)
+        if rules.defect_type else 0 if normal else 1,
+        group=sys.intern(str(battery_id) if rules.by_battery else f"{data_type}-{battery_id}"),
+        without_defects=without_defects,
     )
+
+
+def _defect_type_class(data_type: str, kind: str | None, defects: tuple[str, ...],
+                       normal: bool, is_normal: bool) -> int:
+    """The class users train on: CT by type and defect, RGB by defect (both defects: mixed)."""
+    names = sorted({"_".join(name.lower().replace("_", " ").split()) for name in defects})
+    if names and is_normal:
+        raise BadLabel(f"image_info.is_normal is true but defects are listed ({', '.join(names)})"
+                       ": no defect-type class")
+    if not names and not normal:
+        raise BadLabel("image_info.is_normal is false but no defect is named (swelling only?): "
+                       "no defect-type class (-P normal_without_defects=true counts those "
+                       "without swelling as normal)")
+    if data_type == "ct":
+        folded = (kind or "").lower()
+        if folded not in ("cell", "module"):
+            raise BadLabel(f"data_info.type is not cell or module: {_shown(kind)}: no "
+                           "defect-type class")
+        if len(names) > 1:
+            raise BadLabel(f"several defects ({', '.join(names)}): no single defect-type class")
+        name = f"{folded}_{names[0] if names else 'normal'}"
+    elif data_type == "rgb":
+        name = "mixed" if names == ["damaged", "pollution"] else names[0] if len(names) == 1 \
+            else "normal" if not names else ", ".join(names)
+    else:
+        raise BadLabel(f"data_info.data_type {data_type!r} has no defect-type classes (ct, rgb)")
+    if name not in DEFECT_TYPE_CLASSES or (data_type == "rgb") != (name in RGB_CLASSES):
+        raise BadLabel(f"no defect-type class for {data_type} {name.replace('_', ' ')}")
+    return DEFECT_TYPE_CLASSES.index(name)
 
 
 def _section(document: dict[str, Any], name: str) -> dict[str, Any]:
