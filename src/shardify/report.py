@@ -122,14 +122,15 @@ def _rejects(store: Store) -> dict[str, Any]:
 
 
 def _split_table(data: dict, profile: DatasetProfile) -> tuple[list[str], list[list]]:
-    """Per split: samples, groups, each class, and the share of all but the first class."""
-    others = "+".join(profile.class_names[1:])
-    header = ["split", "samples", profile.group_unit, *profile.class_names, f"{others} %"]
+    """Per split: samples, groups, each class, and with two classes the second's share."""
+    names = profile.class_names
+    share = [f"{names[1]} %"] if len(names) == 2 else []
+    header = ["split", "samples", profile.group_unit, *names, *share]
     rows = []
     for split, row in data["splits"].items():
-        other = sum(row["classes"][1:])
-        share = 100 * other / row["samples"] if row["samples"] else 0.0
-        rows.append([split, row["samples"], row["groups"], *row["classes"], f"{share:.1f}"])
+        shares = [f"{100 * row['classes'][1] / row['samples'] if row['samples'] else 0.0:.1f}"]
+        rows.append([split, row["samples"], row["groups"], *row["classes"],
+                     *shares[:len(share)]])
     return header, rows
 
 
@@ -162,8 +163,8 @@ def _rejects_title(rejects: dict) -> str:
 
 def format_text(data: dict, profile: DatasetProfile) -> str:
     header, rows = _split_table(data, profile)
-    widths = [8, 9, 10, *[8] * len(profile.class_names), 8]
-    lines = [_columns(header, [*widths[:-1], 9]), *(_columns(row, widths) for row in rows)]
+    widths = [8, 9, 10, *(max(8, len(name) + 1) for name in header[3:])]
+    lines = [_columns(header, widths), *(_columns(row, widths) for row in rows)]
     header, rows = _ratio_table(data, profile)
     widths = [8, 12, max(12, len(header[2]) + 1), 10]
     lines += ["", "split ratios (requested, achieved)",

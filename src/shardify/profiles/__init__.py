@@ -99,11 +99,16 @@ class CardText:
 class SampleData(Protocol):
     """What the sample-data generator planted: what a correct conversion must report."""
 
-    root: Path
-    samples: int
-    rejects: dict[str, int]
-    identical_duplicates: int
-    ignored: int
+    @property
+    def root(self) -> Path: ...
+    @property
+    def samples(self) -> int: ...
+    @property
+    def rejects(self) -> dict[str, int]: ...
+    @property
+    def identical_duplicates(self) -> int: ...
+    @property
+    def ignored(self) -> int: ...
 
 
 class DatasetProfile(Protocol):

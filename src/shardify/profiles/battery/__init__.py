@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pyarrow as pa
 
-from .. import CardText, Fields, Geometry, ProfileOption, ReportSection, Stratum
+from .. import CardText, DatasetProfile, Fields, Geometry, ProfileOption, ReportSection, Stratum
 from .labels import DEFAULT_RULES, DEFECT_TYPE_CLASSES, BatteryFields, Rules, parse_label
 
 
@@ -270,4 +270,4 @@ def _swelling(by_split: Mapping[str, pa.Table]) -> ReportSection:
     return ReportSection("swelling", tuple(lines))
 
 
-PROFILE = BatteryProfile()
+PROFILE: DatasetProfile = BatteryProfile()

@@ -6,7 +6,6 @@ information; values the manifest cannot hold are rejected (`bad-label`) or store
 
 from __future__ import annotations
 
-import reprlib
 import sys
 from typing import Any, NamedTuple
 
@@ -14,6 +13,7 @@ import orjson
 
 from ...errors import BadLabel
 from .. import strip_bom
+from ..base import pixels, shown, text
 
 MAX_ID = 2**63  # the manifest's battery_id is int64
 
@@ -73,7 +73,7 @@ def parse_label(raw: bytes | bytearray, rules: Rules = DEFAULT_RULES) -> Battery
         is_normal = bool(is_normal)  # true/false, or 1/0 as some exporters write
     else:
         raise BadLabel("missing image_info.is_normal" if is_normal is None
-                       else f"image_info.is_normal is not true/false: {_shown(is_normal)}")
+                       else f"image_info.is_normal is not true/false: {shown(is_normal)}")
     swelling = document.get("swelling")
     swelling = swelling.get("swelling") if isinstance(swelling, dict) else None
     swelling = swelling if isinstance(swelling, bool) else None
@@ -82,17 +82,17 @@ def parse_label(raw: bytes | bytearray, rules: Rules = DEFAULT_RULES) -> Battery
     without_defects = not is_normal and swelling is not True and not (
         isinstance(defects, list) and any(isinstance(d, dict) for d in defects))
     normal = is_normal or (rules.normal_without_defects and without_defects)
-    kind = _text(data_info.get("type"))
+    kind = text(data_info.get("type"))
     return BatteryFields(
         data_type=data_type,
         battery_id=battery_id,
         is_normal=is_normal,
         type=kind,
-        form=_text(data_info.get("form")),
+        form=text(data_info.get("form")),
         swelling=swelling,
         defect_types=defect_types,
-        width=_int(image_info.get("width")),
-        height=_int(image_info.get("height")),
+        width=pixels(image_info.get("width")),
+        height=pixels(image_info.get("height")),
         label=_defect_type_class(data_type, kind, defect_types, normal, is_normal)
         if rules.defect_type else 0 if normal else 1,
         group=sys.intern(str(battery_id) if rules.by_battery else f"{data_type}-{battery_id}"),
@@ -114,7 +114,7 @@ def _defect_type_class(data_type: str, kind: str | None, defects: tuple[str, ...
     if data_type == "ct":
         folded = (kind or "").lower()
         if folded not in ("cell", "module"):
-            raise BadLabel(f"data_info.type is not cell or module: {_shown(kind)}: no "
+            raise BadLabel(f"data_info.type is not cell or module: {shown(kind)}: no "
                            "defect-type class")
         if len(names) > 1:
             raise BadLabel(f"several defects ({', '.join(names)}): no single defect-type class")
@@ -136,15 +136,6 @@ def _section(document: dict[str, Any], name: str) -> dict[str, Any]:
     return section
 
 
-def _shown(value: Any) -> str:
-    """A label value for a reject's detail: its repr, shortened only when it is nested too deep
-    to print (a hostile label: repr would recurse without bound)."""
-    try:
-        return repr(value)
-    except RecursionError:
-        return reprlib.repr(value)
-
-
 def _battery_id(value: Any) -> int:
     """A battery number: an int, an integral float, ASCII digits, or a one-item list of those.
 
@@ -160,7 +151,7 @@ def _battery_id(value: Any) -> int:
     if number is not None and 0 <= number < MAX_ID:
         return number
     raise BadLabel("missing data_info.battery_ids" if value is None
-                   else f"data_info.battery_ids is not a battery number: {_shown(value)}")
+                   else f"data_info.battery_ids is not a battery number: {shown(value)}")
 
 
 def _defect_types(defects: Any) -> tuple[str, ...]:
@@ -170,15 +161,3 @@ def _defect_types(defects: Any) -> tuple[str, ...]:
     names = (d.get("name") for d in defects if isinstance(d, dict))
     return tuple(dict.fromkeys(sys.intern(n.strip()) for n in names
                                if isinstance(n, str) and n.strip()))
-
-
-def _text(value: Any) -> str | None:
-    """Stripped and interned: a handful of values repeated on 400k labels are stored once."""
-    return sys.intern(value.strip()) if isinstance(value, str) else None
-
-
-def _int(value: Any) -> int | None:
-    """A pixel size, or None when it is not a plausible one (the manifest column is int32)."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
-        return value
-    return None

@@ -89,6 +89,7 @@ class SynthResult:
     ignored: int
     no_outline: int  # accepted samples whose label has no usable outline (none, < 3 points, odd)
     odd_point_lists: int  # odd-length point lists (outlines and defects) in accepted labels
+    not_normal_without_defects: int  # is_normal false, yet no defects and no swelling
 
 
 @dataclass(frozen=True)
@@ -391,6 +392,7 @@ class _Builder:
     ignored: int = 0
     no_outline: int = 0
     odd_point_lists: int = 0
+    not_normal_without_defects: int = 0
     next_id: int = 128001
 
     def make(
@@ -469,6 +471,7 @@ class _Builder:
             ignored=self.ignored,
             no_outline=self.no_outline,
             odd_point_lists=self.odd_point_lists,
+            not_normal_without_defects=self.not_normal_without_defects,
         )
 
 
@@ -530,10 +533,12 @@ def _add_regular(b: _Builder, batteries: list[_Battery], per_battery: int) -> No
     """Clean pairs, placed like AI Hub did: Validation shares batteries with Training."""
     n = len(batteries)
     kind = "CT" if batteries[0].data_type == "ct" else "RGB"
-    names = _DEFECT_NAMES[batteries[0].data_type]
     for i, bat in enumerate(batteries):
+        # Resin overflows only where there is resin: in modules, not in cells.
+        names = ("porosity",) if (bat.data_type, bat.type) == ("ct", "cell") else \
+            _DEFECT_NAMES[bat.data_type]
         for j in range(per_battery):
-            defect = names[j // 2 % 2] if bat.defective and j % 2 == 0 else None
+            defect = names[j // 2 % len(names)] if bat.defective and j % 2 == 0 else None
             pair = b.make(bat, j + 1, defect)
             _spoil_points(pair, i, j)
             if i == n - 1 or (i % 2 == 0 and j == per_battery - 1):
@@ -568,6 +573,12 @@ def _add_quirks(b: _Builder, ct: list[_Battery], rgb: list[_Battery]) -> None:
     b.add_sample(swelling, "TS_RGB", "TL_RGB")
 
     b.add_sample(b.make(rgb[4], 903, "damaged"), "VS_RGB", "VL_RGB")
+
+    # Not normal, yet no defect and no swelling: what -P normal_without_defects counts as normal.
+    unexplained = b.make(ct[4], 905)
+    unexplained.label["image_info"]["is_normal"] = False
+    b.add_sample(unexplained, "TS_CT_1", "TL_CT")
+    b.not_normal_without_defects += 1
 
     # Same bytes in Training and Validation, image and label alike: kept once.
     twin = b.make(ct[6], 904)
