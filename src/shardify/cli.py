@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -590,10 +591,14 @@ def _profiles(args: argparse.Namespace) -> int:
         profile = get_profile(spec)
         where = "" if spec in BUILT_IN else f" ({path_text(spec)})"
         lines += [f"{profile.name} (version {profile.version}){where}: {profile.card.title}",
-                  f"  group: {profile.group_noun}; classes: {', '.join(profile.class_names)}"]
+                  *textwrap.wrap(f"group: {profile.group_noun}; classes: "
+                                 f"{', '.join(profile.class_names)}", 96,
+                                 initial_indent="  ", subsequent_indent="    ")]
         for key, option in profile.options.items():
             values = "|".join(option.choices) if option.choices else "TEXT"
-            lines.append(f"  -P {key}={values} (default {option.default}): {option.help}")
+            lines += [f"  -P {key}={values}", *textwrap.wrap(
+                f"{option.help} (default {option.default})", 96, initial_indent="      ",
+                subsequent_indent="      ")]
         lines.append("")
     print("\n".join(lines).rstrip())
     return EXIT_OK

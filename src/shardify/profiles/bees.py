@@ -4,7 +4,7 @@ The fields this profile relies on (the README lists them too):
 - `colony.id`: the group. Images of one colony never go to two splits.
 - `annotations[].category_id`: the class. An image's class is its most frequent category
   (a tie goes to the lowest id); every category it has is in the `categories` column.
-  Category ids count from 1; `-P category_names=a,b,...` names them (category 1 is a).
+  Category ids count from 1; `-P categories=a,b,...` names them (category 1 is a).
 - `annotations[].bbox`: geometry, as [x1, y1, x2, y2] corners, although the dataset's
   documents say [x, y, w, h]: the `area` field agrees with the corner reading.
 - `collection.device`, `collection.datetime`: extra columns, as written.
@@ -26,7 +26,7 @@ from . import CardText, DatasetProfile, Geometry, ProfileOption
 from .base import Column, JsonProfile, key_text, pixels, required, shown, text, value_at
 from .samples import SampleDownload, SamplePair, render, write_download
 
-CATEGORIES = 10  # default number of category names: category_1 ... category_10
+CATEGORIES = 10  # category names by default: category_1 ... category_10
 
 
 class BeeFields(NamedTuple):
@@ -67,20 +67,20 @@ class BeesProfile(JsonProfile):
         terms=("The images and labels are AI Hub's (https://www.aihub.or.kr, dataset 71667), "
                "published under AI Hub's terms of use, which may restrict who may use the "
                "data, for what, and whether it may be shared or published."))
-    options = MappingProxyType({"category_names": ProfileOption(
-        ",".join(f"category_{n}" for n in range(1, CATEGORIES + 1)),
-        "the class names, comma-separated: the first names category_id 1; a category_id "
-        "beyond them is a bad-label reject")})
+    options = MappingProxyType({"categories": ProfileOption(
+        str(CATEGORIES), "the class names: a number N (category_1 ... category_N) or the "
+        "names, comma-separated, the first naming category_id 1; a category_id beyond them "
+        "is a bad-label reject")})
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return tuple(name.strip() for name in self.option_values["category_names"].split(","))
+        return category_names(self.option_values["categories"])
 
     def with_options(self, values: Mapping[str, str]) -> BeesProfile:
-        names = [name.strip() for name in values["category_names"].split(",")]
-        if not all(names) or len(set(names)) != len(names):
-            raise ValueError("category_names must be distinct, non-empty names separated by "
-                             f"commas: {values['category_names']!r}")
+        names = category_names(values["categories"])
+        if not names or not all(names) or len(set(names)) != len(names):
+            raise ValueError("categories must be a number from 1 or distinct, non-empty "
+                             f"names separated by commas: {values['categories']!r}")
         return BeesProfile(values)
 
     def fields(self, label: dict[str, Any]) -> BeeFields:
@@ -98,7 +98,7 @@ class BeesProfile(JsonProfile):
         names = self.class_names
         if max(counts) > len(names):
             raise BadLabel(f"category_id {max(counts)} has no name ({len(names)} categories; "
-                           "-P category_names=... names more)")
+                           "-P categories=... names more)")
         most = max(counts.items(), key=lambda item: (item[1], -item[0]))[0]
         return BeeFields(colony, most - 1, tuple(sorted(counts)), len(annotations),
                          text(value_at(label, "collection.device")),
@@ -108,6 +108,13 @@ class BeesProfile(JsonProfile):
 
     def synthesize(self, dest: Path, *, seed: int = 0, scale: int = 1) -> SampleDownload:
         return synthesize(dest, seed=seed, scale=scale)
+
+
+def category_names(value: str) -> tuple[str, ...]:
+    """`-P categories`: N -> category_1 ... category_N; otherwise the comma-separated names."""
+    if value.strip().isdigit():
+        return tuple(f"category_{n}" for n in range(1, int(value) + 1))
+    return tuple(name.strip() for name in value.split(","))
 
 
 PROFILE: DatasetProfile = BeesProfile()
