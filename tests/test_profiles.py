@@ -285,3 +285,15 @@ def test_a_profile_written_from_the_readme_works(tmp_path: Path,
     assert main(["scan", str(tmp_path / "src"), "--profile", str(profile), "-P", "x=1"]) == 2
     assert "profile " + str(profile) + " has no option 'x' (its options: none)" in \
         capsys.readouterr().err
+
+
+def test_export_without_defect_polygons_writes_no_masks(
+        converted: tuple[str, SampleDownload, Path], tmp_path: Path) -> None:
+    """Class 0 is normal, every other class abnormal; no all-black masks claiming no defect."""
+    _, _, out = converted
+    assert main(["export", str(out), str(tmp_path / "dir"), "--quiet"]) == 0
+    train = [r for r in manifest_rows(out) if r["split"] == "train"]
+    files = {folder.name: sorted(p.stem for p in folder.iterdir())
+             for folder in (tmp_path / "dir").iterdir() if folder.is_dir()}
+    assert files == {"normal": sorted(r["key"] for r in train if r["label"] == 0),
+                     "abnormal": sorted(r["key"] for r in train if r["label"] != 0)}

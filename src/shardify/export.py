@@ -127,8 +127,10 @@ def parse_select(texts: Sequence[str], schema: pa.Schema) -> dict[str, tuple[Any
     return select
 
 
-def place(row: Mapping[str, Any], layout: str, class_names: Sequence[str]) -> Placed:
-    """The files of one sample (a manifest row) in `layout`."""
+def place(row: Mapping[str, Any], layout: str, class_names: Sequence[str],
+          masks: bool = True) -> Placed:
+    """The files of one sample (a manifest row) in `layout`; `masks` False for a profile
+    that declares no defect polygons (an all-black mask would say "no defect here")."""
     name = f"{row['key']}.{row['image_ext']}"
     label = int(row["label"])
     if layout == "imagefolder":
@@ -136,7 +138,7 @@ def place(row: Mapping[str, Any], layout: str, class_names: Sequence[str]) -> Pl
         return Placed(f"{label:0{width}d}_{class_names[label]}/{name}", None)
     if label == 0:
         return Placed(f"{NORMAL}/{name}", None)
-    return Placed(f"{ABNORMAL}/{name}", f"{MASKS}/{row['key']}.png")
+    return Placed(f"{ABNORMAL}/{name}", f"{MASKS}/{row['key']}.png" if masks else None)
 
 
 def defect_polygons(document: Any, geometry: Geometry) -> tuple[list[list[float]], int]:
@@ -297,7 +299,7 @@ def _write(options: ExportOptions, rows: pa.Table, class_names: Sequence[str],
     made: set[str] = set()
     try:
         for row, image, label in _samples(options.out, rows):
-            placed = place(row, options.layout, class_names)
+            placed = place(row, options.layout, class_names, bool(geometry.defects))
             files = [(placed.image, image)]
             if placed.mask is not None:
                 files.append((placed.mask, _mask(image, label, geometry, tally)))
