@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from s3server import moto_server
@@ -52,3 +53,14 @@ def s3_server() -> Iterator[S3Server]:
     environment's AWS settings are pointed at it, so nothing can reach beyond this machine."""
     with moto_server() as endpoint:
         yield S3Server(endpoint)
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Nothing reaches the network or ~/.cache: offline, and a private cache (HF_HOME is read
+    when datasets is first imported, which may have happened already: the cache is passed too).
+    """
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return str(tmp_path / "hf_cache")

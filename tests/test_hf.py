@@ -35,17 +35,6 @@ HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 TRANSFORM = ("--crop", "outline", "--resize", "64", "--split", "80/0/20")
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Nothing reaches the network or ~/.cache: offline, and a private cache (HF_HOME is read
-    when datasets is first imported, which may have happened already: the cache is passed too).
-    """
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return str(tmp_path / "hf_cache")
-
-
 def convert(dataset: SynthResult, out: Path, *extra: str) -> Path:
     assert main(["convert", str(dataset.root), "--out", str(out), "--shard-size", "64KiB",
                  "--quiet", *extra]) == 0
@@ -137,10 +126,10 @@ def test_card_declares_splits_and_features(out: Path) -> None:
     assert made["profile"].startswith("battery ")
 
 
-def test_load_dataset_reads_every_sample(out: Path, cache: str) -> None:
+def test_load_dataset_reads_every_sample(out: Path, hf_cache: str) -> None:
     import datasets
 
-    loaded = datasets.load_dataset(str(out), cache_dir=cache)
+    loaded = datasets.load_dataset(str(out), cache_dir=hf_cache)
     summary = summary_of(out)
     assert set(loaded) == {HF_SPLITS[s] for s in HF_SPLITS if summary["splits"][s]["samples"]}
     for split, name in HF_SPLITS.items():
@@ -150,10 +139,10 @@ def test_load_dataset_reads_every_sample(out: Path, cache: str) -> None:
             check_rows(loaded[name], split, out, names)
 
 
-def test_streaming_reads_every_sample(out: Path, cache: str) -> None:
+def test_streaming_reads_every_sample(out: Path, hf_cache: str) -> None:
     import datasets
 
-    streams = datasets.load_dataset(str(out), streaming=True, cache_dir=cache)
+    streams = datasets.load_dataset(str(out), streaming=True, cache_dir=hf_cache)
     for split, name in HF_SPLITS.items():
         if name in streams:
             check_rows(streams[name], split, out, streams[name].features["cls"].names)
@@ -222,7 +211,7 @@ def test_label_types_merge_over_every_label() -> None:
     assert "json" in json.dumps(value_type({"deep": deep}))
 
 
-def test_label_feature_loads_every_label_exactly(cache: str) -> None:
+def test_label_feature_loads_every_label_exactly(hf_cache: str) -> None:
     """The card's feature of those types makes datasets give back each label: its values
     (floats exact), None where a label lacks a field, the disagreeing values as written."""
     import datasets

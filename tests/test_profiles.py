@@ -297,3 +297,16 @@ def test_export_without_defect_polygons_writes_no_masks(
              for folder in (tmp_path / "dir").iterdir() if folder.is_dir()}
     assert files == {"normal": sorted(r["key"] for r in train if r["label"] == 0),
                      "abnormal": sorted(r["key"] for r in train if r["label"] != 0)}
+
+
+@pytest.mark.slow
+def test_hugging_face_reads_the_profile_classes(
+        converted: tuple[str, SampleDownload, Path], hf_cache: str) -> None:
+    """datasets loads OUT by its card: the ClassLabel names and every train sample's class."""
+    import datasets
+
+    name, _, out = converted
+    train = datasets.load_dataset(str(out), split="train", cache_dir=hf_cache)
+    assert train.features["cls"].names == list(get_profile(name).class_names)
+    assert sorted(zip(train["__key__"], train["cls"], strict=True)) == sorted(
+        (r["key"], r["label"]) for r in manifest_rows(out) if r["split"] == "train")

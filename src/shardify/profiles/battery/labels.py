@@ -93,24 +93,34 @@ def parse_label(raw: bytes | bytearray, rules: Rules = DEFAULT_RULES) -> Battery
         defect_types=defect_types,
         width=pixels(image_info.get("width")),
         height=pixels(image_info.get("height")),
-        label=_defect_type_class(data_type, kind, defect_types, normal, is_normal)
+        label=_defect_type_class(data_type, kind, defect_types, normal, is_normal,
+                                 _unnamed(swelling, without_defects))
         if rules.defect_type else 0 if normal else 1,
         group=sys.intern(str(battery_id) if rules.by_battery else f"{data_type}-{battery_id}"),
         without_defects=without_defects,
     )
 
 
+def _unnamed(swelling: bool | None, without_defects: bool) -> str:
+    """Why a not-normal label names no defect, for its defect-type reject."""
+    if swelling:
+        return "swelling only"
+    if without_defects:
+        return "nor swelling; -P normal_without_defects=true counts these as normal"
+    return "its defects have no name"
+
+
 def _defect_type_class(data_type: str, kind: str | None, defects: tuple[str, ...],
-                       normal: bool, is_normal: bool) -> int:
-    """The class users train on: CT by type and defect, RGB by defect (both defects: mixed)."""
+                       normal: bool, is_normal: bool, unnamed: str) -> int:
+    """The class users train on: CT by type and defect, RGB by defect (both defects: mixed).
+    `unnamed` says why a not-normal label with no defect name has none (for the reject)."""
     names = sorted({"_".join(name.lower().replace("_", " ").split()) for name in defects})
     if names and is_normal:
         raise BadLabel(f"image_info.is_normal is true but defects are listed ({', '.join(names)})"
                        ": no defect-type class")
     if not names and not normal:
-        raise BadLabel("image_info.is_normal is false but no defect is named (swelling only?): "
-                       "no defect-type class (-P normal_without_defects=true counts those "
-                       "without swelling as normal)")
+        raise BadLabel(f"image_info.is_normal is false but no defect is named ({unnamed}): "
+                       "no defect-type class")
     if data_type == "ct":
         folded = (kind or "").lower()
         if folded not in ("cell", "module"):
