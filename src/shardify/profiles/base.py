@@ -88,13 +88,7 @@ class JsonProfile:
         raise NotImplementedError(f"profile {self.name} does not say how to read a label")
 
     def parse_label(self, raw: bytes | bytearray) -> Fields:
-        try:
-            document = orjson.loads(strip_bom(raw))
-        except orjson.JSONDecodeError as error:
-            raise BadLabel(f"not valid JSON: {error}") from None
-        if not isinstance(document, dict):
-            raise BadLabel("not a JSON object")
-        return self.fields(document)
+        return self.fields(json_object(raw))
 
     @property
     def columns(self) -> pa.Schema:
@@ -159,6 +153,17 @@ class JsonProfile:
 
     def synthesize(self, dest: Path, *, seed: int = 0, scale: int = 1) -> Any:
         raise UsageError(f"profile {self.name} has no sample-data generator")
+
+
+def json_object(raw: bytes | bytearray) -> dict[str, Any]:
+    """Label bytes (a BOM allowed) as a JSON object; BadLabel when they are not one."""
+    try:
+        document = orjson.loads(strip_bom(raw))
+    except orjson.JSONDecodeError as error:
+        raise BadLabel(f"not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise BadLabel("not a JSON object")
+    return document
 
 
 def value_at(document: Any, path: str) -> Any:

@@ -9,11 +9,8 @@ from __future__ import annotations
 import sys
 from typing import Any, NamedTuple
 
-import orjson
-
 from ...errors import BadLabel
-from .. import strip_bom
-from ..base import pixels, shown, text
+from ..base import json_object, pixels, shown, text
 
 MAX_ID = 2**63  # the manifest's battery_id is int64
 
@@ -55,12 +52,7 @@ class BatteryFields(NamedTuple):
 
 def parse_label(raw: bytes | bytearray, rules: Rules = DEFAULT_RULES) -> BatteryFields:
     """Parse label bytes (BOM allowed); raise BadLabel saying what is missing or malformed."""
-    try:
-        document = orjson.loads(strip_bom(raw))
-    except orjson.JSONDecodeError as error:
-        raise BadLabel(f"not valid JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise BadLabel("not a JSON object")
+    document = json_object(raw)
     data_info = _section(document, "data_info")
     image_info = _section(document, "image_info")
     data_type = data_info.get("data_type")
