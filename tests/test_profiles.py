@@ -310,3 +310,24 @@ def test_hugging_face_reads_the_profile_classes(
     assert train.features["cls"].names == list(get_profile(name).class_names)
     assert sorted(zip(train["__key__"], train["cls"], strict=True)) == sorted(
         (r["key"], r["label"]) for r in manifest_rows(out) if r["split"] == "train")
+
+
+def test_other_profile_options_are_another_conversion(
+        converted: tuple[str, SampleDownload, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The options are in the fingerprint: a re-run with others does not mix shards."""
+    name, data, _ = converted
+    option = {"bees-71667": "categories=a,b,c,d", "thermal-514": "group=location"}[name]
+    out = tmp_path / "out"
+    command = ["convert", str(data.root), "--out", str(out), "--profile", name, "--quiet"]
+    assert main(command) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert main([*command, "-P", option]) == 2
+    assert "holds shards of another conversion (profile_options" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert main([*command, "-P", option, "--overwrite"]) == 0
+    meta = json.loads(pq.read_schema(out / "manifest.parquet").metadata[b"options"])
+    key, value = option.split("=")
+    assert meta["profile_options"][key] == value
+    assert main(["verify", str(out)]) == 0
