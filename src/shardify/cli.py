@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line; --help texts here are the reference the README follows."""
     parser = argparse.ArgumentParser(
         prog="shardify",
-        description="Turn zip downloads of image datasets into battery-grouped WebDataset "
-        "shards and a Parquet manifest, reading straight from the zips.",
+        description="Turn zip downloads of image datasets into WebDataset shards split by "
+        "battery (or another dataset profile's group) and a Parquet manifest, reading "
+        "straight from the zips.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -178,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "convert",
         help="convert zips of images and label JSONs into shards + manifest",
         description="Read images and labels straight from the zips, pair them by file name, "
-        "group them by battery, split train/val/test by battery and write WebDataset tar "
-        "shards, OUT/manifest.parquet, OUT/rejects.parquet and OUT/summary.json.",
+        "group them by battery (or the --profile's group), split train/val/test by group and "
+        "write WebDataset tar shards, OUT/manifest.parquet, OUT/rejects.parquet and "
+        "OUT/summary.json.",
     )
     conv.add_argument("sources", nargs="+", metavar="SOURCE",
                       help="a folder (searched recursively) or files: zips, .zip.partN "
@@ -250,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "scan",
         help="show what convert would find, without writing anything",
         description="List the archives found (zip, pieces, tar member, volumes, nested), their "
-        "members, images/labels/pairs/orphans, batteries per data_type, compression methods, "
+        "members, images/labels/pairs/orphans, the profile's groups and classes, compression methods, "
         "problems and the estimated output size. Reads only central directories and labels.",
     )
     survey.add_argument("sources", nargs="+", metavar="SOURCE",
@@ -290,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth = _subcommand(
         commands, "synth",
         help="write a small AI-Hub-shaped sample dataset (for demos and tests)",
-        description="Write a small dataset with the battery set's folder layout, file names, "
-        "label JSON and quirks (CP949 names, a battery over two zips, a few bad inputs).",
+        description="Write a small dataset with the folder layout, file names, label JSON and "
+        "quirks of the --profile's dataset (the battery set by default: CP949 names, a battery "
+        "over two zips, a few bad inputs).",
     )
     synth.add_argument("dest", type=Path, metavar="DIR",
                        help="folder to write the sample dataset into")
