@@ -252,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "scan",
         help="show what convert would find, without writing anything",
         description="List the archives found (zip, pieces, tar member, volumes, nested), their "
-        "members, images/labels/pairs/orphans, the profile's groups and classes, compression methods, "
-        "problems and the estimated output size. Reads only central directories and labels.",
+        "members, images/labels/pairs/orphans, the profile's groups and classes, compression "
+        "methods, problems and the estimated output size. Reads only central directories and "
+        "labels.",
     )
     survey.add_argument("sources", nargs="+", metavar="SOURCE",
                         help="folders, zips, .zip.partN pieces, .z01 volumes or download.tar; "
