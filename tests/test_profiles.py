@@ -331,3 +331,15 @@ def test_other_profile_options_are_another_conversion(
     key, value = option.split("=")
     assert meta["profile_options"][key] == value
     assert main(["verify", str(out)]) == 0
+
+
+def test_the_gallery_draws_boxes_as_rectangles() -> None:
+    """Both box forms become closed four-corner outlines; a malformed box is not drawn."""
+    from shardify.report import POLYGON_COLOUR, label_polygons
+
+    geometry = Geometry(point_lists=(), size=(("w",), ("h",)),
+                        corner_boxes=(("a", "*", "bbox"),), xywh_boxes=(("a", "*", "data"),))
+    label = {"a": [{"bbox": [1, 2, 5, 7]}, {"data": {"x": 1, "y": 2, "width": 4, "height": 5}},
+                   {"bbox": [1, 2, 3]}, {"data": {"x": 1}}]}
+    rectangle = [1, 2, 5, 2, 5, 7, 1, 7]
+    assert label_polygons(label, geometry) == [(rectangle, POLYGON_COLOUR)] * 2
