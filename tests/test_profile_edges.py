@@ -249,3 +249,28 @@ def test_verify_says_a_profile_failing_after_the_conversion(tmp_path: Path) -> N
     problems = [line for line in run.stdout.splitlines()
                 if "profile edges failed on this label: KeyError: 'm'" in line]
     assert len(problems) == len(pq.read_table(tmp_path / "out" / "manifest.parquet"))
+
+
+def test_synth_names_the_planted_rejects(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                         ) -> None:
+    assert main(["synth", str(tmp_path), "--profile", "thermal-514"]) == 0
+    out = capsys.readouterr().out
+    assert "planted rejects {'bad-image': 2, 'bad-label': 4, 'orphan-image': 1, " \
+        "'orphan-label': 1}" in out, out
+
+
+def test_a_copy_of_a_built_in_profile_loads_with_its_imports_written_out(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What the README says to do with profiles/thermal.py for a copy with other paths."""
+    import shardify.profiles.thermal as thermal
+
+    text = Path(thermal.__file__).read_text()
+    for relative, absolute in (("from ..errors", "from shardify.errors"),
+                               ("from . import", "from shardify.profiles import"),
+                               ("from .base", "from shardify.profiles.base"),
+                               ("from .samples", "from shardify.profiles.samples")):
+        assert relative in text
+        text = text.replace(relative, absolute)
+    (tmp_path / "mine.py").write_text(text.replace('name = "thermal-514"', 'name = "mine"'))
+    assert main(["profiles", "--profile", str(tmp_path / "mine.py")]) == 0
+    assert "mine (version 1)" in capsys.readouterr().out
