@@ -240,7 +240,7 @@ def parse_fields(profile: DatasetProfile, raw: bytes | bytearray) -> Fields:
 
     try:
         return profile.parse_label(raw)
-    except BadLabel:
+    except (BadLabel, MemoryError):  # a MemoryError is the machine's, not the label's
         raise
     except Exception as error:
         raise BadLabel(f"profile {profile.name} failed on this label: {type(error).__name__}: "
@@ -380,14 +380,14 @@ def _checked_classes(profile: DatasetProfile, spec: str) -> DatasetProfile:
     from ..errors import UsageError
 
     try:
-        names, kind = profile.class_names, profile.columns.field("label").type
+        names = profile.class_names
+        most = 1 << (profile.columns.field("label").type.bit_width - 1)  # an integer column
     except Exception as error:
-        raise UsageError(f"profile {spec}: its class names cannot be had: "
+        raise UsageError(f"profile {spec}: its class names or label column cannot be had: "
                          f"{type(error).__name__}: {error}") from None
-    most = 1 << (kind.bit_width - 1) if hasattr(kind, "bit_width") else None
     if not isinstance(names, tuple | list) or not names or \
             not all(isinstance(n, str) and n.strip() for n in names) or \
-            len(set(names)) != len(names) or (most is not None and len(names) > most):
+            len(set(names)) != len(names) or len(names) > most:
         raise UsageError(f"profile {spec}: class_names must be distinct, non-empty texts (at "
                          f"least one, at most {most}), not {reprlib.repr(names)}")
     return profile
