@@ -164,6 +164,15 @@ def test_a_profile_that_cannot_work_is_one_line(tmp_path: Path, text: str, says:
     assert not (tmp_path / "out").exists()
 
 
+def test_more_classes_than_the_label_column_holds_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The label column is int16: 40000 categories would overflow it."""
+    assert main(["scan", str(tmp_path), "--profile", "bees-71667", "-P",
+                 "categories=40000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at least one, at most 32768" in err, err[:300]
+
+
 def test_options_a_profile_cannot_take_are_one_line(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """A user's own __init__ that with_options cannot call."""
