@@ -336,7 +336,8 @@ def _accepts(kind: pa.DataType) -> Callable[[Any], bool]:
     if pa.types.is_integer(kind):
         bits = kind.bit_width - pa.types.is_signed_integer(kind)
         low = -(1 << bits) if pa.types.is_signed_integer(kind) else 0
-        return lambda v: _integer(v) and low <= v < 1 << bits
+        return lambda v: (_integer(v) or (isinstance(v, float) and v.is_integer())) \
+            and low <= v < 1 << bits  # 640.0 is 640; 640.5 is refused (Arrow would cut it)
     if pa.types.is_floating(kind):
         return lambda v: type(v) is float or _integer(v) or (
             isinstance(v, numbers.Real) and not isinstance(v, bools))
