@@ -157,6 +157,11 @@ def test_a_profile_failing_on_a_label_makes_it_a_reject(edges: tuple[Path, Path]
      "    name = 'p'\n    class_names = ('a',)\n    extra_columns = (Column('n', 'int32', ''),)"
      "\nPROFILE = P()\n", "its columns cannot be had: ValueError: column type 'int32'"),
     ("import sys\nsys.exit(3)\n", "cannot be loaded: SystemExit: 3"),
+    ("from shardify.profiles.base import JsonProfile\nclass P(JsonProfile):\n    name = 'p'\n"
+     "    class_names = ('ok', 'shards')\nPROFILE = P()\n", "shards cannot name a class"),
+    ("from shardify.profiles.base import JsonProfile\nclass P(JsonProfile):\n    name = 'p'\n"
+     "    group_unit = 'trees'\n    class_names = ('trees', 'x')\nPROFILE = P()\n",
+     "trees cannot name a class or the groups"),
 ])
 def test_a_profile_that_cannot_work_is_one_line(tmp_path: Path, text: str, says: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:

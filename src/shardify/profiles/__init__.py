@@ -391,6 +391,12 @@ def _checked_classes(profile: DatasetProfile, spec: str) -> DatasetProfile:
             len(set(names)) != len(names) or len(names) > most:
         raise UsageError(f"profile {spec}: class_names must be distinct, non-empty texts (at "
                          f"least one, at most {most}), not {reprlib.repr(names)}")
+    taken = sorted({*names, profile.group_unit} & {"shards", "samples", "bytes"} |
+                   ({profile.group_unit} & set(names)))
+    if taken:  # summary.json counts each split's samples, groups and classes side by side
+        raise UsageError(f"profile {spec}: {', '.join(taken)} cannot name a class or the "
+                         "groups (class names, group_unit, shards, samples and bytes are the "
+                         "summary's counts of each split)")
     return profile
 
 
