@@ -594,7 +594,8 @@ def _profiles(args: argparse.Namespace) -> int:
     for spec in (*BUILT_IN, *args.profile):
         profile = get_profile(spec)
         where = "" if spec in BUILT_IN else f" ({path_text(spec)})"
-        lines += [f"{profile.name} (version {profile.version}){where}: {profile.card.title}",
+        title = f": {profile.card.title}" if profile.card.title else ""
+        lines += [f"{profile.name} (version {profile.version}){where}{title}",
                   *textwrap.wrap(f"group: {profile.group_noun}; classes: "
                                  f"{', '.join(profile.class_names)}", 96,
                                  initial_indent="  ", subsequent_indent="    ")]

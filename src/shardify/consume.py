@@ -29,6 +29,7 @@ from .pathnames import path_text
 from .plan.pairing import Pairing
 from .plan.release import ReleasePlan, ReleaseTracker, ReleaseUnit, release_plan
 from .plan.shards import PlannedShard
+from .profiles import USER_MODULE
 from .progress import human_bytes
 from .storage import is_url
 from .write.shard import ShardResult
@@ -74,6 +75,12 @@ def load_plan(data: bytes) -> SavedPlan | None:
     is damaged or of another format."""
     try:
         found, plan = pickle.loads(data)
+    except ModuleNotFoundError as error:
+        if (error.name or "").startswith(USER_MODULE):  # its fields' class is not loaded
+            raise UsageError("its saved plan holds labels read by a profile file that is not "
+                             "loaded now: re-run with --profile naming the same file, at the "
+                             "same path, as the run that began it") from None
+        return None
     except Exception:  # any damage (a torn or foreign file) means: no usable plan
         return None
     return plan if found == PLAN_FORMAT and isinstance(plan, SavedPlan) else None

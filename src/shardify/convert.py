@@ -146,6 +146,10 @@ def convert(options: ConvertOptions) -> ConvertReport:
         location(source, options.storage_options)  # once, before the workers fork: not in each
     _check_output_folder(store, options.sources)
     _check_manifest_path(options.manifest, options.sources, out)
+    if options.transform.crop and not profile.geometry.outline:
+        raise UsageError(f"--crop {options.transform.crop}: profile {profile.name} declares no "
+                         "outline to crop to (its geometry.outline is empty), so every image "
+                         "would be kept whole")
     if options.consume_sources and options.transform.active:
         raise UsageError("--consume-sources keeps every source byte in the shards: it cannot be "
                          "combined with --crop, --resize, --format or --quality (the originals "
@@ -263,7 +267,11 @@ def _saved_plan(store: Store, options: ConvertOptions) -> SavedPlan | None:
                          "--consume-sources; --overwrite would discard them: choose another "
                          "--out")
     data = store.read_plan()
-    plan = load_plan(data) if data is not None else None
+    try:
+        plan = load_plan(data) if data is not None else None
+    except UsageError as error:
+        raise UsageError(f"{shown} is a conversion that consumed {begun} of its source files, "
+                         f"and {error}") from None
     if plan is None:
         raise UsageError(f"{shown} is a conversion that consumed {begun} of its source files, "
                          "and its saved plan (.shardify/plan.pickle) is missing or damaged: it "

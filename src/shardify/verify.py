@@ -29,7 +29,7 @@ from .output.manifest import manifest_schema, profile_of, read_parquet
 from .output.store import MANIFEST, SUMMARY, Store, output_store
 from .plan.pairing import SAFE_KEY
 from .plan.split import SPLITS
-from .profiles import BOM, DatasetProfile
+from .profiles import BOM, DatasetProfile, parse_fields
 from .storage import Location, is_url
 from .transform.options import EXT_OF_FORMAT
 from .write.tar import BLOCK, TAR_END_SIZE, class_bytes, padded
@@ -331,7 +331,7 @@ def _check_sample(shard: str, key: str, offset: int, end: int, members: dict[str
         problems.append(Problem(where, f".cls is {members['cls']!r}, manifest label is "
                                 f"{row['label']}"))
     try:
-        fields = profile.parse_label(label)
+        fields = parse_fields(profile, label)
         if fields.label != row["label"] or fields.group != row["group"]:
             problems.append(Problem(where, "label JSON disagrees with the manifest "
                                     "(class or group)"))

@@ -21,7 +21,7 @@ import numpy as np
 from ..archives.model import Member, MemberRefs, MemberTable
 from ..archives.zipdir import is_junk
 from ..errors import BadLabel, MemberError
-from ..profiles import DatasetProfile, Fields, strip_bom
+from ..profiles import DatasetProfile, Fields, LabelFields, strip_bom
 from ..rejects import Reason, Reject
 
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")
@@ -325,20 +325,20 @@ def _add_samples(result: Pairing, keys: list[str], images: np.ndarray, labels: n
     label_tables, label_rows = members.locate(labels)
     image_sizes = members.file_sizes(images)
     image_exts = list(map(image_types.__getitem__, image_type[images].tolist()))
-    shared: dict[Fields, Fields] = {}  # equal fields (a battery's labels) stored once
+    parse = LabelFields(profile)
     read = read_labels(members.chunks(labels), len(labels))
     for i, (key, (label, raw)) in enumerate(zip(keys, read, strict=True)):
         if isinstance(raw, MemberError):
             _reject(result, key, raw.reason, [label, members.member(images[i])], f"label: {raw}")
             continue
         try:
-            fields = profile.parse_label(raw)
+            fields = parse(raw)
         except BadLabel as error:
             _reject(result, key, Reason.BAD_LABEL, [label, members.member(images[i])], str(error))
             continue
         result.samples.append(Sample(
             key, image_tables[i], image_rows[i], label_tables[i], label_rows[i], image_sizes[i],
-            len(strip_bom(raw)), image_exts[i], shared.setdefault(fields, fields)))
+            len(strip_bom(raw)), image_exts[i], fields))
 
 
 def _keys(stems: Iterable[str], unsafe: set[str]) -> list[str]:

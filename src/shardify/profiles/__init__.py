@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import numbers
+import reprlib
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeGuard, cast
 
 if TYPE_CHECKING:  # pyarrow is imported where tables are built, not by every command
     import pyarrow as pa
@@ -230,6 +233,117 @@ class ProfileOption:
     choices: tuple[str, ...] | None = None
 
 
+def parse_fields(profile: DatasetProfile, raw: bytes | bytearray) -> Fields:
+    """`profile.parse_label(raw)`, any exception a profile raises on one label (a KeyError of
+    a user's `label["x"]`) said as that label's BadLabel: a reject, not a traceback mid-run."""
+    from ..errors import BadLabel
+
+    try:
+        return profile.parse_label(raw)
+    except (BadLabel, MemoryError):  # a MemoryError is the machine's, not the label's
+        raise
+    except Exception as error:
+        raise BadLabel(f"profile {profile.name} failed on this label: {type(error).__name__}: "
+                       f"{error}") from None
+
+
+class LabelFields:
+    """Each label's fields as a conversion keeps them (`parse_fields`, then checked): a class
+    outside the profile's names, a group that is not text, a value its column's type cannot
+    hold are that label's BadLabel, not a wrong `.cls` or an Arrow error once the shards are
+    written. List values become tuples (fields are hashed); equal fields are kept, and
+    checked, once (a battery's labels share theirs)."""
+
+    def __init__(self, profile: DatasetProfile) -> None:
+        self.profile, self.classes = profile, len(profile.class_names)
+        schema = profile.columns
+        self.checks = [(name, str(kind), _accepts(kind)) for name, kind in
+                       zip(schema.names, schema.types, strict=True)
+                       if name not in ("group", "label")]
+        self.seen: dict[Fields, Fields] = {}
+
+    def __call__(self, raw: bytes | bytearray) -> Fields:
+        fields = parse_fields(self.profile, raw)
+        try:
+            known = self.seen.get(fields)
+        except TypeError:  # unhashable: lists among the values
+            fields = self._hashable(fields)
+            known = self.seen.get(fields)
+        if known is not None:
+            return known
+        self._check(fields)
+        self.seen[fields] = fields
+        return fields
+
+    def _hashable(self, fields: Fields) -> Fields:
+        from ..errors import BadLabel
+
+        make = getattr(type(fields), "_make", None)  # a NamedTuple's
+        if make is not None:
+            fields = make(tuple(v) if isinstance(v, list) else v
+                          for v in cast(tuple, fields))
+            try:
+                hash(fields)
+                return fields
+            except TypeError:
+                pass
+        raise BadLabel(f"profile {self.profile.name} gave fields that are not a NamedTuple of "
+                       f"column values: {reprlib.repr(fields)}")
+
+    def _check(self, fields: Fields) -> None:
+        from ..errors import BadLabel
+
+        name, group, label = self.profile.name, getattr(fields, "group", None), \
+            getattr(fields, "label", None)
+        if not isinstance(group, str) or not group:
+            raise BadLabel(f"profile {name} gave a group that is not non-empty text: "
+                           f"{reprlib.repr(group)}")
+        if not _integer(label) or not 0 <= label < self.classes:
+            raise BadLabel(f"profile {name} gave class {reprlib.repr(label)}, not a number "
+                           f"from 0 to {self.classes - 1} (it names {self.classes} classes)")
+        for column, kind, accepts in self.checks:
+            value = getattr(fields, column, _MISSING)
+            if value is _MISSING:
+                raise BadLabel(f"profile {name}: its fields have no {column}, one of its columns")
+            if value is not None and not accepts(value):
+                raise BadLabel(f"profile {name} gave {column} {reprlib.repr(value)}, which its "
+                               f"{kind} column cannot hold")
+
+
+_MISSING = object()
+SEQUENCES = (list, tuple)
+
+
+def _integer(value: Any) -> TypeGuard[int]:
+    """An integer, numpy's too, but not a bool."""
+    return type(value) is int or (isinstance(value, numbers.Integral)
+                                  and not isinstance(value, bool))
+
+
+def _accepts(kind: pa.DataType) -> Callable[[Any], bool]:
+    """Whether a value fits a column of type `kind` (None always does: a null)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        item = _accepts(kind.value_type)
+        return lambda v: isinstance(v, SEQUENCES) and all(x is None or item(x) for x in v)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return lambda v: isinstance(v, str)
+    bools = (bool, np.bool_)
+    if pa.types.is_boolean(kind):
+        return lambda v: isinstance(v, bools)
+    if pa.types.is_integer(kind):
+        bits = kind.bit_width - pa.types.is_signed_integer(kind)
+        low = -(1 << bits) if pa.types.is_signed_integer(kind) else 0
+        return lambda v: (_integer(v) or (isinstance(v, float) and v.is_integer())) \
+            and low <= v < 1 << bits  # 640.0 is 640; 640.5 is refused (Arrow would cut it)
+    if pa.types.is_floating(kind):
+        return lambda v: type(v) is float or _integer(v) or (
+            isinstance(v, numbers.Real) and not isinstance(v, bools))
+    return lambda v: True  # a type not listed here: pyarrow decides
+
+
 BUILT_IN = {"battery": "shardify.profiles.battery", "bees-71667": "shardify.profiles.bees",
             "thermal-514": "shardify.profiles.thermal"}
 """Built-in profile name -> the module whose `PROFILE` it is."""
@@ -242,6 +356,7 @@ REQUIRED = ("name", "version", "image_extensions", "label_extension", "class_nam
 """What a profile module's `PROFILE` must have (the `DatasetProfile` members)."""
 
 NEEDED_COLUMNS = ("group", "label", "width", "height")
+USER_MODULE = "shardify_user_profile_"  # + a hash of its path: a user profile's module name
 
 
 def get_profile(spec: str = "battery", values: Mapping[str, str] | None = None
@@ -257,7 +372,32 @@ def get_profile(spec: str = "battery", values: Mapping[str, str] | None = None
     else:
         raise UsageError(f"unknown dataset profile {spec!r} (built in: {', '.join(BUILT_IN)}; "
                          "or the path of a .py file)")
-    return configure(profile, values or {}, spec)
+    return _checked_classes(configure(profile, values or {}, spec), spec)
+
+
+def _checked_classes(profile: DatasetProfile, spec: str) -> DatasetProfile:
+    """The profile, if its class names (as its options make them) can be the `.cls` classes:
+    distinct non-empty texts, as many as its `label` column can number."""
+    from ..errors import UsageError
+
+    try:
+        names = profile.class_names
+        most = 1 << (profile.columns.field("label").type.bit_width - 1)  # an integer column
+    except Exception as error:
+        raise UsageError(f"profile {spec}: its class names or label column cannot be had: "
+                         f"{type(error).__name__}: {error}") from None
+    if not isinstance(names, tuple | list) or not names or \
+            not all(isinstance(n, str) and n.strip() for n in names) or \
+            len(set(names)) != len(names) or len(names) > most:
+        raise UsageError(f"profile {spec}: class_names must be distinct, non-empty texts (at "
+                         f"least one, at most {most}), not {reprlib.repr(names)}")
+    taken = sorted({*names, profile.group_unit} & {"shards", "samples", "bytes"} |
+                   ({profile.group_unit} & set(names)))
+    if taken:  # summary.json counts each split's samples, groups and classes side by side
+        raise UsageError(f"profile {spec}: {', '.join(taken)} cannot name a class or the "
+                         "groups (class names, group_unit, shards, samples and bytes are the "
+                         "summary's counts of each split)")
+    return profile
 
 
 def configure(profile: DatasetProfile, values: Mapping[str, str], spec: str) -> DatasetProfile:
@@ -279,6 +419,9 @@ def configure(profile: DatasetProfile, values: Mapping[str, str], spec: str) -> 
         return profile.with_options({**profile.option_values, **values})
     except ValueError as error:
         raise UsageError(f"profile {spec}: {error}") from None
+    except Exception as error:  # a user's with_options (or __init__) failing
+        raise UsageError(f"profile {spec}: its options cannot be set: "
+                         f"{type(error).__name__}: {error}") from None
 
 
 def parse_profile_options(pairs: Sequence[str]) -> dict[str, str]:
@@ -300,16 +443,18 @@ def _file_profile(path: Path) -> DatasetProfile:
     if not path.is_file():
         raise UsageError(f"profile file {path} does not exist")
     resolved = path.resolve()
-    name = "shardify_user_profile_" + hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
+    name = USER_MODULE + hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
     if name in sys.modules:
         return _module_profile(sys.modules[name], str(path))
     module_spec = importlib.util.spec_from_file_location(name, resolved)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
+    if str(resolved.parent) not in sys.path:  # it may import modules beside it
+        sys.path.append(str(resolved.parent))
     try:
         module_spec.loader.exec_module(module)
-    except Exception as error:  # whatever a user's module raises is said in one line
+    except (Exception, SystemExit) as error:  # whatever a user's module raises: one line
         del sys.modules[name]
         where = ""
         if isinstance(error, SyntaxError):
@@ -322,19 +467,33 @@ def _file_profile(path: Path) -> DatasetProfile:
 def _module_profile(module: ModuleType, spec: str) -> DatasetProfile:
     """The module's `PROFILE`, checked for every member the interface has."""
     from ..errors import UsageError
+    from ..output.manifest import COLUMN_DESCRIPTIONS  # the manifest's own columns
 
     profile = getattr(module, "PROFILE", None)
     if profile is None:
         raise UsageError(f"profile {spec} defines no PROFILE (the DatasetProfile object)")
-    missing = [name for name in REQUIRED if not hasattr(profile, name)]
+    if isinstance(profile, type):
+        raise UsageError(f"profile {spec}: PROFILE is the class {profile.__name__}, not an "
+                         f"object: PROFILE = {profile.__name__}()")
+    missing = []
+    for member in REQUIRED:
+        try:
+            getattr(profile, member)
+        except AttributeError:
+            missing.append(member)
+        except Exception as error:  # a property of its own failing
+            raise UsageError(f"profile {spec}: its {member} cannot be had: "
+                             f"{type(error).__name__}: {error}") from None
     if missing:
         raise UsageError(f"profile {spec}: PROFILE lacks {', '.join(missing)} (see the "
                          "README's \"Writing a profile\")")
-    try:
-        names = profile.columns.names
-    except Exception as error:
-        raise UsageError(f"profile {spec}: its columns cannot be built: {error}") from None
+    names = profile.columns.names
     lacking = [name for name in NEEDED_COLUMNS if name not in names]
     if lacking:
         raise UsageError(f"profile {spec}: its columns lack {', '.join(lacking)}")
+    clashing = sorted({name for name in names if name in COLUMN_DESCRIPTIONS} |
+                      {name for name, count in Counter(names).items() if count > 1})
+    if clashing:
+        raise UsageError(f"profile {spec}: its columns {', '.join(clashing)} repeat a name or "
+                         "take one of the manifest's own: rename them")
     return profile

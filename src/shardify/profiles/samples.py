@@ -125,5 +125,5 @@ def write_download(dest: Path, root_name: str, zip_stem: str, pairs: list[Sample
         suffix = "images" if kind.endswith("S") else "labels"
         write_zip(folder / f"{kind}_{zip_stem}_{suffix}.zip", zips[kind])
     others = Counter(Path(beside(p)[0]).suffix.lower() for p in good) if beside else Counter()
-    return SampleDownload(root, len(good), dict(sorted(rejects.items())), 2, len(junk),
-                          dict(others), {p.stem: (p.group, p.class_name) for p in good})
+    return SampleDownload(root, len(good), {str(r): n for r, n in sorted(rejects.items())}, 2,
+                          len(junk), dict(others), {p.stem: (p.group, p.class_name) for p in good})
