@@ -24,9 +24,9 @@ from shardify.cli import main
 from shardify.errors import BadLabel
 from shardify.plan.pairing import Sample
 from shardify.plan.split import SPLITS, assign_splits, group_strata
-from shardify.profiles import get_profile
 from shardify.profiles.battery.labels import Rules, parse_label
 from shardify.profiles.battery.sample import SynthResult
+from shardify.profiles.load import get_profile
 from shardify.synth import ZipEntry, write_zip
 
 NINE = ["cell_normal", "cell_porosity", "module_normal", "module_porosity",

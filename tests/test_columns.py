@@ -30,7 +30,7 @@ from shardify.plan.pairing import (
     classify,
     split_name,
 )
-from shardify.profiles import get_profile
+from shardify.profiles.load import get_profile
 
 PROFILE = get_profile()
 IMAGE_EXTENSIONS = PROFILE.image_extensions

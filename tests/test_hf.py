@@ -27,8 +27,8 @@ from PIL import Image
 import shardify
 from shardify.cli import main
 from shardify.output.card import label_feature
-from shardify.profiles import get_profile
 from shardify.profiles.battery.sample import SynthResult
+from shardify.profiles.load import get_profile
 from shardify.write.label_types import MAX_DEPTH, NULL, merge, value_type
 
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}

@@ -152,7 +152,11 @@ def test_a_profile_failing_on_a_label_makes_it_a_reject(edges: tuple[Path, Path]
     ("from shardify.profiles.base import Column, JsonProfile\nclass P(JsonProfile):\n"
      "    name = 'p'\n    class_names = ('a',)\n    extra_columns = (Column('scale', 'int64', "
      "''), Column('n', 'int64', ''), Column('n', 'string', ''))\nPROFILE = P()\n",
-     "its columns n, scale repeat a name or take one of the manifest's own"),
+     "its columns n repeat a name"),
+    ("from shardify.profiles.base import Column, JsonProfile\nclass P(JsonProfile):\n"
+     "    name = 'p'\n    class_names = ('a',)\n    extra_columns = (Column('scale', 'int64', "
+     "''), Column('split', 'string', ''))\nPROFILE = P()\n",
+     "its columns scale, split take names of the manifest's own columns"),
     ("from shardify.profiles.base import Column, JsonProfile\nclass P(JsonProfile):\n"
      "    name = 'p'\n    class_names = ('a',)\n    extra_columns = (Column('n', 'int32', ''),)"
      "\nPROFILE = P()\n", "its columns cannot be had: ValueError: column type 'int32'"),

@@ -19,7 +19,8 @@ from helpers import manifest_rows, reject_rows, summary_of
 from PIL import Image
 
 from shardify.cli import main
-from shardify.profiles import BUILT_IN, Geometry, get_profile
+from shardify.profiles import Geometry
+from shardify.profiles.load import BUILT_IN, get_profile
 from shardify.profiles.samples import SampleDownload
 from shardify.transform.geometry import Box, Placement, map_label
 

@@ -20,9 +20,10 @@ from shardify.output.store import shard_name
 from shardify.plan.pairing import SAFE_KEY, Sample, safe_key
 from shardify.plan.shards import ShardSizes, plan_shards
 from shardify.plan.split import assign_splits, parse_ratios
-from shardify.profiles import Stratum, get_profile
+from shardify.profiles import Stratum
 from shardify.profiles.battery.labels import BatteryFields, parse_label
 from shardify.profiles.battery.sample import SynthResult
+from shardify.profiles.load import get_profile
 from shardify.write.images import image_problem
 from shardify.write.tar import TAR_END_SIZE, planned_sample_bytes
 

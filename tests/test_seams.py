@@ -40,8 +40,9 @@ from shardify.output.store import (
 )
 from shardify.plan.shards import ShardSizes, plan_shards
 from shardify.plan.split import assign_splits, group_strata
-from shardify.profiles import DatasetProfile, Fields, get_profile
+from shardify.profiles import DatasetProfile, Fields
 from shardify.profiles.battery.sample import SynthResult
+from shardify.profiles.load import get_profile
 from shardify.rejects import Reason
 from shardify.scan import survey
 from shardify.transform.options import TransformOptions

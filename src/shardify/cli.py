@@ -22,7 +22,8 @@ from . import __version__
 from .errors import Terminated, UsageError
 from .output.store import CONSUMED, REJECTS
 from .pathnames import path_text
-from .profiles import BUILT_IN, DatasetProfile, get_profile, parse_profile_options
+from .profiles import DatasetProfile
+from .profiles.load import BUILT_IN, get_profile, parse_profile_options
 from .progress import human_bytes
 from .storage import Location, RemotePath, is_url, location, parse_storage_options
 from .transform.options import CROPS, DEFAULT_MARGIN, DEFAULT_QUALITY, FORMATS

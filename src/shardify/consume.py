@@ -29,7 +29,7 @@ from .pathnames import path_text
 from .plan.pairing import Pairing
 from .plan.release import ReleasePlan, ReleaseTracker, ReleaseUnit, release_plan
 from .plan.shards import PlannedShard
-from .profiles import USER_MODULE
+from .profiles.load import USER_MODULE
 from .progress import human_bytes
 from .storage import is_url
 from .write.shard import ShardResult

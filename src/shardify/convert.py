@@ -62,7 +62,8 @@ from .plan.pairing import Pairing, Sample
 from .plan.release import peak_growth, release_order
 from .plan.shards import SHARD_KINDS, PlannedShard, ShardSizes, continued, plan_shards
 from .plan.split import SPLITS, assign_splits, group_strata
-from .profiles import DatasetProfile, get_profile
+from .profiles import DatasetProfile
+from .profiles.load import get_profile
 from .progress import Progress, human_bytes
 from .rejects import Reject
 from .scan import archive_table, survey
@@ -136,8 +137,11 @@ class ConvertReport:
 
 def convert(options: ConvertOptions) -> ConvertReport:
     """Plan, then write the shards not already finished by an earlier run of the same plan."""
+    from .output.manifest import check_columns
+
     started = time.monotonic()
     out, profile = options.out, options.profile
+    check_columns(profile)
     store = output_store(out, options.storage_options)
     if options.consume_sources and not isinstance(store, OutputStore):
         raise UsageError(f"--consume-sources needs a local --out (it deletes each source once "

@@ -86,6 +86,9 @@ def scan(sources: list[str], profile: DatasetProfile,
          storage_options: dict[str, object] | None = None) -> dict:
     """A report of the sources as plain data (what `--json` prints); `dataset` holds the
     profile's own figures (for the battery set: batteries per data_type, defect images)."""
+    from .output.manifest import check_columns  # scan says what convert would refuse
+
+    check_columns(profile)
     with ArchiveReader() as reader:
         index, pairing = survey(sources, reader, profile, storage_options=storage_options)
     archives = archive_table(index)

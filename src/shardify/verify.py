@@ -29,7 +29,8 @@ from .output.manifest import manifest_schema, profile_of, read_parquet
 from .output.store import MANIFEST, SUMMARY, Store, output_store
 from .plan.pairing import SAFE_KEY
 from .plan.split import SPLITS
-from .profiles import BOM, DatasetProfile, parse_fields
+from .profiles import BOM, DatasetProfile
+from .profiles.fields import parse_fields
 from .storage import Location, is_url
 from .transform.options import EXT_OF_FORMAT
 from .write.tar import BLOCK, TAR_END_SIZE, class_bytes, padded

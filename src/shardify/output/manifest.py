@@ -19,7 +19,8 @@ from .. import __version__
 from ..errors import UsageError
 from ..plan.pairing import IMAGE, LABEL, member_refs
 from ..plan.split import SPLITS
-from ..profiles import DatasetProfile, get_profile
+from ..profiles import DatasetProfile
+from ..profiles.load import get_profile
 from ..rejects import Reject
 from ..transform.options import TransformOptions
 from ..write.shard import CROP_BOX, HEIGHT, SOURCE_HEIGHT, SOURCE_WIDTH, WIDTH, ShardResult
@@ -84,6 +85,15 @@ REJECT_DESCRIPTIONS = {
     "source_member": "the member's name in it",
     "detail": "what was found, in words",
 }
+
+
+def check_columns(profile: DatasetProfile) -> None:
+    """UsageError when a profile's dataset columns take a name the manifest has of its own
+    (`split`, `scale`, ...): said before any work, not as a broken manifest after it."""
+    taken = sorted(set(profile.columns.names) & COLUMN_DESCRIPTIONS.keys())
+    if taken:
+        raise UsageError(f"profile {profile.name}: its columns {', '.join(taken)} take names "
+                         "of the manifest's own columns: rename them")
 
 
 def manifest_schema(profile: DatasetProfile, options: Mapping[str, Any] | None = None

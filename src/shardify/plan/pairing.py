@@ -21,7 +21,8 @@ import numpy as np
 from ..archives.model import Member, MemberRefs, MemberTable
 from ..archives.zipdir import is_junk
 from ..errors import BadLabel, MemberError
-from ..profiles import DatasetProfile, Fields, LabelFields, strip_bom
+from ..profiles import DatasetProfile, Fields, strip_bom
+from ..profiles.fields import LabelFields
 from ..rejects import Reason, Reject
 
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,80}")
