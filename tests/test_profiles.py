@@ -344,3 +344,33 @@ def test_the_gallery_draws_boxes_as_rectangles() -> None:
                    {"bbox": [1, 2, 3]}, {"data": {"x": 1}}]}
     rectangle = [1, 2, 5, 2, 5, 7, 1, 7]
     assert label_polygons(label, geometry) == [(rectangle, POLYGON_COLOUR)] * 2
+
+
+@pytest.mark.slow
+def test_a_moved_profile_file_is_named_again(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """OUT records the profile file's path; after the file moved, verify, report and export
+    take --profile naming where it is now, and only the same profile."""
+    profile = readme_profile(tmp_path)
+    crack_download(tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["convert", str(tmp_path / "src"), "--out", str(out), "--profile", str(profile),
+                 "--quiet"]) == 0
+    moved = tmp_path / "elsewhere" / "profile 한글.py"
+    moved.parent.mkdir()
+    profile.rename(moved)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    assert f"profile file {profile.absolute()} does not exist" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 2
+    assert main(["verify", str(out), "--profile", str(moved)]) == 0
+    assert main(["report", str(out), "--profile", str(moved)]) == 0
+    assert main(["export", str(out), str(tmp_path / "dir"), "--profile", str(moved),
+                 "--quiet"]) == 0
+    assert sorted(p.stem for p in (tmp_path / "dir").rglob("*.jpg")) == sorted(
+        r["key"] for r in manifest_rows(out) if r["split"] == "train")
+    other = tmp_path / "other.py"
+    other.write_text(moved.read_text().replace('name = "cracks"', 'name = "holes"'))
+    capsys.readouterr()
+    assert main(["verify", str(out), "--profile", str(other)]) == 1
+    assert "written by profile cracks, not holes" in capsys.readouterr().out

@@ -129,6 +129,14 @@ def _add_storage_option(parser: argparse.ArgumentParser) -> None:
                         "~/.aws")
 
 
+def _add_moved_profile(parser: argparse.ArgumentParser) -> None:
+    """`--profile FILE.py` for the commands that read an OUT: where a profile file is now."""
+    parser.add_argument("--profile", metavar="FILE.py",
+                        help="the profile file OUT was converted with, where it is now (only "
+                        "when it moved since: the manifest records its path; it must be the "
+                        "same profile, name and version)")
+
+
 def _add_profile(parser: argparse.ArgumentParser) -> None:
     """`--profile NAME|FILE.py` and `-P key=value`: which dataset's rules, with which options."""
     parser.add_argument("--profile", default="battery", metavar="NAME|FILE.py",
@@ -272,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest label, no battery in two splits, counts. Exit 0 if clean, 1 if not.",
     )
     check.add_argument("out", metavar="OUT", help="the output folder (or URL) to check")
+    _add_moved_profile(check)
     check.add_argument("--sources", nargs="+", metavar="SOURCE",
                        help="also compare every sample with its source members (size and "
                        "CRC-32); give the SOURCE arguments that convert was given")
@@ -289,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--html", type=Path, metavar="PATH",
                       help="also write one self-contained HTML page with tables, plots and a "
                       "gallery of thumbnails from the shards with their labels' polygons drawn")
+    _add_moved_profile(show)
     _add_storage_option(show)
 
     synth = _subcommand(
@@ -367,6 +377,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     files.add_argument("--overwrite", action="store_true",
                        help="replace DIR if it holds an earlier shardify export")
     files.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_moved_profile(files)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -551,7 +562,7 @@ def _report(args: argparse.Namespace) -> int:
 
     out = _readable_out(args)
     try:
-        manifest, profile = load_manifest(out)
+        manifest, profile = load_manifest(out, args.profile)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
     data = report_data(manifest, profile, out)
@@ -569,7 +580,8 @@ def _verify(args: argparse.Namespace) -> int:
 
     try:
         checked, problems, released = verify_output(
-            _readable_out(args), args.sources, parse_storage_options(args.storage_options))
+            _readable_out(args), args.sources, parse_storage_options(args.storage_options),
+            args.profile)
     except (OutputMissing, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
     if released:
@@ -623,7 +635,7 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         report = export(ExportOptions(args.out, args.dest, args.split, tuple(args.select),
-                                      args.layout, args.overwrite, args.quiet))
+                                      args.layout, args.overwrite, args.quiet, args.profile))
     except ExportFailed as error:
         print(f"shardify: error: {error}; {path_text(args.dest)} is unchanged",
               file=sys.stderr)

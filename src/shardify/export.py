@@ -65,6 +65,7 @@ class ExportOptions:
     layout: str = "folder"
     overwrite: bool = False
     quiet: bool = False
+    profile_file: str | None = None  # where the profile file is now (see profile_of)
 
 
 class Placed(NamedTuple):
@@ -200,7 +201,7 @@ def export(options: ExportOptions) -> ExportReport:
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise UsageError(f"cannot read {path_text(manifest)}: {error}") from None
     try:
-        profile = profile_of(schema)
+        profile = profile_of(schema, options.profile_file)
     except UsageError as error:
         raise UsageError(f"{path_text(manifest)}: {error}") from None
     if options.layout not in LAYOUTS:

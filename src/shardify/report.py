@@ -48,9 +48,11 @@ GALLERY_COLUMNS = ["key", "group", "shard", "offset", "sample_bytes", "image_ext
                    "label_bytes"]
 
 
-def load_manifest(out: Location | str) -> tuple[pa.Table, DatasetProfile]:
-    """The manifest and the profile that wrote it; FileNotFoundError (said for the user) if it
-    is missing, unreadable or names no profile shardify knows."""
+def load_manifest(out: Location | str, profile_file: str | None = None
+                  ) -> tuple[pa.Table, DatasetProfile]:
+    """The manifest and the profile that wrote it (see `profile_of` for `profile_file`);
+    FileNotFoundError (said for the user) if it is missing, unreadable or names no profile
+    shardify can have."""
     store = output_store(out)
     shown = f"{store.shown}/{MANIFEST}"
     if not store.exists(MANIFEST):
@@ -62,7 +64,7 @@ def load_manifest(out: Location | str) -> tuple[pa.Table, DatasetProfile]:
         raise FileNotFoundError(f"{shown} is damaged ({error}); re-run the convert "
                                 "command to rewrite it") from None
     try:
-        profile = profile_of(table.schema)
+        profile = profile_of(table.schema, profile_file)
     except UsageError as error:
         raise FileNotFoundError(f"{shown}: {error}") from None
     return table, profile

@@ -53,8 +53,8 @@ class Problem:
 
 
 def verify_output(out: Location | str, sources: list[str] | None = None,
-                  storage_options: dict[str, object] | None = None
-                  ) -> tuple[int, list[Problem], int]:
+                  storage_options: dict[str, object] | None = None,
+                  profile_file: str | None = None) -> tuple[int, list[Problem], int]:
     """(samples checked, problems found, samples not compared with their sources because
     `convert --consume-sources` released them) for the output folder `out`.
 
@@ -63,11 +63,11 @@ def verify_output(out: Location | str, sources: list[str] | None = None,
 
     With `sources` (the SOURCE arguments given to convert; URLs are opened with
     `storage_options`), every sample is also compared with its source members: image and label
-    size and CRC-32 from the zips' central directories.
+    size and CRC-32 from the zips' central directories. `profile_file`: see `profile_of`.
     """
     store = output_store(out, storage_options)
     try:
-        rows, summary, profile = _read_index_files(store)
+        rows, summary, profile = _read_index_files(store, profile_file)
     except UnusableIndex as error:
         return 0, [Problem(error.where, error.what)], 0
     expected: dict[str, dict[str, dict]] = {row["shard"]: {} for row in rows}
@@ -101,7 +101,8 @@ def verify_output(out: Location | str, sources: list[str] | None = None,
     return len(rows), problems, released
 
 
-def _read_index_files(store: Store) -> tuple[list[dict], dict, DatasetProfile]:
+def _read_index_files(store: Store, profile_file: str | None
+                      ) -> tuple[list[dict], dict, DatasetProfile]:
     """The manifest's rows, the summary and the profile that made them; Unusable if either file
     is missing, unreadable, lacks a column or holds nulls where verify needs values."""
     present = {name: store.exists(name) for name in (MANIFEST, SUMMARY)}
@@ -117,7 +118,7 @@ def _read_index_files(store: Store) -> tuple[list[dict], dict, DatasetProfile]:
     except (pa.ArrowException, OSError) as error:
         raise UnusableIndex(MANIFEST, f"unreadable: {error}") from None
     try:
-        profile = profile_of(table.schema)
+        profile = profile_of(table.schema, profile_file)
     except UsageError as error:
         raise UnusableIndex(MANIFEST, str(error)) from None
     schema = manifest_schema(profile)

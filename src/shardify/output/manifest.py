@@ -124,10 +124,12 @@ def index_metadata(profile: DatasetProfile, options: Mapping[str, Any],
             b"columns": orjson.dumps(columns)}
 
 
-def profile_of(schema: pa.Schema) -> DatasetProfile:
+def profile_of(schema: pa.Schema, profile_file: str | None = None) -> DatasetProfile:
     """The profile, with its `-P` options, that wrote a manifest (its metadata names them);
     UsageError saying why when shardify cannot have that profile now.
 
+    `profile_file` is where a user's profile file is now, when it is no longer where convert
+    read it (an OUT copied to another machine); it must be the same profile, name and version.
     A manifest that names none was written before profiles existed: by the battery rules.
     """
     metadata = schema.metadata or {}
@@ -141,7 +143,11 @@ def profile_of(schema: pa.Schema) -> DatasetProfile:
     spec, values = options.get("profile_spec", name), options.get("profile_options", {})
     if not isinstance(spec, str) or not isinstance(values, dict):
         raise UsageError(f"its metadata names profile {name} unreadably")
+    if profile_file is not None:
+        spec = profile_file
     profile = get_profile(spec, {str(k): str(v) for k, v in values.items()})
+    if profile.name != name:
+        raise UsageError(f"it was written by profile {name}, not {profile.name} ({spec})")
     written = options.get("profile", f"{profile.name} {profile.version}")
     if written != f"{profile.name} {profile.version}":
         raise UsageError(f"it was written by profile {written}, but {spec} is now "
