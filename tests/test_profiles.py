@@ -374,3 +374,15 @@ def test_a_moved_profile_file_is_named_again(tmp_path: Path,
     capsys.readouterr()
     assert main(["verify", str(out), "--profile", str(other)]) == 1
     assert "written by profile cracks, not holes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("statuses", "label"), [
+    (["normal", " Normal "], 0), (["정상", "normal"], 0), (["normal", "과열"], 1),
+    (["overheat"], 1)])
+def test_thermal_status_makes_the_class(statuses: list[str], label: int) -> None:
+    document = {"metadata": {"location": "S1", "equipment_id": 7},
+                "annotations": [{"attributes": {"status": s}} for s in statuses]}
+    fields = get_profile("thermal-514").parse_label(json.dumps(document).encode())
+    assert (fields.label, fields.group) == (label, "S1/7")
+    assert get_profile("thermal-514", {"group": "location"}).parse_label(
+        json.dumps(document).encode()).group == "S1"

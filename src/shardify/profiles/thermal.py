@@ -5,8 +5,8 @@ The fields this profile relies on (the README lists them too):
   image shows: every image of one piece of equipment, from any angle or day, lands in one
   split. Equipment ids are numbered per location, so the group is `location/equipment_id`;
   `-P group=location` groups a whole location instead (stricter: no site in two splits).
-- `annotations[].attributes.status`: the class. `normal` (case and spaces ignored) on every
-  annotation is class 0 (normal); any other status is class 1 (fault). All statuses are
+- `annotations[].attributes.status`: the class. `normal` or `정상` (case and spaces ignored)
+  on every annotation is class 0 (normal); any other status is class 1 (fault). All statuses are
   in the `statuses` column.
 - `annotations[].data`: geometry, {x, y, width, height} boxes in pixels.
 - `metadata.equipment_type`: an extra column. `image.width`, `image.height`: the size.
@@ -27,6 +27,8 @@ from ..errors import BadLabel
 from . import CardText, DatasetProfile, Geometry, ProfileOption
 from .base import Column, JsonProfile, key_text, pixels, required, shown, text, value_at
 from .samples import SampleDownload, SamplePair, render, write_download
+
+NORMAL = frozenset({"normal", "정상"})  # the status of a part without fault, English or Korean
 
 
 class ThermalFields(NamedTuple):
@@ -94,7 +96,7 @@ class ThermalProfile(JsonProfile):
                 raise BadLabel(f"annotations[{number}].attributes.status is missing or not "
                                f"text: {shown(value_at(annotation, 'attributes.status'))}")
             statuses.append(status)
-        fault = any(status.lower().replace(" ", "") != "normal" for status in statuses)
+        fault = any(status.lower().replace(" ", "") not in NORMAL for status in statuses)
         group = location if self.option_values["group"] == "location" else \
             f"{location}/{equipment}"
         return ThermalFields(group, int(fault), location, equipment,
