@@ -386,3 +386,45 @@ def test_thermal_status_makes_the_class(statuses: list[str], label: int) -> None
     assert (fields.label, fields.group) == (label, "S1/7")
     assert get_profile("thermal-514", {"group": "location"}).parse_label(
         json.dumps(document).encode()).group == "S1"
+
+
+FORKS = """
+import os, sys
+real, seen = os.fork, []
+def fork():
+    seen.append("pyarrow" in sys.modules)
+    return real()
+os.fork = fork
+from shardify.cli import main
+code = main(["convert", sys.argv[1], "--out", sys.argv[2], "--quiet", "--workers", "2",
+             "--profile", sys.argv[3]])
+print(code, seen)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUILT_IN))
+def test_workers_fork_before_pyarrow_is_imported(name: str, tmp_path: Path) -> None:
+    """Getting a built-in profile builds no columns: forked workers carry no pyarrow (it costs
+    each worker's memory; the bench measures it)."""
+    import subprocess
+    import sys
+
+    root = get_profile(name).synthesize(tmp_path / "src").root
+    done = subprocess.run([sys.executable, "-c", FORKS, str(root), str(tmp_path / "out"), name],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split("\n")[-2] == "0 [False, False]", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("name", list(BUILT_IN))
+def test_built_in_profiles_pass_the_checks_a_profile_file_gets(name: str) -> None:
+    """get_profile trusts the built-in ones (checking builds columns: pyarrow before the fork);
+    this is where they are checked as a user's file would be."""
+    import importlib
+
+    from shardify.output.manifest import check_columns
+    from shardify.profiles.load import _module_profile
+
+    profile = _module_profile(importlib.import_module(BUILT_IN[name]), name)
+    check_columns(profile)
+    assert profile is get_profile(name)

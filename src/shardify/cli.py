@@ -157,8 +157,13 @@ def _profile(args: argparse.Namespace) -> tuple[DatasetProfile, str]:
         values = parse_profile_options(args.profile_options)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    spec = args.profile if args.profile in BUILT_IN else str(Path(args.profile).absolute())
-    return get_profile(args.profile, values), spec
+    profile = get_profile(args.profile, values)
+    if args.profile in BUILT_IN:
+        return profile, args.profile
+    from .output.manifest import check_columns  # a file's columns, said before any work
+
+    check_columns(profile)
+    return profile, str(Path(args.profile).absolute())
 
 
 def _subcommand(commands: argparse._SubParsersAction, name: str, *, help: str,

@@ -137,11 +137,8 @@ class ConvertReport:
 
 def convert(options: ConvertOptions) -> ConvertReport:
     """Plan, then write the shards not already finished by an earlier run of the same plan."""
-    from .output.manifest import check_columns
-
     started = time.monotonic()
     out, profile = options.out, options.profile
-    check_columns(profile)
     store = output_store(out, options.storage_options)
     if options.consume_sources and not isinstance(store, OutputStore):
         raise UsageError(f"--consume-sources needs a local --out (it deletes each source once "
@@ -166,6 +163,9 @@ def convert(options: ConvertOptions) -> ConvertReport:
     consumption: Consumption | None = None
     try:
         with _executor(options) as pool, ArchiveReader() as reader:
+            from .output.manifest import check_columns  # pyarrow: imported after the fork
+
+            check_columns(profile)
             saved = _saved_plan(store, options)
             if saved is None:
                 index, pairing, shards, probed = _plan(

@@ -28,6 +28,7 @@ REQUIRED = ("name", "version", "image_extensions", "label_extension", "class_nam
 """What a profile module's `PROFILE` must have (the `DatasetProfile` members)."""
 
 NEEDED_COLUMNS = ("group", "label", "width", "height")
+SMALLEST_LABEL_COLUMN = 128  # classes an int8 label column numbers (0..127)
 USER_MODULE = "shardify_user_profile_"  # + a hash of its path: a user profile's module name
 
 
@@ -35,8 +36,9 @@ def get_profile(spec: str = "battery", values: Mapping[str, str] | None = None
                 ) -> DatasetProfile:
     """The profile `spec` names (a built-in name, or a path to a `.py` file defining
     `PROFILE`) with the `-P` option `values` set; UsageError (one line) when it cannot be had."""
-    if spec in BUILT_IN:
-        profile = _module_profile(importlib.import_module(BUILT_IN[spec]), spec)
+    if spec in BUILT_IN:  # checked by the test suite (test_seams), not here: checking builds
+        # the columns, which imports pyarrow, and convert forks its workers after this
+        profile: DatasetProfile = importlib.import_module(BUILT_IN[spec]).PROFILE
     elif spec.endswith(".py"):
         profile = _file_profile(Path(spec))
     else:
@@ -50,7 +52,9 @@ def _checked_classes(profile: DatasetProfile, spec: str) -> DatasetProfile:
     distinct non-empty texts, as many as its `label` column can number."""
     try:
         names = profile.class_names
-        most = 1 << (profile.columns.field("label").type.bit_width - 1)  # an integer column
+        most = SMALLEST_LABEL_COLUMN
+        if len(names) > most:  # more than any integer label column holds: ask this one's
+            most = 1 << (profile.columns.field("label").type.bit_width - 1)
     except Exception as error:
         raise UsageError(f"profile {spec}: its class names or label column cannot be had: "
                          f"{type(error).__name__}: {error}") from None
