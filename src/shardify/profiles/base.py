@@ -119,9 +119,7 @@ class JsonProfile:
         return Stratum("", sum(1 << label for label in {f.label for f in fields}))
 
     def column_values(self, fields: Sequence[Fields]) -> dict[str, list[Any]]:
-        return {name: [list(v) if isinstance(v, tuple) else v
-                       for v in (getattr(f, name) for f in fields)]
-                for name in self.columns.names}
+        return column_lists(fields, self.columns.names)
 
     def scan_counts(self, fields: Iterable[Fields]) -> dict[str, Any]:
         """How many groups, and images per class."""
@@ -153,6 +151,14 @@ class JsonProfile:
 
     def synthesize(self, dest: Path, *, seed: int = 0, scale: int = 1) -> Any:
         raise UsageError(f"profile {self.name} has no sample-data generator")
+
+
+def column_lists(fields: Sequence[Fields], names: Sequence[str]) -> dict[str, list[Any]]:
+    """Each named column's values: the same-named field of every sample's fields (tuples, as
+    fields hold lists to stay hashable, become lists)."""
+    return {name: [list(v) if isinstance(v, tuple) else v
+                   for v in (getattr(f, name) for f in fields)]
+            for name in names}
 
 
 def json_object(raw: bytes | bytearray) -> dict[str, Any]:

@@ -16,7 +16,6 @@ counts them under "other files".
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -79,9 +78,6 @@ class ThermalProfile(JsonProfile):
     @property
     def class_names(self) -> tuple[str, ...]:
         return ("normal", "fault")
-
-    def with_options(self, values: Mapping[str, str]) -> ThermalProfile:
-        return ThermalProfile(values)
 
     def fields(self, label: dict[str, Any]) -> ThermalFields:
         location = key_text(value_at(label, "metadata.location"), "metadata.location")

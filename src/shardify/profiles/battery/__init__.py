@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 from .. import CardText, DatasetProfile, Fields, Geometry, ProfileOption, ReportSection, Stratum
+from ..base import column_lists
 from .labels import DEFAULT_RULES, DEFECT_TYPE_CLASSES, BatteryFields, Rules, parse_label
 
 
@@ -176,11 +177,7 @@ class BatteryProfile:
         return Stratum(balance, int(1 in labels))
 
     def column_values(self, fields: Sequence[Fields]) -> dict[str, list[Any]]:
-        battery = [f for f in fields if isinstance(f, BatteryFields)]
-        assert len(battery) == len(fields)
-        return {name: [list(v) if isinstance(v, tuple) else v
-                       for v in (getattr(f, name) for f in battery)]
-                for name in battery_columns().names}
+        return column_lists(fields, battery_columns().names)
 
     def scan_counts(self, fields: Iterable[Fields]) -> dict[str, Any]:
         """Batteries per data_type and how many ids every data type has; images per class;
